@@ -1,0 +1,520 @@
+//! The durable store of leases, blocks and history: SQLite in WAL mode with `synchronous=FULL`.
+//!
+//! This is the only crate that speaks SQL. The daemon sees two handles: [`Store`], a pool of
+//! read connections anyone may clone, and [`Writer`], the one connection that writes. Every write
+//! happens in a `BEGIN IMMEDIATE` transaction ([`WriteTx`]) so that concurrent writers (a second
+//! daemon pointed at the same file by mistake) wait for the lock instead of failing at commit.
+//! A PostgreSQL back end would provide the same methods; nothing above this crate sees a query.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod record;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use subid_core::LeaseState;
+
+pub use error::StoreError;
+pub use record::{BlockRow, EventKind, EventRecord, LeaseRecord, NewLease};
+
+/// The migrations under the workspace's `migrations/`, embedded in the binary.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// How long a connection waits for another writer's lock before it reports `busy`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The columns of `lease`, in the order [`LeaseRecord::from_row`] reads them.
+const LEASE_COLUMNS: &str = "id, name, uid_base, gid_base, size, state, labels, ttl_seconds, \
+     created_at, expires_at, released_at, created_by";
+
+/// Read access to the store; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    readers: SqlitePool,
+    path: PathBuf,
+}
+
+/// The single writing connection. Owned by one task; see [`Writer::begin`].
+#[derive(Debug)]
+pub struct Writer {
+    conn: SqliteConnection,
+    path: PathBuf,
+}
+
+/// Opens (creating when absent) the database at `path`, applies migrations, and returns the read
+/// pool and the writer. An existing file that is not a subidd database, is corrupt, or cannot be
+/// written is refused with an error naming the file; it is never recreated.
+pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let options = SqliteConnectOptions::from_str("sqlite://")
+        .map_err(open_err)?
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(BUSY_TIMEOUT);
+    let mut conn = SqliteConnection::connect_with(&options)
+        .await
+        .map_err(open_err)?;
+    // Touch the file for real: a corrupt or foreign file fails here, not at the first request.
+    sqlx::query("PRAGMA quick_check")
+        .fetch_all(&mut conn)
+        .await
+        .map_err(open_err)?;
+    MIGRATOR
+        .run(&mut conn)
+        .await
+        .map_err(|source| StoreError::Migrate {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let readers = SqlitePoolOptions::new()
+        .max_connections(4)
+        .min_connections(1)
+        .connect_with(options.read_only(true).create_if_missing(false))
+        .await
+        .map_err(open_err)?;
+    Ok((
+        Store {
+            readers,
+            path: path.to_path_buf(),
+        },
+        Writer {
+            conn,
+            path: path.to_path_buf(),
+        },
+    ))
+}
+
+impl Store {
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The active lease of that name, else its most recently released one.
+    pub async fn get_lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM lease WHERE name = ? \
+             ORDER BY state = 'active' DESC, released_at DESC, id DESC LIMIT 1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(StoreError::read)?;
+        row.map(|r| LeaseRecord::from_row(&r)).transpose()
+    }
+
+    /// Leases in `state` (all states when `None`) carrying every label of `labels`, by name.
+    pub async fn list_leases(
+        &self,
+        state: Option<LeaseState>,
+        labels: &[(String, String)],
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
+        let mut sql = format!("SELECT {LEASE_COLUMNS} FROM lease WHERE 1");
+        if state.is_some() {
+            sql.push_str(" AND state = ?");
+        }
+        for _ in labels {
+            sql.push_str(
+                " AND EXISTS (SELECT 1 FROM json_each(lease.labels) j WHERE j.key = ? AND j.value = ?)",
+            );
+        }
+        sql.push_str(" ORDER BY name, id");
+        let mut query = sqlx::query(&sql);
+        if let Some(state) = state {
+            query = query.bind(state.as_str());
+        }
+        for (key, value) in labels {
+            query = query.bind(key).bind(value);
+        }
+        let rows = query
+            .fetch_all(&self.readers)
+            .await
+            .map_err(StoreError::read)?;
+        rows.iter().map(LeaseRecord::from_row).collect()
+    }
+
+    /// The active lease holding the block that starts at `block_start`.
+    pub async fn lease_holding(&self, block_start: u32) -> Result<Option<LeaseRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM lease WHERE id = \
+             (SELECT lease_id FROM block WHERE start = ? AND lease_id IS NOT NULL)"
+        );
+        let row = sqlx::query(&sql)
+            .bind(i64::from(block_start))
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(StoreError::read)?;
+        row.map(|r| LeaseRecord::from_row(&r)).transpose()
+    }
+
+    /// The history of every lease that carried this name, oldest first.
+    pub async fn events(&self, name: &str) -> Result<Vec<EventRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at, kind, lease_id, lease_name, caller_uid, detail FROM event \
+             WHERE lease_name = ? ORDER BY id",
+        )
+        .bind(name)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(StoreError::read)?;
+        rows.iter().map(EventRecord::from_row).collect()
+    }
+}
+
+impl Writer {
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every block row, for rebuilding the in-memory allocator at start.
+    pub async fn block_rows(&mut self) -> Result<Vec<BlockRow>, StoreError> {
+        let rows = sqlx::query("SELECT start, lease_id, released_at FROM block ORDER BY start")
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(StoreError::read)?;
+        rows.iter().map(BlockRow::from_row).collect()
+    }
+
+    /// The active leases, for checking them against the configured pool at start.
+    pub async fn active_leases(&mut self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let sql = format!("SELECT {LEASE_COLUMNS} FROM lease WHERE state = 'active' ORDER BY id");
+        let rows = sqlx::query(&sql)
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(StoreError::read)?;
+        rows.iter().map(LeaseRecord::from_row).collect()
+    }
+
+    /// The block size the database was cut with, if it has any blocks; records `block` otherwise.
+    pub async fn settle_block_size(&mut self, block: u32) -> Result<u32, StoreError> {
+        let mut tx = self.begin().await?;
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT value FROM pool_meta WHERE key = 'block'")
+                .fetch_optional(&mut *tx.tx)
+                .await
+                .map_err(StoreError::write)?;
+        let settled = match stored.as_deref().map(str::parse::<u32>) {
+            Some(Ok(stored)) => stored,
+            Some(Err(_)) => {
+                return Err(StoreError::Invalid {
+                    what: "pool_meta.block".into(),
+                    value: stored.unwrap_or_default(),
+                });
+            }
+            None => {
+                sqlx::query("INSERT INTO pool_meta (key, value) VALUES ('block', ?)")
+                    .bind(block.to_string())
+                    .execute(&mut *tx.tx)
+                    .await
+                    .map_err(StoreError::write)?;
+                block
+            }
+        };
+        tx.commit().await?;
+        Ok(settled)
+    }
+
+    /// Starts a `BEGIN IMMEDIATE` transaction: it holds the write lock from its first statement.
+    pub async fn begin(&mut self) -> Result<WriteTx<'_>, StoreError> {
+        let tx = self
+            .conn
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::write)?;
+        Ok(WriteTx { tx })
+    }
+}
+
+/// One write transaction. Dropping it without [`WriteTx::commit`] rolls everything back.
+pub struct WriteTx<'c> {
+    tx: sqlx::Transaction<'c, sqlx::Sqlite>,
+}
+
+impl WriteTx<'_> {
+    /// The active lease of that name.
+    pub async fn active_lease(&mut self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        let sql = format!("SELECT {LEASE_COLUMNS} FROM lease WHERE name = ? AND state = 'active'");
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(StoreError::write)?;
+        row.map(|r| LeaseRecord::from_row(&r)).transpose()
+    }
+
+    /// The most recently released lease of that name (for sticky ranges).
+    pub async fn last_released(&mut self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM lease WHERE name = ? AND state = 'released' \
+             ORDER BY released_at DESC, id DESC LIMIT 1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(StoreError::write)?;
+        row.map(|r| LeaseRecord::from_row(&r)).transpose()
+    }
+
+    /// Active leases whose `expires_at` is at or before `now_ms`.
+    pub async fn expired(&mut self, now_ms: i64) -> Result<Vec<LeaseRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM lease WHERE state = 'active' \
+             AND expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(StoreError::write)?;
+        rows.iter().map(LeaseRecord::from_row).collect()
+    }
+
+    /// Inserts an active lease, takes its blocks (one row each, `block` ids apart) and records a
+    /// `create` event. Fails with [`StoreError::BlockHeld`] if any block already has a holder:
+    /// the schema refuses a second holder even if the caller's bookkeeping were wrong.
+    pub async fn insert_lease(
+        &mut self,
+        new: &NewLease,
+        block: u32,
+    ) -> Result<LeaseRecord, StoreError> {
+        let labels = serde_json::to_string(&new.labels).map_err(StoreError::encode)?;
+        let result = sqlx::query(
+            "INSERT INTO lease (name, uid_base, gid_base, size, state, labels, ttl_seconds, \
+             created_at, expires_at, created_by) VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
+        )
+        .bind(&new.name)
+        .bind(i64::from(new.uid_base))
+        .bind(i64::from(new.gid_base))
+        .bind(i64::from(new.size))
+        .bind(&labels)
+        .bind(new.ttl_seconds.map(i64::from))
+        .bind(new.created_at)
+        .bind(new.expires_at)
+        .bind(new.created_by.map(i64::from))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(StoreError::write)?;
+        let id = result.last_insert_rowid();
+        let blocks = new.size / block.max(1);
+        for i in 0..blocks {
+            let start = u64::from(new.uid_base) + u64::from(i) * u64::from(block);
+            let taken = sqlx::query(
+                "INSERT INTO block (start, lease_id, released_at) VALUES (?, ?, NULL) \
+                 ON CONFLICT (start) DO UPDATE SET lease_id = excluded.lease_id, released_at = NULL \
+                 WHERE block.lease_id IS NULL",
+            )
+            .bind(start as i64)
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(StoreError::write)?;
+            if taken.rows_affected() != 1 {
+                return Err(StoreError::BlockHeld { start });
+            }
+        }
+        self.event(
+            new.created_at,
+            EventKind::Create,
+            id,
+            &new.name,
+            new.created_by,
+            None,
+        )
+        .await?;
+        Ok(LeaseRecord {
+            id,
+            name: new.name.clone(),
+            uid_base: new.uid_base,
+            gid_base: new.gid_base,
+            size: new.size,
+            state: LeaseState::Active,
+            labels: new.labels.clone(),
+            ttl_seconds: new.ttl_seconds,
+            created_at: new.created_at,
+            expires_at: new.expires_at,
+            released_at: None,
+            created_by: new.created_by,
+        })
+    }
+
+    /// Sets a new expiry on an active lease and records a `renew` event.
+    pub async fn renew(
+        &mut self,
+        lease: &LeaseRecord,
+        expires_at: i64,
+        now_ms: i64,
+        caller: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE lease SET expires_at = ? WHERE id = ? AND state = 'active'")
+            .bind(expires_at)
+            .bind(lease.id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(StoreError::write)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::NotActive { id: lease.id });
+        }
+        self.event(
+            now_ms,
+            EventKind::Renew,
+            lease.id,
+            &lease.name,
+            caller,
+            None,
+        )
+        .await
+    }
+
+    /// Releases an active lease: its blocks become free with `released_at = now_ms` (quarantine
+    /// starts), or `0` when `purge` (reusable at once). Records `release` or `expire`, and `purge`.
+    pub async fn release(
+        &mut self,
+        lease: &LeaseRecord,
+        kind: EventKind,
+        purge: bool,
+        now_ms: i64,
+        caller: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE lease SET state = 'released', released_at = ? WHERE id = ? AND state = 'active'",
+        )
+        .bind(now_ms)
+        .bind(lease.id)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(StoreError::write)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::NotActive { id: lease.id });
+        }
+        let block_released_at = if purge { 0 } else { now_ms };
+        sqlx::query("UPDATE block SET lease_id = NULL, released_at = ? WHERE lease_id = ?")
+            .bind(block_released_at)
+            .bind(lease.id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(StoreError::write)?;
+        self.event(now_ms, kind, lease.id, &lease.name, caller, None)
+            .await?;
+        if purge {
+            self.event(
+                now_ms,
+                EventKind::Purge,
+                lease.id,
+                &lease.name,
+                caller,
+                None,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the quarantined blocks of a released lease reusable at once (`released_at = 0`) and
+    /// records a `purge` event. Blocks another lease holds by now are left alone.
+    pub async fn purge_released(
+        &mut self,
+        lease: &LeaseRecord,
+        now_ms: i64,
+        caller: Option<u32>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE block SET released_at = 0 WHERE lease_id IS NULL AND start >= ? AND start < ?",
+        )
+        .bind(i64::from(lease.uid_base))
+        .bind(i64::from(lease.uid_base) + i64::from(lease.size))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(StoreError::write)?;
+        self.event(
+            now_ms,
+            EventKind::Purge,
+            lease.id,
+            &lease.name,
+            caller,
+            None,
+        )
+        .await
+    }
+
+    async fn event(
+        &mut self,
+        at: i64,
+        kind: EventKind,
+        lease_id: i64,
+        lease_name: &str,
+        caller: Option<u32>,
+        detail: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO event (at, kind, lease_id, lease_name, caller_uid, detail) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(at)
+        .bind(kind.as_str())
+        .bind(lease_id)
+        .bind(lease_name)
+        .bind(caller.map(i64::from))
+        .bind(detail)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(StoreError::write)?;
+        Ok(())
+    }
+
+    /// Commits; the changes are on disk (fsync'd, `synchronous=FULL`) when this returns `Ok`.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await.map_err(StoreError::write)
+    }
+}
+
+/// Reads an integer column that must fit a `u32`.
+fn get_u32(row: &SqliteRow, column: &str) -> Result<u32, StoreError> {
+    let value: i64 = row.try_get(column).map_err(StoreError::read)?;
+    u32::try_from(value).map_err(|_| StoreError::Invalid {
+        what: column.to_string(),
+        value: value.to_string(),
+    })
+}
+
+/// Reads a nullable integer column that must fit a `u32`.
+fn get_opt_u32(row: &SqliteRow, column: &str) -> Result<Option<u32>, StoreError> {
+    let value: Option<i64> = row.try_get(column).map_err(StoreError::read)?;
+    value
+        .map(|v| {
+            u32::try_from(v).map_err(|_| StoreError::Invalid {
+                what: column.to_string(),
+                value: v.to_string(),
+            })
+        })
+        .transpose()
+}
+
+/// Decodes the `labels` JSON column.
+fn get_labels(row: &SqliteRow) -> Result<BTreeMap<String, String>, StoreError> {
+    let text: String = row.try_get("labels").map_err(StoreError::read)?;
+    serde_json::from_str(&text).map_err(|_| StoreError::Invalid {
+        what: "lease.labels".into(),
+        value: text,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,6 @@
+//! Everything subidd asks of the kernel: the user database, /proc, namespaces, spawning, cgroups.
+//!
+//! This is the only crate of the workspace that may contain `unsafe`; every block carries a
+//! `// SAFETY:` comment. Policy (who may do what, which range) lives in the daemon, not here.
+
+pub mod userdb;

@@ -1,0 +1,297 @@
+//! Handlers for the pool, leases, their id maps, history, and reverse lookup.
+
+use axum::Extension;
+use axum::extract::State;
+use axum::http::header::{CONTENT_TYPE, LOCATION};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use subid_core::{LeaseState, validate_labels, validate_name};
+
+use super::model::{
+    CreateBody, EventView, IdmapView, LeaseBody, LeaseList, LeaseView, LookupView, PoolView,
+    TTL_MAX,
+};
+use super::{
+    ApiResult, AppState, Caller, JsonBody, LeaseName, QueryParams, St, caller_uid, json, parse_bool,
+};
+use crate::error::ApiError;
+use crate::lease::{CreateMode, LeaseSpec};
+
+/// `GET /v1/pool`
+pub async fn pool(State(state): St, query: QueryParams) -> ApiResult {
+    query.check(&[], &[])?;
+    let (pool, counts) = state.leases.pool_status();
+    let view = PoolView {
+        base: pool.base(),
+        size: pool.range().len(),
+        end: pool.range().end(),
+        block: pool.block(),
+        source: state.pool_source.as_str(),
+        quarantine_seconds: state.quarantine_seconds,
+        blocks: counts.into(),
+    };
+    Ok(json(StatusCode::OK, &view))
+}
+
+/// `GET /v1/leases?state=&label=k=v`
+pub async fn list(State(state): St, query: QueryParams) -> ApiResult {
+    let single = query.check(&["state", "label"], &["label"])?;
+    let filter = match single.get("state").copied() {
+        None | Some("active") => Some(LeaseState::Active),
+        Some("released") => Some(LeaseState::Released),
+        Some("all") => None,
+        Some(other) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "state={other:?}: expected active, released or all"
+            )));
+        }
+    };
+    let mut labels = Vec::new();
+    for pair in query.all("label") {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(ApiError::InvalidRequest(format!(
+                "label={pair:?}: expected label=key=value"
+            )));
+        };
+        labels.push((key.to_string(), value.to_string()));
+    }
+    let leases = state.leases.store().list_leases(filter, &labels).await?;
+    let view = LeaseList {
+        leases: leases.iter().map(LeaseView::from).collect(),
+    };
+    Ok(json(StatusCode::OK, &view))
+}
+
+/// `GET /v1/leases/{name}`: the active lease, else the most recently released one.
+pub async fn get_one(
+    State(state): St,
+    LeaseName(name): LeaseName,
+    query: QueryParams,
+) -> ApiResult {
+    query.check(&[], &[])?;
+    let lease = find(&state, &name).await?;
+    Ok(json(StatusCode::OK, &LeaseView::from(&lease)))
+}
+
+/// `PUT /v1/leases/{name}`: 201 created, 200 identical one exists, 409 `lease_conflict`.
+pub async fn put(
+    State(state): St,
+    caller: Option<Extension<Caller>>,
+    LeaseName(name): LeaseName,
+    query: QueryParams,
+    JsonBody(body): JsonBody<LeaseBody>,
+) -> ApiResult {
+    query.check(&[], &[])?;
+    let body = body.unwrap_or_default();
+    let spec = spec(&state, body.size, body.labels, body.ttl_seconds)?;
+    let done = state
+        .leases
+        .create(name, spec, CreateMode::Ensure, caller_uid(caller))
+        .await?;
+    let status = if done.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json(status, &LeaseView::from(&done.lease)))
+}
+
+/// `POST /v1/leases`: 201 with `Location`, 409 `lease_exists`.
+pub async fn post(
+    State(state): St,
+    caller: Option<Extension<Caller>>,
+    query: QueryParams,
+    JsonBody(body): JsonBody<CreateBody>,
+) -> ApiResult {
+    query.check(&[], &[])?;
+    let Some(body) = body else {
+        return Err(ApiError::InvalidRequest(
+            "a JSON body with at least \"name\" is required".into(),
+        ));
+    };
+    validate_name(&body.name)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid lease name: {e}")))?;
+    let spec = spec(&state, body.size, body.labels, body.ttl_seconds)?;
+    let done = state
+        .leases
+        .create(body.name, spec, CreateMode::New, caller_uid(caller))
+        .await?;
+    let mut response = json(StatusCode::CREATED, &LeaseView::from(&done.lease));
+    // Names are [A-Za-z0-9_.-], so the path needs no escaping and is a valid header value.
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/leases/{}", done.lease.name)) {
+        response.headers_mut().insert(LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// `POST /v1/leases/{name}/renew`
+pub async fn renew(
+    State(state): St,
+    caller: Option<Extension<Caller>>,
+    LeaseName(name): LeaseName,
+    query: QueryParams,
+    JsonBody(body): JsonBody<serde_json::Map<String, serde_json::Value>>,
+) -> ApiResult {
+    query.check(&[], &[])?;
+    if body.is_some_and(|b| !b.is_empty()) {
+        return Err(ApiError::InvalidRequest(
+            "renew takes no body; the lease's own ttl_seconds is applied again".into(),
+        ));
+    }
+    let lease = state.leases.renew(name, caller_uid(caller)).await?;
+    Ok(json(StatusCode::OK, &LeaseView::from(&lease)))
+}
+
+/// `DELETE /v1/leases/{name}?purge=true`: 204.
+pub async fn delete(
+    State(state): St,
+    caller: Option<Extension<Caller>>,
+    LeaseName(name): LeaseName,
+    query: QueryParams,
+) -> ApiResult {
+    let single = query.check(&["purge"], &[])?;
+    let purge = match single.get("purge") {
+        Some(v) => parse_bool("purge", v)?,
+        None => false,
+    };
+    state
+        .leases
+        .release(name, purge, caller_uid(caller))
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /v1/leases/{name}/idmap?format=uid_map|oci|podman|subuid`
+pub async fn idmap(State(state): St, LeaseName(name): LeaseName, query: QueryParams) -> ApiResult {
+    let single = query.check(&["format"], &[])?;
+    let lease = find(&state, &name).await?;
+    if lease.state != LeaseState::Active {
+        return Err(ApiError::NotFound(format!(
+            "lease {name} is released; its range is no longer yours to map"
+        )));
+    }
+    let view = IdmapView::of(&lease);
+    let text = |body: String| -> Response {
+        let mut r = (StatusCode::OK, body).into_response();
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    Ok(match single.get("format").copied() {
+        None | Some("json") => json(StatusCode::OK, &view),
+        Some("uid_map") => text(format!("{}\n", view.uid_map)),
+        Some("gid_map") => text(format!("{}\n", view.gid_map)),
+        Some("oci") => json(StatusCode::OK, &view.oci),
+        Some("podman") => text(format!("{}\n", view.podman.join(" "))),
+        Some("subuid") => text(format!("{}\n", view.subuid)),
+        Some("subgid") => text(format!("{}\n", view.subgid)),
+        Some(other) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "format={other:?}: expected json, uid_map, gid_map, oci, podman, subuid or subgid"
+            )));
+        }
+    })
+}
+
+/// `GET /v1/leases/{name}/events`: the history of the name.
+pub async fn events(State(state): St, LeaseName(name): LeaseName, query: QueryParams) -> ApiResult {
+    query.check(&[], &[])?;
+    let events = state.leases.store().events(&name).await?;
+    if events.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "no lease was ever named {name}"
+        )));
+    }
+    let view: Vec<EventView> = events.iter().map(EventView::from).collect();
+    Ok(json(StatusCode::OK, &serde_json::json!({ "events": view })))
+}
+
+/// `GET /v1/lookup?uid=N` (or `gid=N`): the active lease that holds host id N.
+pub async fn lookup(State(state): St, query: QueryParams) -> ApiResult {
+    let single = query.check(&["uid", "gid"], &[])?;
+    let (kind, raw) = match (single.get("uid"), single.get("gid")) {
+        (Some(v), None) => ("uid", *v),
+        (None, Some(v)) => ("gid", *v),
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "give exactly one of uid=N or gid=N".into(),
+            ));
+        }
+    };
+    let id: u32 = raw.parse().map_err(|_| {
+        ApiError::InvalidRequest(format!("{kind}={raw:?}: expected a host id 0..=4294967295"))
+    })?;
+    let (pool, _) = state.leases.pool_status();
+    let not_held = || ApiError::NotFound(format!("no active lease holds host {kind} {id}"));
+    let block = pool.block_of(id).ok_or_else(not_held)?;
+    let start = pool.block_start(block).ok_or_else(not_held)?;
+    let lease = state
+        .leases
+        .store()
+        .lease_holding(start)
+        .await?
+        .ok_or_else(not_held)?;
+    let base = if kind == "uid" {
+        lease.uid_base
+    } else {
+        lease.gid_base
+    };
+    let inner_id = id.checked_sub(base).ok_or_else(not_held)?;
+    let view = LookupView {
+        kind,
+        host_id: id,
+        inner_id,
+        lease: LeaseView::from(&lease),
+    };
+    Ok(json(StatusCode::OK, &view))
+}
+
+async fn find(state: &AppState, name: &str) -> Result<subid_store::LeaseRecord, ApiError> {
+    state
+        .leases
+        .store()
+        .get_lease(name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no lease named {name}")))
+}
+
+/// Checks the requested settings and fills in the defaults.
+fn spec(
+    state: &AppState,
+    size: Option<u32>,
+    labels: Option<std::collections::BTreeMap<String, String>>,
+    ttl_seconds: Option<u32>,
+) -> Result<LeaseSpec, ApiError> {
+    let (pool, _) = state.leases.pool_status();
+    if let Some(size) = size {
+        if size == 0 || size % pool.block() != 0 {
+            return Err(ApiError::InvalidRequest(format!(
+                "size {size} must be a positive multiple of the pool's block size {}",
+                pool.block()
+            )));
+        }
+        if size > pool.range().len() {
+            return Err(ApiError::InvalidRequest(format!(
+                "size {size} is larger than the whole pool ({} ids)",
+                pool.range().len()
+            )));
+        }
+    }
+    let labels = labels.unwrap_or_default();
+    validate_labels(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid labels: {e}")))?;
+    if let Some(ttl) = ttl_seconds {
+        if ttl == 0 || ttl > TTL_MAX {
+            return Err(ApiError::InvalidRequest(format!(
+                "ttl_seconds {ttl} must be between 1 and {TTL_MAX}"
+            )));
+        }
+    }
+    Ok(LeaseSpec {
+        size: Some(size.unwrap_or(pool.block())),
+        labels,
+        ttl_seconds,
+    })
+}

@@ -1,0 +1,208 @@
+//! The JSON shapes of the v1 API: request bodies (unknown fields refused) and answers.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use subid_core::{IdRange, PoolCounts, lease_map, render_map, render_subid_line};
+use subid_store::{EventRecord, LeaseRecord};
+
+/// The longest ttl accepted: ten years, far from any overflow.
+pub const TTL_MAX: u32 = 10 * 365 * 24 * 3600;
+
+/// `PUT /v1/leases/{name}` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseBody {
+    pub size: Option<u32>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub ttl_seconds: Option<u32>,
+}
+
+/// `POST /v1/leases` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    pub name: String,
+    pub size: Option<u32>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub ttl_seconds: Option<u32>,
+}
+
+/// A lease as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct LeaseView {
+    pub name: String,
+    pub uid_base: u32,
+    pub gid_base: u32,
+    pub size: u32,
+    pub state: &'static str,
+    pub labels: BTreeMap<String, String>,
+    pub ttl_seconds: Option<u32>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub released_at: Option<String>,
+    /// The kernel's `uid_map` line for this lease (`0 <uid_base> <size>`), without newline.
+    pub uid_map: String,
+    pub gid_map: String,
+}
+
+impl From<&LeaseRecord> for LeaseView {
+    fn from(lease: &LeaseRecord) -> LeaseView {
+        LeaseView {
+            name: lease.name.clone(),
+            uid_base: lease.uid_base,
+            gid_base: lease.gid_base,
+            size: lease.size,
+            state: lease.state.as_str(),
+            labels: lease.labels.clone(),
+            ttl_seconds: lease.ttl_seconds,
+            created_at: rfc3339(lease.created_at),
+            expires_at: lease.expires_at.map(rfc3339),
+            released_at: lease.released_at.map(rfc3339),
+            uid_map: map_line(lease.uid_base, lease.size),
+            gid_map: map_line(lease.gid_base, lease.size),
+        }
+    }
+}
+
+/// `0 base size`, the single extent of a lease, as the kernel prints it (without newline).
+pub fn map_line(base: u32, size: u32) -> String {
+    render_map(&[lease_map(base, size)]).trim_end().to_string()
+}
+
+/// `GET /v1/leases` answer.
+#[derive(Debug, Serialize)]
+pub struct LeaseList {
+    pub leases: Vec<LeaseView>,
+}
+
+/// `GET /v1/pool` answer.
+#[derive(Debug, Serialize)]
+pub struct PoolView {
+    pub base: u32,
+    pub size: u32,
+    /// One past the last id of the pool.
+    pub end: u64,
+    pub block: u32,
+    pub source: &'static str,
+    pub quarantine_seconds: u64,
+    pub blocks: BlockCounts,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BlockCounts {
+    pub total: u32,
+    pub active: u32,
+    pub quarantined: u32,
+    pub free: u32,
+}
+
+impl From<PoolCounts> for BlockCounts {
+    fn from(c: PoolCounts) -> BlockCounts {
+        BlockCounts {
+            total: c.total,
+            active: c.active,
+            quarantined: c.quarantined,
+            free: c.free,
+        }
+    }
+}
+
+/// One mapping of an OCI runtime `config.json` (`linux.uidMappings`).
+#[derive(Debug, Serialize)]
+pub struct OciMapping {
+    #[serde(rename = "containerID")]
+    pub container_id: u32,
+    #[serde(rename = "hostID")]
+    pub host_id: u32,
+    pub size: u32,
+}
+
+/// `linux.uidMappings` and `linux.gidMappings` of an OCI runtime `config.json`.
+#[derive(Debug, Serialize)]
+pub struct OciMappings {
+    #[serde(rename = "uidMappings")]
+    pub uid_mappings: Vec<OciMapping>,
+    #[serde(rename = "gidMappings")]
+    pub gid_mappings: Vec<OciMapping>,
+}
+
+/// `GET /v1/leases/{name}/idmap` without `format`: every rendering at once.
+#[derive(Debug, Serialize)]
+pub struct IdmapView {
+    pub uid_map: String,
+    pub gid_map: String,
+    pub oci: OciMappings,
+    pub podman: Vec<String>,
+    pub subuid: String,
+    pub subgid: String,
+}
+
+impl IdmapView {
+    pub fn of(lease: &LeaseRecord) -> IdmapView {
+        IdmapView {
+            uid_map: map_line(lease.uid_base, lease.size),
+            gid_map: map_line(lease.gid_base, lease.size),
+            oci: OciMappings {
+                uid_mappings: vec![OciMapping {
+                    container_id: 0,
+                    host_id: lease.uid_base,
+                    size: lease.size,
+                }],
+                gid_mappings: vec![OciMapping {
+                    container_id: 0,
+                    host_id: lease.gid_base,
+                    size: lease.size,
+                }],
+            },
+            podman: vec![
+                format!("--uidmap=0:{}:{}", lease.uid_base, lease.size),
+                format!("--gidmap=0:{}:{}", lease.gid_base, lease.size),
+            ],
+            subuid: subid_line(&lease.name, lease.uid_base, lease.size),
+            subgid: subid_line(&lease.name, lease.gid_base, lease.size),
+        }
+    }
+}
+
+fn subid_line(name: &str, base: u32, size: u32) -> String {
+    match IdRange::new(base, size) {
+        Ok(range) => render_subid_line(name, range),
+        Err(_) => format!("{name}:{base}:{size}"),
+    }
+}
+
+/// `GET /v1/lookup` answer.
+#[derive(Debug, Serialize)]
+pub struct LookupView {
+    pub kind: &'static str,
+    pub host_id: u32,
+    /// The id inside the lease's namespace.
+    pub inner_id: u32,
+    pub lease: LeaseView,
+}
+
+/// One history row.
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    pub at: String,
+    pub kind: String,
+    pub caller_uid: Option<u32>,
+}
+
+impl From<&EventRecord> for EventView {
+    fn from(e: &EventRecord) -> EventView {
+        EventView {
+            at: rfc3339(e.at),
+            kind: e.kind.clone(),
+            caller_uid: e.caller_uid,
+        }
+    }
+}
+
+/// Unix milliseconds as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}

@@ -1,0 +1,385 @@
+//! Configuration: embedded defaults < config file < `SUBIDD_*` environment < command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the config file is read from when neither `--config` nor `SUBIDD_CONFIG` names one.
+pub const DEFAULT_CONFIG: &str = "/etc/subidd/subidd.toml";
+
+/// The daemon's settings after every layer has been applied. `config/subidd.toml` documents
+/// each key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub socket: PathBuf,
+    pub socket_group: String,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub listen_tcp: Option<SocketAddr>,
+    pub token_file: Option<PathBuf>,
+    pub quarantine_seconds: u64,
+    pub expiry_interval_ms: u64,
+    pub subuid_file: PathBuf,
+    pub subgid_file: PathBuf,
+    pub log_format: LogFormat,
+    pub pool: PoolConfig,
+}
+
+/// `[pool]`: unset keys are taken from the `subidd` entry of /etc/subuid, else the defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub base: Option<u32>,
+    pub size: Option<u32>,
+    pub block: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The file layer: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state_dir: Option<PathBuf>,
+    runtime_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    allowed_uids: Option<Vec<u32>>,
+    allowed_gids: Option<Vec<u32>>,
+    listen_tcp: Option<String>,
+    token_file: Option<PathBuf>,
+    quarantine_seconds: Option<u64>,
+    expiry_interval_ms: Option<u64>,
+    subuid_file: Option<PathBuf>,
+    subgid_file: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    #[serde(default)]
+    pool: PoolConfig,
+}
+
+/// The flags that override everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub runtime_dir: Option<PathBuf>,
+    pub listen_tcp: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {name}={value:?}: {reason}")]
+    Env {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "listen_tcp {addr} is not a loopback address; subidd serves TCP on 127.0.0.0/8 or ::1 only \
+         (its API can start processes, so it must never face a network)"
+    )]
+    NotLoopback { addr: SocketAddr },
+    #[error("listen_tcp {value:?} is not an address like 127.0.0.1:7070")]
+    BadAddress { value: String },
+    #[error("listen_tcp is set but token_file is not; TCP clients must present a bearer token")]
+    NoToken,
+    #[error("{key} must be {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl Config {
+    /// Applies the layers in order. `env` yields the process environment (a parameter so that
+    /// tests do not touch the real one).
+    pub fn load(
+        flags: &Flags,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let explicit = flags
+            .config
+            .clone()
+            .or_else(|| env("SUBIDD_CONFIG").map(PathBuf::from));
+        let file = match explicit {
+            Some(path) => read_file(&path)?,
+            None if Path::new(DEFAULT_CONFIG).exists() => read_file(Path::new(DEFAULT_CONFIG))?,
+            None => FileConfig::default(),
+        };
+        let env_path = |name| env(name).map(PathBuf::from);
+        let state_dir = flags
+            .state_dir
+            .clone()
+            .or_else(|| env_path("SUBIDD_STATE_DIR"))
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/subidd"));
+        let runtime_dir = flags
+            .runtime_dir
+            .clone()
+            .or_else(|| env_path("SUBIDD_RUNTIME_DIR"))
+            .or(file.runtime_dir)
+            .unwrap_or_else(|| PathBuf::from("/run/subidd"));
+        let socket = flags
+            .socket
+            .clone()
+            .or_else(|| env_path("SUBIDD_SOCKET"))
+            .or(file.socket)
+            .unwrap_or_else(|| runtime_dir.join("subidd.sock"));
+        let listen_tcp = flags
+            .listen_tcp
+            .clone()
+            .or_else(|| env("SUBIDD_LISTEN_TCP"))
+            .or(file.listen_tcp)
+            .filter(|s| !s.is_empty())
+            .map(|s| parse_listen(&s))
+            .transpose()?;
+        let token_file = flags
+            .token_file
+            .clone()
+            .or_else(|| env_path("SUBIDD_TOKEN_FILE"))
+            .or(file.token_file)
+            .filter(|p| !p.as_os_str().is_empty());
+        if listen_tcp.is_some() && token_file.is_none() {
+            return Err(ConfigError::NoToken);
+        }
+        let pool = PoolConfig {
+            base: env_num(&env, "SUBIDD_POOL_BASE")?.or(file.pool.base),
+            size: env_num(&env, "SUBIDD_POOL_SIZE")?.or(file.pool.size),
+            block: env_num(&env, "SUBIDD_POOL_BLOCK")?.or(file.pool.block),
+        };
+        let log_format = match env("SUBIDD_LOG_FORMAT") {
+            Some(v) if v == "json" => LogFormat::Json,
+            Some(v) if v == "text" => LogFormat::Text,
+            Some(value) => {
+                return Err(ConfigError::Env {
+                    name: "SUBIDD_LOG_FORMAT",
+                    value,
+                    reason: "must be text or json".into(),
+                });
+            }
+            None => file.log_format.unwrap_or_default(),
+        };
+        let config = Config {
+            state_dir,
+            runtime_dir,
+            socket,
+            socket_group: env("SUBIDD_SOCKET_GROUP")
+                .or(file.socket_group)
+                .unwrap_or_else(|| "subidd".into()),
+            allowed_uids: env_list(&env, "SUBIDD_ALLOWED_UIDS")?
+                .or(file.allowed_uids)
+                .unwrap_or_default(),
+            allowed_gids: env_list(&env, "SUBIDD_ALLOWED_GIDS")?
+                .or(file.allowed_gids)
+                .unwrap_or_default(),
+            listen_tcp,
+            token_file,
+            quarantine_seconds: env_num(&env, "SUBIDD_QUARANTINE_SECONDS")?
+                .or(file.quarantine_seconds)
+                .unwrap_or(86_400),
+            expiry_interval_ms: env_num(&env, "SUBIDD_EXPIRY_INTERVAL_MS")?
+                .or(file.expiry_interval_ms)
+                .unwrap_or(1_000),
+            subuid_file: env_path("SUBIDD_SUBUID_FILE")
+                .or(file.subuid_file)
+                .unwrap_or_else(|| PathBuf::from("/etc/subuid")),
+            subgid_file: env_path("SUBIDD_SUBGID_FILE")
+                .or(file.subgid_file)
+                .unwrap_or_else(|| PathBuf::from("/etc/subgid")),
+            log_format,
+            pool,
+        };
+        if config.expiry_interval_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "expiry_interval_ms",
+                reason: "at least 1".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// The database file inside the state directory.
+    pub fn database(&self) -> PathBuf {
+        self.state_dir.join("subidd.db")
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Parses `listen_tcp` and refuses anything but loopback.
+fn parse_listen(value: &str) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = value.parse().map_err(|_| ConfigError::BadAddress {
+        value: value.to_string(),
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(ConfigError::NotLoopback { addr });
+    }
+    Ok(addr)
+}
+
+fn env_num<T: std::str::FromStr>(
+    env: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<T>, ConfigError> {
+    env(name)
+        .map(|value| {
+            value.trim().parse().map_err(|_| ConfigError::Env {
+                name,
+                value: value.clone(),
+                reason: "not a number in range".into(),
+            })
+        })
+        .transpose()
+}
+
+fn env_list(
+    env: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<Vec<u32>>, ConfigError> {
+    env(name)
+        .map(|value| {
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse().map_err(|_| ConfigError::Env {
+                        name,
+                        value: value.clone(),
+                        reason: format!("{s:?} is not a numeric id"),
+                    })
+                })
+                .collect()
+        })
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(flags: Flags, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load(&flags, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let flags = Flags {
+            config: Some(PathBuf::from("/dev/null")),
+            ..Flags::default()
+        };
+        let c = load(flags, &[]).expect("defaults load");
+        assert_eq!(c.socket, PathBuf::from("/run/subidd/subidd.sock"));
+        assert_eq!(c.database(), PathBuf::from("/var/lib/subidd/subidd.db"));
+        assert_eq!(c.quarantine_seconds, 86_400);
+        assert_eq!(c.listen_tcp, None);
+        assert_eq!(c.pool, PoolConfig::default());
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "state_dir = \"/file\"\nruntime_dir = \"/file-run\"\nquarantine_seconds = 5\n[pool]\nblock = 1024\n",
+        )
+        .expect("write");
+        let flags = Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        };
+        let c = load(flags.clone(), &[("SUBIDD_STATE_DIR", "/env")]).expect("load");
+        assert_eq!(c.state_dir, PathBuf::from("/env"), "env beats file");
+        assert_eq!(c.socket, PathBuf::from("/file-run/subidd.sock"));
+        assert_eq!(c.quarantine_seconds, 5);
+        assert_eq!(c.pool.block, Some(1024));
+        let flags = Flags {
+            state_dir: Some(PathBuf::from("/flag")),
+            ..flags
+        };
+        let c = load(flags, &[("SUBIDD_STATE_DIR", "/env")]).expect("load");
+        assert_eq!(c.state_dir, PathBuf::from("/flag"), "flag beats env");
+    }
+
+    #[test]
+    fn tcp_must_be_loopback_and_have_a_token() {
+        let base = Flags {
+            config: Some(PathBuf::from("/dev/null")),
+            token_file: Some(PathBuf::from("/tmp/t")),
+            ..Flags::default()
+        };
+        let with = |addr: &str| Flags {
+            listen_tcp: Some(addr.into()),
+            ..base.clone()
+        };
+        assert!(load(with("127.0.0.1:7070"), &[]).is_ok());
+        assert!(load(with("[::1]:7070"), &[]).is_ok());
+        assert!(matches!(
+            load(with("0.0.0.0:7070"), &[]),
+            Err(ConfigError::NotLoopback { .. })
+        ));
+        assert!(matches!(
+            load(with("10.0.0.1:7070"), &[]),
+            Err(ConfigError::NotLoopback { .. })
+        ));
+        assert!(matches!(
+            load(with("localhost"), &[]),
+            Err(ConfigError::BadAddress { .. })
+        ));
+        let no_token = Flags {
+            token_file: None,
+            ..with("127.0.0.1:7070")
+        };
+        assert!(matches!(load(no_token, &[]), Err(ConfigError::NoToken)));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_env_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "sokcet = \"/x\"\n").expect("write");
+        let flags = Flags {
+            config: Some(file),
+            ..Flags::default()
+        };
+        let err = load(flags, &[]).expect_err("typo refused");
+        assert!(err.to_string().contains("sokcet"), "{err}");
+        let flags = Flags {
+            config: Some(PathBuf::from("/dev/null")),
+            ..Flags::default()
+        };
+        assert!(load(flags.clone(), &[("SUBIDD_POOL_BASE", "lots")]).is_err());
+        assert!(load(flags, &[("SUBIDD_ALLOWED_UIDS", "1000,x")]).is_err());
+    }
+}

@@ -1,0 +1,634 @@
+//! The lease service: one writer task that owns the allocator and commits requests in groups.
+//!
+//! Every change to leases goes through [`LeaseService`], which sends a [`Command`] to the writer
+//! task. The writer takes every command waiting at that moment (up to [`MAX_BATCH`]), decides each
+//! against the in-memory [`Allocator`] and the database inside one `BEGIN IMMEDIATE` transaction,
+//! commits once, and only then answers. Concurrent clients therefore share one fsync (group
+//! commit) and no client hears of a lease before it is on disk. If a statement or the commit
+//! fails, the transaction is rolled back, the allocator is rebuilt from the database, and every
+//! command of the group gets the error: memory never runs ahead of the disk.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use subid_core::{AllocError, Allocator, Pool, PoolCounts};
+use subid_store::{EventKind, LeaseRecord, NewLease, Store, StoreError, WriteTx, Writer};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{ApiError, STORE_UNAVAILABLE};
+
+/// Most commands committed in one transaction.
+const MAX_BATCH: usize = 512;
+/// Depth of the queue in front of the writer; senders wait when it is full.
+const QUEUE_DEPTH: usize = 4096;
+
+/// The settings a client asks for; `None` means the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseSpec {
+    pub size: Option<u32>,
+    pub labels: BTreeMap<String, String>,
+    pub ttl_seconds: Option<u32>,
+}
+
+/// How a create request treats an existing lease of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateMode {
+    /// `PUT`: an identical existing lease is fine (200), a different one is a conflict.
+    Ensure,
+    /// `POST`: any existing lease is `lease_exists`.
+    New,
+}
+
+/// The outcome of a create request.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub lease: LeaseRecord,
+    /// False when an identical lease already existed.
+    pub created: bool,
+}
+
+/// Who asked, for the history.
+pub type Caller = Option<u32>;
+
+enum Command {
+    Create {
+        name: String,
+        spec: LeaseSpec,
+        mode: CreateMode,
+        caller: Caller,
+        reply: oneshot::Sender<Result<Created, ApiError>>,
+    },
+    Renew {
+        name: String,
+        caller: Caller,
+        reply: oneshot::Sender<Result<LeaseRecord, ApiError>>,
+    },
+    Release {
+        name: String,
+        purge: bool,
+        caller: Caller,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    Expire {
+        reply: oneshot::Sender<Result<usize, ApiError>>,
+    },
+}
+
+/// The answer a command is waiting for, decided before the commit and sent after it.
+enum Outcome {
+    Create(
+        oneshot::Sender<Result<Created, ApiError>>,
+        Result<Created, ApiError>,
+    ),
+    Renew(
+        oneshot::Sender<Result<LeaseRecord, ApiError>>,
+        Result<LeaseRecord, ApiError>,
+    ),
+    Release(oneshot::Sender<Result<(), ApiError>>, Result<(), ApiError>),
+    Expire(
+        oneshot::Sender<Result<usize, ApiError>>,
+        Result<usize, ApiError>,
+    ),
+}
+
+impl Outcome {
+    /// Sends the decided answer, or the group's failure instead when it was not committed.
+    fn send(self, failure: Option<&StoreError>) {
+        fn pick<T>(failure: Option<&StoreError>, r: Result<T, ApiError>) -> Result<T, ApiError> {
+            match failure {
+                Some(e) => Err(ApiError::from(e)),
+                None => r,
+            }
+        }
+        // A client that went away does not care; ignoring the send error is right.
+        match self {
+            Outcome::Create(tx, r) => drop(tx.send(pick(failure, r))),
+            Outcome::Renew(tx, r) => drop(tx.send(pick(failure, r))),
+            Outcome::Release(tx, r) => drop(tx.send(pick(failure, r))),
+            Outcome::Expire(tx, r) => drop(tx.send(pick(failure, r))),
+        }
+    }
+}
+
+/// Shared handle to the lease service; cheap to clone.
+#[derive(Clone)]
+pub struct LeaseService {
+    tx: mpsc::Sender<Command>,
+    allocator: Arc<Mutex<Allocator>>,
+    store: Store,
+}
+
+impl LeaseService {
+    /// Rebuilds the allocator from the database and starts the writer task.
+    pub async fn start(
+        store: Store,
+        mut writer: Writer,
+        pool: Pool,
+        quarantine: Duration,
+    ) -> Result<LeaseService, StartError> {
+        let quarantine_ms = u64::try_from(quarantine.as_millis()).unwrap_or(u64::MAX);
+        let settled = writer.settle_block_size(pool.block()).await?;
+        if settled != pool.block() {
+            return Err(StartError::BlockChanged {
+                stored: settled,
+                configured: pool.block(),
+            });
+        }
+        for lease in writer.active_leases().await? {
+            let inside = pool.block_of(lease.uid_base).is_some()
+                && lease.size % pool.block() == 0
+                && pool
+                    .block_of(lease.uid_base)
+                    .and_then(|first| pool.blocks_range(first, lease.size / pool.block()))
+                    .is_some_and(|r| r.start() == lease.uid_base);
+            if !inside {
+                return Err(StartError::LeaseOutsidePool {
+                    name: lease.name,
+                    base: lease.uid_base,
+                    size: lease.size,
+                });
+            }
+        }
+        let allocator = rebuild(&mut writer, pool, quarantine_ms).await?;
+        let allocator = Arc::new(Mutex::new(allocator));
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let task = WriterTask {
+            writer,
+            allocator: Arc::clone(&allocator),
+            rx,
+        };
+        tokio::spawn(task.run());
+        Ok(LeaseService {
+            tx,
+            allocator,
+            store,
+        })
+    }
+
+    /// Read access to the store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The pool and its block counts now.
+    pub fn pool_status(&self) -> (Pool, PoolCounts) {
+        let allocator = lock(&self.allocator);
+        (*allocator.pool(), allocator.counts(now_ms_u64()))
+    }
+
+    /// Creates the lease, or finds the identical one (`Ensure`).
+    pub async fn create(
+        &self,
+        name: String,
+        spec: LeaseSpec,
+        mode: CreateMode,
+        caller: Caller,
+    ) -> Result<Created, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Create {
+            name,
+            spec,
+            mode,
+            caller,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Pushes the expiry of a lease with a ttl to now + ttl.
+    pub async fn renew(&self, name: String, caller: Caller) -> Result<LeaseRecord, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Renew {
+            name,
+            caller,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Releases the active lease of that name; with `purge`, skips quarantine (also for a lease
+    /// released earlier whose range is still in quarantine).
+    pub async fn release(&self, name: String, purge: bool, caller: Caller) -> Result<(), ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Release {
+            name,
+            purge,
+            caller,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Releases every lease whose ttl ran out; returns how many.
+    pub async fn expire(&self) -> Result<usize, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Expire { reply }).await?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    async fn send(&self, command: Command) -> Result<(), ApiError> {
+        self.tx.send(command).await.map_err(|_| gone())
+    }
+}
+
+/// Releases expired leases every `interval` until the service stops.
+pub async fn run_expiry(service: LeaseService, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match service.expire().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "released expired leases"),
+            Err(error) => tracing::warn!(%error, "expiry pass failed; retrying"),
+        }
+    }
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "the database was cut into blocks of {stored} ids but the config says block = {configured}; \
+         set [pool] block = {stored} (a database cannot change its block size)"
+    )]
+    BlockChanged { stored: u32, configured: u32 },
+    #[error(
+        "active lease {name} (host ids {base}..{end}) lies outside the configured pool; \
+         restore the old [pool] settings or release the lease with the old settings first",
+        end = u64::from(*base) + u64::from(*size)
+    )]
+    LeaseOutsidePool { name: String, base: u32, size: u32 },
+    #[error("the database holds overlapping or invalid blocks: {0}")]
+    Inconsistent(String),
+}
+
+struct WriterTask {
+    writer: Writer,
+    allocator: Arc<Mutex<Allocator>>,
+    rx: mpsc::Receiver<Command>,
+}
+
+impl WriterTask {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while self.rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            self.commit_group(&mut batch).await;
+        }
+    }
+
+    /// Decides, commits and answers one group of commands.
+    async fn commit_group(&mut self, batch: &mut Vec<Command>) {
+        let now = now_ms();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let failure = match self.writer.begin().await {
+            Err(error) => Some(error),
+            Ok(mut tx) => {
+                let mut failure = None;
+                for command in batch.drain(..) {
+                    match decide(&mut tx, &self.allocator, command, now).await {
+                        Ok(outcome) => outcomes.push(outcome),
+                        Err((outcome, error)) => {
+                            outcomes.push(outcome);
+                            failure = Some(error);
+                            break;
+                        }
+                    }
+                }
+                match failure {
+                    Some(error) => Some(error),
+                    None => tx.commit().await.err(),
+                }
+            }
+        };
+        // Commands not reached because an earlier one failed get the same failure.
+        let unreached: Vec<Command> = batch.drain(..).collect();
+        if let Some(error) = &failure {
+            tracing::error!(%error, "lease store write failed; group rolled back");
+            let pool = *lock(&self.allocator).pool();
+            let quarantine = lock(&self.allocator).quarantine_ms();
+            match rebuild(&mut self.writer, pool, quarantine).await {
+                Ok(fresh) => *lock(&self.allocator) = fresh,
+                Err(e) => tracing::error!(error = %e, "cannot rebuild the allocator"),
+            }
+        }
+        for outcome in outcomes {
+            outcome.send(failure.as_ref());
+        }
+        for command in unreached {
+            unreached_outcome(command).send(failure.as_ref());
+        }
+    }
+}
+
+/// An outcome shell for a command that was never decided.
+fn unreached_outcome(command: Command) -> Outcome {
+    fn e<T>() -> Result<T, ApiError> {
+        Err(ApiError::Unavailable(STORE_UNAVAILABLE))
+    }
+    match command {
+        Command::Create { reply, .. } => Outcome::Create(reply, e()),
+        Command::Renew { reply, .. } => Outcome::Renew(reply, e()),
+        Command::Release { reply, .. } => Outcome::Release(reply, e()),
+        Command::Expire { reply } => Outcome::Expire(reply, e()),
+    }
+}
+
+/// Decides one command inside the group's transaction. `Err` means the store failed and the
+/// whole group must be rolled back; the outcome is still returned so its sender gets the error.
+async fn decide(
+    tx: &mut WriteTx<'_>,
+    allocator: &Mutex<Allocator>,
+    command: Command,
+    now: i64,
+) -> Result<Outcome, (Outcome, StoreError)> {
+    match command {
+        Command::Create {
+            name,
+            spec,
+            mode,
+            caller,
+            reply,
+        } => match create(tx, allocator, &name, &spec, mode, caller, now).await {
+            Ok(r) => Ok(Outcome::Create(reply, r)),
+            Err(e) => Err((
+                Outcome::Create(reply, Err(ApiError::Unavailable(STORE_UNAVAILABLE))),
+                e,
+            )),
+        },
+        Command::Renew {
+            name,
+            caller,
+            reply,
+        } => match renew(tx, &name, caller, now).await {
+            Ok(r) => Ok(Outcome::Renew(reply, r)),
+            Err(e) => Err((
+                Outcome::Renew(reply, Err(ApiError::Unavailable(STORE_UNAVAILABLE))),
+                e,
+            )),
+        },
+        Command::Release {
+            name,
+            purge,
+            caller,
+            reply,
+        } => match release(tx, allocator, &name, purge, caller, now).await {
+            Ok(r) => Ok(Outcome::Release(reply, r)),
+            Err(e) => Err((
+                Outcome::Release(reply, Err(ApiError::Unavailable(STORE_UNAVAILABLE))),
+                e,
+            )),
+        },
+        Command::Expire { reply } => match expire(tx, allocator, now).await {
+            Ok(n) => Ok(Outcome::Expire(reply, Ok(n))),
+            Err(e) => Err((
+                Outcome::Expire(reply, Err(ApiError::Unavailable(STORE_UNAVAILABLE))),
+                e,
+            )),
+        },
+    }
+}
+
+/// The settings a spec resolves to with defaults filled in.
+fn resolve(spec: &LeaseSpec, pool: &Pool) -> (u32, Option<u32>) {
+    (spec.size.unwrap_or(pool.block()), spec.ttl_seconds)
+}
+
+async fn create(
+    tx: &mut WriteTx<'_>,
+    allocator: &Mutex<Allocator>,
+    name: &str,
+    spec: &LeaseSpec,
+    mode: CreateMode,
+    caller: Caller,
+    now: i64,
+) -> Result<Result<Created, ApiError>, StoreError> {
+    let pool = *lock(allocator).pool();
+    let (size, ttl_seconds) = resolve(spec, &pool);
+    if let Some(existing) = tx.active_lease(name).await? {
+        if mode == CreateMode::New {
+            return Ok(Err(ApiError::LeaseExists(name.to_string())));
+        }
+        let same = existing.size == size
+            && existing.labels == spec.labels
+            && existing.ttl_seconds == ttl_seconds;
+        if same {
+            return Ok(Ok(Created {
+                lease: existing,
+                created: false,
+            }));
+        }
+        return Ok(Err(ApiError::LeaseConflict(format!(
+            "lease {name} exists with other settings (size {}, ttl_seconds {:?}, {} labels); \
+             delete it first or ask for the same settings",
+            existing.size,
+            existing.ttl_seconds,
+            existing.labels.len()
+        ))));
+    }
+    let count = size / pool.block();
+    // Sticky: the same name within quarantine gets its old range back when it is still free.
+    let sticky = match tx.last_released(name).await? {
+        Some(old)
+            if old.size == size
+                && old
+                    .released_at
+                    .is_some_and(|at| at.saturating_add(quarantine_of(allocator)) > now) =>
+        {
+            pool.block_of(old.uid_base)
+        }
+        _ => None,
+    };
+    let first = {
+        let mut alloc = lock(allocator);
+        let claimed = sticky.filter(|&first| alloc.claim(first, count).is_ok());
+        match claimed {
+            Some(first) => first,
+            None => match alloc.allocate(count, u64::try_from(now).unwrap_or(0)) {
+                Ok(first) => first,
+                Err(AllocError::Exhausted { .. }) => {
+                    let counts = alloc.counts(u64::try_from(now).unwrap_or(0));
+                    return Ok(Err(ApiError::PoolExhausted(format!(
+                        "no free range of {size} ids: {} of {} blocks active, {} in quarantine; \
+                         release leases, purge quarantined ones, or grow the pool",
+                        counts.active, counts.total, counts.quarantined
+                    ))));
+                }
+                Err(other) => {
+                    return Ok(Err(ApiError::Internal(format!("allocator: {other}"))));
+                }
+            },
+        }
+    };
+    let Some(range) = pool.blocks_range(first, count) else {
+        return Ok(Err(ApiError::Internal(format!(
+            "allocator returned block {first}+{count} outside the pool"
+        ))));
+    };
+    let new = NewLease {
+        name: name.to_string(),
+        uid_base: range.start(),
+        gid_base: range.start(),
+        size,
+        labels: spec.labels.clone(),
+        ttl_seconds,
+        created_at: now,
+        expires_at: ttl_seconds.map(|t| now.saturating_add(i64::from(t) * 1000)),
+        created_by: caller,
+    };
+    let lease = tx.insert_lease(&new, pool.block()).await?;
+    Ok(Ok(Created {
+        lease,
+        created: true,
+    }))
+}
+
+async fn renew(
+    tx: &mut WriteTx<'_>,
+    name: &str,
+    caller: Caller,
+    now: i64,
+) -> Result<Result<LeaseRecord, ApiError>, StoreError> {
+    let Some(mut lease) = tx.active_lease(name).await? else {
+        return Ok(Err(ApiError::NotFound(format!("no active lease {name}"))));
+    };
+    let Some(ttl) = lease.ttl_seconds else {
+        return Ok(Err(ApiError::LeaseConflict(format!(
+            "lease {name} has no ttl_seconds, so it never expires and cannot be renewed"
+        ))));
+    };
+    let expires_at = now.saturating_add(i64::from(ttl) * 1000);
+    tx.renew(&lease, expires_at, now, caller).await?;
+    lease.expires_at = Some(expires_at);
+    Ok(Ok(lease))
+}
+
+async fn release(
+    tx: &mut WriteTx<'_>,
+    allocator: &Mutex<Allocator>,
+    name: &str,
+    purge: bool,
+    caller: Caller,
+    now: i64,
+) -> Result<Result<(), ApiError>, StoreError> {
+    let pool = *lock(allocator).pool();
+    if let Some(lease) = tx.active_lease(name).await? {
+        let Some((first, count)) = blocks_of(&pool, &lease) else {
+            return Ok(Err(ApiError::Internal(format!(
+                "lease {name} lies outside the pool"
+            ))));
+        };
+        tx.release(&lease, EventKind::Release, purge, now, caller)
+            .await?;
+        let at = u64::try_from(now).unwrap_or(0);
+        if let Err(error) = lock(allocator).release(first, count, at, purge) {
+            return Ok(Err(ApiError::Internal(format!("allocator: {error}"))));
+        }
+        return Ok(Ok(()));
+    }
+    if purge {
+        // Purging a lease released earlier: its range leaves quarantine now, if nobody took it.
+        if let Some(old) = tx.last_released(name).await? {
+            if let Some((first, count)) = blocks_of(&pool, &old) {
+                let purged = {
+                    let mut alloc = lock(allocator);
+                    if alloc.is_free_for(first, count) {
+                        alloc.mark_released(first, count, 0).map(|()| true)
+                    } else {
+                        Ok(false)
+                    }
+                };
+                match purged {
+                    Ok(true) => tx.purge_released(&old, now, caller).await?,
+                    Ok(false) => {}
+                    Err(error) => {
+                        return Ok(Err(ApiError::Internal(format!("allocator: {error}"))));
+                    }
+                }
+                return Ok(Ok(()));
+            }
+        }
+    }
+    Ok(Err(ApiError::NotFound(format!("no active lease {name}"))))
+}
+
+async fn expire(
+    tx: &mut WriteTx<'_>,
+    allocator: &Mutex<Allocator>,
+    now: i64,
+) -> Result<usize, StoreError> {
+    let pool = *lock(allocator).pool();
+    let expired = tx.expired(now).await?;
+    for lease in &expired {
+        tx.release(lease, EventKind::Expire, false, now, None)
+            .await?;
+        if let Some((first, count)) = blocks_of(&pool, lease) {
+            let at = u64::try_from(now).unwrap_or(0);
+            if let Err(error) = lock(allocator).release(first, count, at, false) {
+                tracing::error!(lease = %lease.name, %error, "allocator out of step on expiry");
+            }
+        }
+        tracing::info!(lease = %lease.name, "lease expired");
+    }
+    Ok(expired.len())
+}
+
+/// The first block index and block count of a lease.
+fn blocks_of(pool: &Pool, lease: &LeaseRecord) -> Option<(u32, u32)> {
+    let first = pool.block_of(lease.uid_base)?;
+    Some((first, lease.size / pool.block()))
+}
+
+/// Rebuilds the in-memory allocator from the block rows.
+async fn rebuild(
+    writer: &mut Writer,
+    pool: Pool,
+    quarantine_ms: u64,
+) -> Result<Allocator, StartError> {
+    let mut allocator = Allocator::new(pool, quarantine_ms);
+    for row in writer.block_rows().await? {
+        // Blocks outside the current pool (a pool that shrank) are simply not ours any more.
+        let Some(idx) = pool.block_of(row.start) else {
+            continue;
+        };
+        let result = match (row.lease_id, row.released_at) {
+            (Some(_), _) => allocator.mark_active(idx, 1),
+            (None, Some(at)) => allocator.mark_released(idx, 1, u64::try_from(at).unwrap_or(0)),
+            (None, None) => continue,
+        };
+        result.map_err(|e| StartError::Inconsistent(format!("block at {}: {e}", row.start)))?;
+    }
+    Ok(allocator)
+}
+
+fn quarantine_of(allocator: &Mutex<Allocator>) -> i64 {
+    i64::try_from(lock(allocator).quarantine_ms()).unwrap_or(i64::MAX)
+}
+
+/// Locks the allocator; a panic while holding it cannot leave it half-changed in a way the
+/// next rebuild would not repair, so a poisoned lock is taken over.
+fn lock(allocator: &Mutex<Allocator>) -> MutexGuard<'_, Allocator> {
+    allocator.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn gone() -> ApiError {
+    ApiError::Unavailable("the daemon is shutting down")
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn now_ms_u64() -> u64 {
+    u64::try_from(now_ms()).unwrap_or(0)
+}

@@ -1,0 +1,12 @@
+//! subidd: leases of host id ranges over a unix-socket REST API. `main.rs` is a thin shell
+//! around [`server::run`]; the modules are public so the handler tests and benches can reach them.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod lease;
+pub mod pool;
+pub mod server;

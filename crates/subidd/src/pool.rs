@@ -1,0 +1,145 @@
+//! Choosing the pool at start and checking it against the host's other id owners.
+
+use std::path::Path;
+
+use subid_core::{
+    DEFAULT_BLOCK, IdKind, Pool, PoolError, PoolSpec, SubidEntry, find_entry, parse_subid,
+};
+
+use crate::config::Config;
+
+/// The /etc/subuid owner name whose entry, when present, is the pool.
+pub const OWNER: &str = "subidd";
+
+/// Where the pool came from, for the log and `GET /v1/pool`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Config,
+    Subuid,
+    Default,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Subuid => "subuid",
+            Source::Default => "default",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolSetupError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{subuid} gives {OWNER} {uid_start}:{uid_count} but {subgid} gives {gid_start}:{gid_count}; \
+         subidd maps uids and gids from one range, so make both entries equal"
+    )]
+    Mismatch {
+        subuid: String,
+        subgid: String,
+        uid_start: u32,
+        uid_count: u32,
+        gid_start: u32,
+        gid_count: u32,
+    },
+    #[error("{file} has no {OWNER} entry but {other} does; add the same entry to both")]
+    OneSided { file: String, other: String },
+    #[error("pool: {0}")]
+    Invalid(#[from] PoolError),
+}
+
+/// Picks the pool (config keys, else the `subidd` entry of /etc/subuid, else the default) and
+/// refuses it when it overlaps another owner's subordinate ids or an existing uid or gid.
+pub fn choose(
+    config: &Config,
+    uids: &[u32],
+    gids: &[u32],
+) -> Result<(Pool, Source), PoolSetupError> {
+    let subuid = read_entries(&config.subuid_file)?;
+    let subgid = read_entries(&config.subgid_file)?;
+    let block = config.pool.block.unwrap_or(DEFAULT_BLOCK);
+    let uid_entry = find_entry(&subuid, OWNER);
+    let gid_entry = find_entry(&subgid, OWNER);
+    let (spec, source) = if config.pool.base.is_some() || config.pool.size.is_some() {
+        let default = PoolSpec::default();
+        let spec = PoolSpec {
+            base: config.pool.base.unwrap_or(default.base),
+            size: config.pool.size.unwrap_or(default.size),
+            block,
+        };
+        (spec, Source::Config)
+    } else {
+        match (uid_entry, gid_entry) {
+            (Some(u), Some(g)) => {
+                if (u.start, u.count) != (g.start, g.count) {
+                    return Err(PoolSetupError::Mismatch {
+                        subuid: config.subuid_file.display().to_string(),
+                        subgid: config.subgid_file.display().to_string(),
+                        uid_start: u.start,
+                        uid_count: u.count,
+                        gid_start: g.start,
+                        gid_count: g.count,
+                    });
+                }
+                let spec = PoolSpec {
+                    base: u.start,
+                    size: u.count,
+                    block,
+                };
+                (spec, Source::Subuid)
+            }
+            (Some(_), None) => {
+                return Err(PoolSetupError::OneSided {
+                    file: config.subgid_file.display().to_string(),
+                    other: config.subuid_file.display().to_string(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(PoolSetupError::OneSided {
+                    file: config.subuid_file.display().to_string(),
+                    other: config.subgid_file.display().to_string(),
+                });
+            }
+            (None, None) => (
+                PoolSpec {
+                    block,
+                    ..PoolSpec::default()
+                },
+                Source::Default,
+            ),
+        }
+    };
+    let pool = Pool::new(spec)?;
+    pool.check_subid_conflicts(&config.subuid_file.display().to_string(), &subuid, OWNER)?;
+    pool.check_subid_conflicts(&config.subgid_file.display().to_string(), &subgid, OWNER)?;
+    pool.check_id_conflicts(IdKind::Uid, uids)?;
+    pool.check_id_conflicts(IdKind::Gid, gids)?;
+    Ok((pool, source))
+}
+
+/// Parsed entries of a subordinate-id file; a missing file has none. Bad lines are logged and
+/// skipped, as shadow's own tools do.
+fn read_entries(path: &Path) -> Result<Vec<SubidEntry>, PoolSetupError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(PoolSetupError::Read {
+                path: path.display().to_string(),
+                source,
+            });
+        }
+    };
+    let (entries, errors) = parse_subid(&text);
+    for error in errors {
+        tracing::warn!(file = %path.display(), %error, "skipping malformed line");
+    }
+    Ok(entries)
+}
