@@ -1,1 +1,275 @@
-fn main(){}
+//! Lease allocation benchmark: the real daemon over its unix socket, beside floors measured in
+//! the same run on the same disk. Writes its table into docs/BENCHMARKS.md.
+//!
+//! Run: `cargo build --release --bins && cargo bench -p subidd-tests --bench leases`
+//! (`SUBIDD_BENCH_NO_WRITE=1` prints without touching the docs).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use hyper::{Method, StatusCode};
+use sqlx::Connection;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use subidd_tests::{Client, Daemon, rss_kib};
+
+/// Leases created one by one on a nearly empty pool.
+const EMPTY_SEQ: usize = 200;
+/// Concurrent clients of the throughput phase.
+const CLIENTS: usize = 64;
+/// Leases created by the concurrent phase (brings the pool to 4,000 active).
+const CONCURRENT_TOTAL: usize = 3_800;
+/// Leases created one by one with 4,000 active.
+const FULL_SEQ: usize = 90;
+/// Commits measured for the SQLite floor.
+const FLOOR_COMMITS: usize = 300;
+/// Round trips measured for the transport floor.
+const FLOOR_PINGS: usize = 2_000;
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run())?;
+    println!("{report}");
+    if std::env::var_os("SUBIDD_BENCH_NO_WRITE").is_none() {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
+        splice(&docs, "leases", &report)?;
+        println!("written to {}", docs.display());
+    }
+    Ok(())
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples.get(idx).copied().unwrap_or_default()
+    };
+    Stats {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn run() -> anyhow::Result<String> {
+    let mut daemon = Daemon::start("quarantine_seconds = 86400")?;
+    let client = daemon.client();
+    // Floors, on the same disk as the daemon's database, in this run.
+    let commit = commit_floor(&daemon.path("floor.db")).await?;
+    let rtt = ping_floor(&client).await?;
+
+    // 1 client, empty pool.
+    let empty = sequential(&client, "empty", EMPTY_SEQ).await?;
+    // 64 clients.
+    let started = Instant::now();
+    let concurrent = concurrent(&client, CLIENTS, CONCURRENT_TOTAL).await?;
+    let elapsed = started.elapsed();
+    let rate = CONCURRENT_TOTAL as f64 / elapsed.as_secs_f64();
+    // 1 client with 4,000 active.
+    let full = sequential(&client, "full", FULL_SEQ).await?;
+    let pool = client.get("/v1/pool").await?.json();
+    let active = pool["blocks"]["active"].as_u64().unwrap_or(0);
+    ensure!(
+        active as usize == EMPTY_SEQ + CONCURRENT_TOTAL + FULL_SEQ,
+        "pool says {active} active"
+    );
+    let pid = daemon.pid().context("daemon pid")?;
+    let rss_mib = rss_kib(pid)? as f64 / 1024.0;
+    daemon.stop()?;
+
+    let empty_s = stats(empty);
+    let conc_s = stats(concurrent);
+    let full_s = stats(full);
+    let ceiling = 1.0 / commit.p50.as_secs_f64();
+    let one_client_floor = commit.p50 + rtt.p50;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Run {} on {} ({} cores), release build, default pool (4,094 blocks).\n\n",
+        humantime_now(),
+        kernel(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+    out.push_str("| measurement | p50 | p99 |\n|---|---|---|\n");
+    out.push_str(&format!(
+        "| floor: one SQLite commit, WAL + synchronous=FULL, same disk | {:.0} us | {:.0} us |\n",
+        us(commit.p50),
+        us(commit.p99)
+    ));
+    out.push_str(&format!(
+        "| floor: HTTP round trip on the unix socket (`GET /_ping`, keep-alive) | {:.0} us | {:.0} us |\n",
+        us(rtt.p50),
+        us(rtt.p99)
+    ));
+    out.push_str(&format!(
+        "| `PUT /v1/leases/{{name}}`, 1 client, pool empty | {:.0} us | {:.0} us |\n",
+        us(empty_s.p50),
+        us(empty_s.p99)
+    ));
+    out.push_str(&format!(
+        "| `PUT /v1/leases/{{name}}`, {CLIENTS} clients | {:.0} us | {:.0} us |\n",
+        us(conc_s.p50),
+        us(conc_s.p99)
+    ));
+    out.push_str(&format!(
+        "| `PUT /v1/leases/{{name}}`, 1 client, 4,000 leases active | {:.0} us | {:.0} us |\n\n",
+        us(full_s.p50),
+        us(full_s.p99)
+    ));
+    out.push_str("| target | measured | ratio | target met |\n|---|---|---|---|\n");
+    let row = |out: &mut String, name: &str, measured: String, ratio: f64, ok: bool| {
+        out.push_str(&format!(
+            "| {name} | {measured} | {ratio:.2} | {} |\n",
+            if ok { "yes" } else { "no" }
+        ));
+    };
+    let r = rate / ceiling;
+    row(
+        &mut out,
+        &format!("{CLIENTS} clients: leases/s >= single-commit ceiling (1/commit = {ceiling:.0}/s)"),
+        format!("{rate:.0} leases/s"),
+        r,
+        r >= 1.0,
+    );
+    let r = empty_s.p50.as_secs_f64() / one_client_floor.as_secs_f64();
+    row(
+        &mut out,
+        "1 client: p50 <= 2x (commit + round trip)",
+        format!("{:.0} us vs {:.0} us", us(empty_s.p50), us(one_client_floor)),
+        r,
+        r <= 2.0,
+    );
+    let r = full_s.p50.as_secs_f64() / empty_s.p50.as_secs_f64();
+    row(
+        &mut out,
+        "allocation with 4,000 active <= 1.2x empty pool (p50)",
+        format!("{:.0} us vs {:.0} us", us(full_s.p50), us(empty_s.p50)),
+        r,
+        r <= 1.2,
+    );
+    let r = rss_mib / 32.0;
+    row(
+        &mut out,
+        &format!(
+            "daemon RSS with {} leases < 32 MiB",
+            EMPTY_SEQ + CONCURRENT_TOTAL + FULL_SEQ
+        ),
+        format!("{rss_mib:.1} MiB"),
+        r,
+        r < 1.0,
+    );
+    Ok(out)
+}
+
+/// Median single-insert commit time on the same file system, WAL + synchronous=FULL.
+async fn commit_floor(path: &Path) -> anyhow::Result<Stats> {
+    let options = SqliteConnectOptions::from_str("sqlite://")?
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full);
+    let mut conn = SqliteConnection::connect_with(&options).await?;
+    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        .execute(&mut conn)
+        .await?;
+    let mut samples = Vec::with_capacity(FLOOR_COMMITS);
+    for i in 0..FLOOR_COMMITS {
+        let t = Instant::now();
+        sqlx::query("INSERT INTO t (v) VALUES (?)")
+            .bind(format!("lease-{i}"))
+            .execute(&mut conn)
+            .await?;
+        samples.push(t.elapsed());
+    }
+    Ok(stats(samples))
+}
+
+/// HTTP round trip over the daemon's socket on one kept-alive connection.
+async fn ping_floor(client: &Client) -> anyhow::Result<Stats> {
+    let mut conn = client.connect().await?;
+    let mut samples = Vec::with_capacity(FLOOR_PINGS);
+    for _ in 0..FLOOR_PINGS {
+        let t = Instant::now();
+        let r = conn.request(Method::GET, "/_ping", None).await?;
+        samples.push(t.elapsed());
+        ensure!(r.status == StatusCode::OK, "ping: {}", r.status);
+    }
+    Ok(stats(samples))
+}
+
+/// One client creating `n` leases one after another on a kept-alive connection.
+async fn sequential(client: &Client, prefix: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut conn = client.connect().await?;
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let path = format!("/v1/leases/{prefix}-{i}");
+        let t = Instant::now();
+        let r = conn.request(Method::PUT, &path, None).await?;
+        samples.push(t.elapsed());
+        if r.status != StatusCode::CREATED {
+            bail!("{path}: {} {}", r.status, r.text());
+        }
+    }
+    Ok(samples)
+}
+
+/// `clients` clients, each on its own kept-alive connection, creating `total` leases together.
+async fn concurrent(client: &Client, clients: usize, total: usize) -> anyhow::Result<Vec<Duration>> {
+    let per = total / clients;
+    let extra = total % clients;
+    let client = Arc::new(client.clone());
+    let mut tasks = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let client = Arc::clone(&client);
+        let n = per + usize::from(c < extra);
+        tasks.push(tokio::spawn(async move {
+            sequential(&client, &format!("c{c}"), n).await
+        }));
+    }
+    let mut all = Vec::with_capacity(total);
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(all)
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("Linux {}", s.trim()))
+        .unwrap_or_else(|_| "Linux".into())
+}
+
+fn humantime_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `file`
+/// (appending a new section when the markers are absent).
+pub fn splice(file: &Path, name: &str, body: &str) -> anyhow::Result<()> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let text = std::fs::read_to_string(file).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let new = match (text.find(&begin), text.find(&end)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{begin}\n{body}{}", &text[..b], &text[e..])
+        }
+        _ => format!("{text}\n{begin}\n{body}{end}\n"),
+    };
+    std::fs::write(file, new).with_context(|| format!("writing {}", file.display()))
+}

@@ -1,1 +1,456 @@
-//! support
+//! Test and benchmark support: start the real `subidd` binary on temp paths and talk to it
+//! over its unix socket as a client would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+/// The `subidd` binary under test: `$SUBIDD_BIN`, else the one cargo built beside this test
+/// (`target/<profile>/subidd`; build it with `cargo build --workspace --bins`).
+pub fn subidd_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("SUBIDD_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    // target/<profile>/deps/<test> -> target/<profile>/subidd
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no target/<profile> parent")?;
+    let bin = profile_dir.join("subidd");
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build --workspace --bins` first (the README's test command does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A running daemon with its own temp state, runtime dir and socket. Killed on drop.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+    extra_args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// Starts a daemon whose config file holds `config_toml` (paths are filled in).
+    pub fn start(config_toml: &str) -> anyhow::Result<Daemon> {
+        Daemon::start_with(config_toml, &[], &[])
+    }
+
+    /// As [`Daemon::start`], with extra flags and environment.
+    pub fn start_with(
+        config_toml: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Daemon> {
+        let dir = tempfile::tempdir().context("tempdir")?;
+        let config = dir.path().join("subidd.toml");
+        let socket = dir.path().join("run").join("subidd.sock");
+        // Empty subuid/subgid files keep the host's own from deciding the test's pool.
+        let subuid = dir.path().join("subuid");
+        let subgid = dir.path().join("subgid");
+        for file in [&subuid, &subgid] {
+            if !file.exists() {
+                std::fs::write(file, "").context("write subid file")?;
+            }
+        }
+        let text = format!(
+            "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\n{config_toml}\n",
+            state = dir.path().join("state"),
+            run = dir.path().join("run"),
+        );
+        std::fs::write(&config, text).context("write config")?;
+        let mut daemon = Daemon {
+            log: dir.path().join("subidd.log"),
+            dir,
+            socket,
+            config,
+            child: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        daemon.spawn()?;
+        Ok(daemon)
+    }
+
+    /// Path of a file in the daemon's temp dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts the binary and waits until `/_ping` answers (or it exits).
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .context("open log")?;
+        let mut cmd = Command::new(subidd_bin()?);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .args(&self.extra_args)
+            .env_remove("SUBIDD_CONFIG")
+            .env("SUBIDD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("dup log")?)
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("spawn subidd")?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait().context("try_wait")?
+            {
+                bail!("subidd exited early with {status}: {}", self.log_text());
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("subidd did not start in 30s: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the binary with this config expecting it to fail at start; returns its output.
+    pub fn start_failure(config_toml: &str) -> anyhow::Result<String> {
+        match Daemon::start(config_toml) {
+            Ok(_) => bail!("subidd started although it should have refused"),
+            Err(e) => Ok(format!("{e:#}")),
+        }
+    }
+
+    /// What the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status code.
+    pub fn stop(&mut self) -> anyhow::Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        let pid = i32::try_from(child.id()).context("pid")?;
+        // SAFETY-free: kill(1) by command keeps this crate free of unsafe.
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("kill -TERM")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().context("try_wait")? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("subidd did not stop within 20s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops (SIGTERM) and starts again on the same state.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        self.spawn()
+    }
+
+    /// A client for this daemon's socket.
+    pub fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A response: status, headers we care about, body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON (panics with the body text when it is not JSON: test helper).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `code` of an error body.
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// An HTTP/1.1 client over a unix socket: one connection per request, as curl does.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Client {
+        Client {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Opens a connection that can carry many requests (keep-alive).
+    pub async fn connect(&self) -> anyhow::Result<Conn> {
+        let stream = connect_retrying(&self.socket).await?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .context("http handshake")?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Conn { sender })
+    }
+
+    /// One request on a fresh connection.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<Reply> {
+        self.connect().await?.request(method, path, body).await
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Reply> {
+        self.request(Method::GET, path, None).await
+    }
+
+    pub async fn put(&self, path: &str, body: Option<&str>) -> anyhow::Result<Reply> {
+        self.request(Method::PUT, path, body).await
+    }
+
+    pub async fn post(&self, path: &str, body: Option<&str>) -> anyhow::Result<Reply> {
+        self.request(Method::POST, path, body).await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<Reply> {
+        self.request(Method::DELETE, path, None).await
+    }
+}
+
+/// A kept-alive connection.
+pub struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<Reply> {
+        let body = Full::new(Bytes::from(body.unwrap_or("").to_string()));
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .body(body)
+            .context("build request")?;
+        self.sender.ready().await.context("connection ready")?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .context("send request")?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .context("read body")?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// Connects, retrying briefly when the listen backlog is momentarily full (EAGAIN).
+async fn connect_retrying(socket: &Path) -> anyhow::Result<UnixStream> {
+    let mut delay = Duration::from_millis(1);
+    for _ in 0..50 {
+        match UnixStream::connect(socket).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e).with_context(|| format!("connect {}", socket.display())),
+        }
+    }
+    bail!("connect {}: backlog full for too long", socket.display())
+}
+
+/// Resident set size of a process in KiB, from /proc/PID/status.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    for line in status.lines() {
+        if let Some(rest) = line.strip_prefix("VmRSS:") {
+            let kib = rest.trim().trim_end_matches("kB").trim();
+            return Ok(kib.parse()?);
+        }
+    }
+    bail!("no VmRSS in /proc/{pid}/status")
+}
+
+impl Daemon {
+    /// As [`Daemon::start`], with the daemon's subuid and subgid files holding `subuid_text`
+    /// and `subgid_text` (in place of empty ones) from the first start.
+    pub fn start_with_subid(
+        config_toml: &str,
+        subuid_text: &str,
+        subgid_text: &str,
+    ) -> anyhow::Result<Daemon> {
+        let dir = tempfile::tempdir().context("tempdir")?;
+        let config = dir.path().join("subidd.toml");
+        let socket = dir.path().join("run").join("subidd.sock");
+        let subuid = dir.path().join("subuid");
+        let subgid = dir.path().join("subgid");
+        std::fs::write(&subuid, subuid_text).context("write subuid file")?;
+        std::fs::write(&subgid, subgid_text).context("write subgid file")?;
+        let text = format!(
+            "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\n{config_toml}\n",
+            state = dir.path().join("state"),
+            run = dir.path().join("run"),
+        );
+        std::fs::write(&config, text).context("write config")?;
+        let mut daemon = Daemon {
+            log: dir.path().join("subidd.log"),
+            dir,
+            socket,
+            config,
+            child: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
+        };
+        daemon.spawn()?;
+        Ok(daemon)
+    }
+
+    /// As [`Daemon::start_failure`], with the given subuid and subgid file contents.
+    pub fn start_failure_with_subid(
+        config_toml: &str,
+        subuid_text: &str,
+        subgid_text: &str,
+    ) -> anyhow::Result<String> {
+        match Daemon::start_with_subid(config_toml, subuid_text, subgid_text) {
+            Ok(_) => bail!("subidd started although it should have refused"),
+            Err(e) => Ok(format!("{e:#}")),
+        }
+    }
+
+    /// The daemon's SQLite database file.
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("state").join("subidd.db")
+    }
+}
+
+/// A loopback TCP port that was free a moment ago (bind to port 0, read it, close).
+pub fn free_tcp_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(listener.local_addr().context("local_addr")?.port())
+}
+
+/// One request over TCP to `addr` with exactly the given headers (no `Host` is added: pass
+/// one, as real clients do).
+pub async fn tcp_request(
+    addr: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> anyhow::Result<Reply> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .context("http handshake")?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut request = Request::builder().method(method).uri(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+        .context("build request")?;
+    let response = sender.send_request(request).await.context("send request")?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .context("read body")?
+        .to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}

@@ -211,6 +211,22 @@ impl Allocator {
         Ok(())
     }
 
+    /// Ends the quarantine of released blocks in `first..first+count` (an operator's "this range is
+    /// clean"): they become reusable at once, still after never-used blocks. Never-used blocks stay
+    /// as they are. Err(Busy{block}) if a block is Active, and then nothing changes.
+    pub fn purge(&mut self, first: u32, count: u32) -> Result<(), AllocError> {
+        let end = self.span(first, count)?;
+        if let Some(block) = self.first_active(first, end) {
+            return Err(AllocError::Busy { block });
+        }
+        for idx in first..end {
+            if self.released.contains_key(&idx) {
+                self.set_released(idx, None);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `first..first+count` lies in the pool with no Active block (quarantine ignored, as for
     /// [`Allocator::claim`]). False for a count of 0.
     pub fn is_free_for(&self, first: u32, count: u32) -> bool {
@@ -629,6 +645,28 @@ mod tests {
         assert_eq!(a.block_state(0), Some(BlockState::Active));
         assert_eq!(a.block_state(2), Some(BlockState::Free));
         assert_eq!(a.block_state(3), None);
+    }
+
+    #[test]
+    fn purge_ends_quarantine_of_released_blocks_only() {
+        let mut a = Allocator::new(pool(3), 1_000);
+        assert_eq!(a.allocate(1, 10), Ok(0));
+        assert_eq!(a.allocate(1, 10), Ok(1));
+        assert_eq!(a.release(0, 1, 20, false), Ok(()));
+        assert_eq!(a.allocate(1, 30), Ok(2), "never-used first");
+        assert_eq!(a.allocate(1, 30), Err(AllocError::Exhausted { count: 1 }));
+        assert_eq!(
+            a.purge(0, 2),
+            Err(AllocError::Busy { block: 1 }),
+            "block 1 is active"
+        );
+        assert_eq!(a.purge(0, 1), Ok(()));
+        assert_eq!(a.block_state(0), Some(BlockState::Released(0)));
+        assert_eq!(
+            a.allocate(1, 30),
+            Ok(0),
+            "purged block reusable before its quarantine ends"
+        );
     }
 
     #[test]

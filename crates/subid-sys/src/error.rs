@@ -13,7 +13,7 @@ pub use nix::errno::Errno;
 pub enum ChildStep {
     /// `rt_sigaction(SIG_DFL)` on every catchable signal.
     ResetSignals = 1,
-    /// `prlimit64` on the child itself (join path; the daemon sets them on a creating child).
+    /// `prlimit64` on the child itself (also by the namespace creator, before it switches ids).
     Rlimit,
     /// `setns(fd, CLONE_NEWUSER)` into the lease's namespace.
     Setns,

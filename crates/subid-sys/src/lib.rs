@@ -4,3 +4,14 @@
 //! `// SAFETY:` comment. Policy (who may do what, which range) lives in the daemon, not here.
 
 pub mod userdb;
+
+pub mod error;
+pub mod pidfd;
+mod raw;
+pub mod spawn;
+pub mod userns;
+
+pub use error::{ChildStep, Errno, SysError};
+pub use pidfd::{ExitStatus, PidFd, ProcDir, ProcIds};
+pub use spawn::{Command, Namespace, Rlimit};
+pub use userns::UserNsSpec;

@@ -6,7 +6,6 @@
 //! (`pidfd_send_signal(fd, 0)`): if it does, the pid cannot have been reused in between, so the
 //! directory fd is the right one, for good (proc(5) fds stay bound to their process).
 
-use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
@@ -214,7 +213,8 @@ impl ProcDir {
                 Err(e) => return Err(SysError::path("read", self.path_of(name), e)),
             }
         }
-        String::from_utf8(out).map_err(|_| SysError::path("read", self.path_of(name), Errno::EILSEQ))
+        String::from_utf8(out)
+            .map_err(|_| SysError::path("read", self.path_of(name), Errno::EILSEQ))
     }
 
     /// Writes `data` with exactly one `write(2)`; a short write is an error. The id map files
@@ -223,7 +223,11 @@ impl ProcDir {
         let fd = self.open(name, OFlag::O_WRONLY)?;
         match nix::unistd::write(&fd, data) {
             Ok(n) if n == data.len() => Ok(()),
-            Ok(_) => Err(SysError::path("write (short)", self.path_of(name), Errno::EIO)),
+            Ok(_) => Err(SysError::path(
+                "write (short)",
+                self.path_of(name),
+                Errno::EIO,
+            )),
             Err(e) => Err(SysError::path("write", self.path_of(name), e)),
         }
     }
@@ -232,7 +236,8 @@ impl ProcDir {
     /// daemon's user namespace (host ids).
     pub fn ids(&self) -> Result<ProcIds> {
         let status = self.read_to_string("status")?;
-        parse_ids(&status).ok_or_else(|| SysError::path("parse", self.path_of("status"), Errno::EINVAL))
+        parse_ids(&status)
+            .ok_or_else(|| SysError::path("parse", self.path_of("status"), Errno::EINVAL))
     }
 }
 
@@ -254,7 +259,9 @@ pub struct ProcIds {
 fn parse_ids(status: &str) -> Option<ProcIds> {
     fn four(status: &str, key: &str) -> Option<[u32; 4]> {
         let line = status.lines().find(|l| l.starts_with(key))?;
-        let mut it = line[key.len()..].split_whitespace().map(|s| s.parse::<u32>());
+        let mut it = line[key.len()..]
+            .split_whitespace()
+            .map(|s| s.parse::<u32>());
         let mut out = [0; 4];
         for slot in &mut out {
             *slot = it.next()?.ok()?;
@@ -264,14 +271,6 @@ fn parse_ids(status: &str) -> Option<ProcIds> {
     Some(ProcIds {
         uid: four(status, "Uid:")?,
         gid: four(status, "Gid:")?,
-    })
-}
-
-/// `CString` from a path, for the few places that hand paths to raw calls.
-pub(crate) fn cstring(what: &'static str, s: &[u8]) -> Result<CString> {
-    CString::new(s).map_err(|_| SysError::InvalidInput {
-        what,
-        reason: "contains a NUL byte".into(),
     })
 }
 
@@ -302,10 +301,18 @@ mod tests {
     fn reaped_child_is_gone() {
         let child = std::process::Command::new("/bin/true").spawn().unwrap();
         let pidfd = PidFd::open(child.id() as i32).unwrap();
+        // Reaped through the pidfd below; std's handle has nothing left to wait for.
+        std::mem::forget(child);
         assert_eq!(pidfd.wait().unwrap(), ExitStatus::Exited(0));
         assert!(!pidfd.is_present().unwrap());
         assert!(pidfd.has_exited().unwrap());
-        assert!(matches!(pidfd.proc_dir(), Err(SysError::ProcessGone { .. })));
-        assert!(matches!(pidfd.send_signal(libc::SIGTERM), Err(SysError::ProcessGone { .. })));
+        assert!(matches!(
+            pidfd.proc_dir(),
+            Err(SysError::ProcessGone { .. })
+        ));
+        assert!(matches!(
+            pidfd.send_signal(libc::SIGTERM),
+            Err(SysError::ProcessGone { .. })
+        ));
     }
 }

@@ -539,7 +539,7 @@ async fn release(
                 let purged = {
                     let mut alloc = lock(allocator);
                     if alloc.is_free_for(first, count) {
-                        alloc.mark_released(first, count, 0).map(|()| true)
+                        alloc.purge(first, count).map(|()| true)
                     } else {
                         Ok(false)
                     }

@@ -1,0 +1,1162 @@
+//! Starting processes inside a lease's user namespace, the vfork way.
+//!
+//! # How a process is started
+//! The daemon is multi-threaded and may be large, so it never `fork`s (a plain fork costs ~31 us
+//! per MiB of the parent, background.md) and never unshares a namespace itself. Children are
+//! made with `clone(CLONE_VM | CLONE_VFORK)` on a separately mapped stack, like glibc's
+//! `posix_spawn`: they share the daemon's memory, run only raw system calls (module `raw`) on
+//! data prepared before the clone, and the calling thread sleeps until they `execve` or exit.
+//! All signals are blocked around the clone, so none of the daemon's handlers can run on the
+//! child's side; the child resets every disposition to `SIG_DFL` and empties its mask just before
+//! `execve` (Rust ignores `SIGPIPE`, which `execve` would otherwise keep).
+//!
+//! * **Join** ([`Namespace::Join`]): one child C, `clone(CLONE_VM|CLONE_VFORK|CLONE_PIDFD)`;
+//!   it sets its rlimits (still host root, so hard limits may go up), `setns(CLONE_NEWUSER)`
+//!   (allowed: C is single-threaded and does not share `fs`; `CLONE_VM` does not matter for a
+//!   user namespace, setns(2)), then the common steps and `execve`.
+//! * **Create** ([`Namespace::Create`]): the namespace's owner is the euid of the task that
+//!   creates it, and it must be the lease's base uid (background.md). `unshare(CLONE_NEWUSER)`
+//!   is refused (`EINVAL`) to a task sharing its mm, so a helper A
+//!   (`clone(CLONE_VM|CLONE_VFORK|CLONE_FILES)`) sets the rlimits (still host root, so B
+//!   inherits them, hard limits raised if the daemon may), sets `PR_SET_KEEPCAPS`, drops its groups,
+//!   switches to the base gid and uid with raw `setresgid`/`setresuid` (only A's creds change),
+//!   raises its kept permitted capabilities (CAP_SYS_ADMIN among them) back into the effective set
+//!   with `capset` — so hosts that restrict unprivileged user namespaces still allow it — and
+//!   then `clone(CLONE_VM|CLONE_NEWUSER|CLONE_PARENT|CLONE_PIDFD)`s B and exits. `clone` (unlike
+//!   `unshare`) accepts `CLONE_NEWUSER` with `CLONE_VM`, so B still costs no page-table copy.
+//!   `CLONE_PARENT` makes B the daemon's child; `CLONE_FILES` puts B's pidfd straight into the
+//!   daemon's fd table, so B is never named by a bare pid. B waits on a wake-up pipe while the
+//!   daemon writes `setgroups`, `uid_map` and `gid_map` through the pidfd-verified `/proc/<B>`,
+//!   reads them back and pins `/proc/<B>/ns/user` (bind mount); then B
+//!   runs the common steps and `execve`s (or, for [`crate::userns::create_pinned`], exits).
+//!
+//! Errors before `execve` travel back as `(step, errno)` through a close-on-exec pipe whose EOF
+//! also tells the daemon that the child no longer uses the shared stack.
+
+use std::convert::Infallible;
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::ptr;
+
+use libc::{c_char, c_int, c_void};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::resource::Resource;
+use nix::sys::stat::Mode;
+
+use crate::error::{ChildStep, Result, SysError};
+use crate::pidfd::PidFd;
+use crate::raw::sys;
+use crate::userns::{self, UserNsSpec};
+
+/// One resource limit for the child: `prlimit64(resource, {soft, hard})`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimit {
+    /// Which limit.
+    pub resource: Resource,
+    /// The soft limit (`u64::MAX` is `RLIM_INFINITY`).
+    pub soft: u64,
+    /// The hard limit.
+    pub hard: u64,
+}
+
+/// Where the child's user namespace comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Namespace<'a> {
+    /// Join an existing namespace, e.g. from [`userns::open_pinned`].
+    Join(BorrowedFd<'a>),
+    /// Create the lease's namespace (owner: the base ids), pin it at `pin`, and start the process
+    /// as its first member. If the spawn fails, the pin is removed again.
+    Create {
+        /// The lease's ids.
+        spec: &'a UserNsSpec,
+        /// The file the namespace is bind-mounted onto (created, parents too).
+        pin: &'a Path,
+    },
+}
+
+/// What to run and how; see [`Command::spawn`].
+///
+/// Defaults: no environment at all, cwd `/`, uid 0 and gid 0 inside the namespace, no
+/// supplementary groups, umask `022`, the daemon's rlimits, stdin/stdout/stderr `/dev/null`.
+#[derive(Debug)]
+pub struct Command {
+    program: PathBuf,
+    argv: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    cwd: PathBuf,
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    umask: u32,
+    rlimits: Vec<Rlimit>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+impl Command {
+    /// `program` is passed to `execve` as is (no `PATH` search; a relative path is taken from the
+    /// cwd); `argv` is the whole argument vector, `argv[0]` included.
+    pub fn new<I, S>(program: impl AsRef<Path>, argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Command {
+            program: program.as_ref().to_path_buf(),
+            argv: argv.into_iter().map(|s| s.as_ref().to_owned()).collect(),
+            env: Vec::new(),
+            cwd: PathBuf::from("/"),
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+            umask: 0o022,
+            rlimits: Vec::new(),
+            stdout: None,
+            stderr: None,
+        }
+    }
+
+    /// Adds `key=value` to the environment, which is exactly what is given here, nothing else.
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Self {
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// The working directory, entered after the ids are switched (so it is checked as the user).
+    pub fn cwd(&mut self, dir: impl AsRef<Path>) -> &mut Self {
+        self.cwd = dir.as_ref().to_path_buf();
+        self
+    }
+
+    /// The uid and gid inside the namespace.
+    pub fn user(&mut self, uid: u32, gid: u32) -> &mut Self {
+        self.uid = uid;
+        self.gid = gid;
+        self
+    }
+
+    /// Supplementary groups inside the namespace (default: none).
+    pub fn groups(&mut self, groups: impl IntoIterator<Item = u32>) -> &mut Self {
+        self.groups = groups.into_iter().collect();
+        self
+    }
+
+    /// The umask.
+    pub fn umask(&mut self, umask: u32) -> &mut Self {
+        self.umask = umask & 0o777;
+        self
+    }
+
+    /// Adds a resource limit.
+    pub fn rlimit(&mut self, resource: Resource, soft: u64, hard: u64) -> &mut Self {
+        self.rlimits.push(Rlimit {
+            resource,
+            soft,
+            hard,
+        });
+        self
+    }
+
+    /// Where fd 1 points (default `/dev/null`).
+    pub fn stdout(&mut self, fd: OwnedFd) -> &mut Self {
+        self.stdout = Some(fd);
+        self
+    }
+
+    /// Where fd 2 points (default `/dev/null`).
+    pub fn stderr(&mut self, fd: OwnedFd) -> &mut Self {
+        self.stderr = Some(fd);
+        self
+    }
+
+    /// Starts the process and returns its pidfd (the pid is [`PidFd::pid`]). The caller reaps it
+    /// with [`PidFd::wait`] / [`PidFd::try_wait`]. On error nothing is left behind: a child that
+    /// failed before `execve` has been reaped, and a namespace made by this call is unpinned.
+    pub fn spawn(&self, ns: Namespace<'_>) -> Result<PidFd> {
+        let prep = self.prepare()?;
+        match ns {
+            Namespace::Join(fd) => spawn_join(&prep, fd),
+            Namespace::Create { spec, pin } => {
+                create(spec, pin, Some(&prep))?.ok_or_else(|| SysError::InvalidInput {
+                    what: "spawn",
+                    reason: "no process".into(),
+                })
+            }
+        }
+    }
+
+    fn prepare(&self) -> Result<Prepared> {
+        let cstr = |what: &'static str, s: &OsStr| {
+            CString::new(s.as_bytes()).map_err(|_| SysError::InvalidInput {
+                what,
+                reason: format!("{s:?} contains a NUL byte"),
+            })
+        };
+        if self.program.as_os_str().is_empty() {
+            return Err(invalid("program", "is empty"));
+        }
+        if self.argv.is_empty() {
+            return Err(invalid("argv", "needs at least argv[0]"));
+        }
+        let program = cstr("program", self.program.as_os_str())?;
+        let cwd = cstr("cwd", self.cwd.as_os_str())?;
+        let argv = self
+            .argv
+            .iter()
+            .map(|a| cstr("argv", a))
+            .collect::<Result<Vec<_>>>()?;
+        let mut env = Vec::with_capacity(self.env.len());
+        for (k, v) in &self.env {
+            if k.is_empty() || k.as_bytes().contains(&b'=') {
+                return Err(invalid("env", &format!("bad variable name {k:?}")));
+            }
+            let mut kv = k.clone();
+            kv.push("=");
+            kv.push(v);
+            env.push(cstr("env", &kv)?);
+        }
+        let argv_ptrs = pointers(&argv);
+        let env_ptrs = pointers(&env);
+        let devnull =
+            nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(|e| SysError::path("open", "/dev/null", e))?;
+        let rlimits = self
+            .rlimits
+            .iter()
+            .map(|r| RawRlimit {
+                resource: r.resource as c_int,
+                limit: [r.soft, r.hard],
+            })
+            .collect();
+        Ok(Prepared {
+            program,
+            _argv: argv,
+            _env: env,
+            cwd,
+            argv_ptrs,
+            env_ptrs,
+            stdio: [
+                devnull.as_raw_fd(),
+                self.stdout
+                    .as_ref()
+                    .map_or(devnull.as_raw_fd(), |f| f.as_raw_fd()),
+                self.stderr
+                    .as_ref()
+                    .map_or(devnull.as_raw_fd(), |f| f.as_raw_fd()),
+            ],
+            _devnull: devnull,
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+            umask: self.umask,
+            rlimits,
+        })
+    }
+}
+
+fn invalid(what: &'static str, reason: &str) -> SysError {
+    SysError::InvalidInput {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
+fn pointers(strings: &[CString]) -> Vec<*const c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(ptr::null()))
+        .collect()
+}
+
+/// `rlimit64` as `prlimit64(2)` takes it, with its resource number.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct RawRlimit {
+    resource: c_int,
+    limit: [u64; 2],
+}
+
+/// Everything the child reads, allocated before the clone. The raw pointers below point into it.
+pub(crate) struct Prepared {
+    program: CString,
+    _argv: Vec<CString>,
+    _env: Vec<CString>,
+    cwd: CString,
+    argv_ptrs: Vec<*const c_char>,
+    env_ptrs: Vec<*const c_char>,
+    stdio: [RawFd; 3],
+    _devnull: OwnedFd,
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    umask: u32,
+    rlimits: Vec<RawRlimit>,
+}
+
+/// The child's instructions. Plain data and raw pointers into a [`Prepared`] that outlives the
+/// child's use of it.
+#[repr(C)]
+struct ChildPlan {
+    program: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    cwd: *const c_char,
+    uid: u32,
+    gid: u32,
+    groups: *const u32,
+    ngroups: usize,
+    umask: u32,
+    rlimits: *const RawRlimit,
+    nrlimits: usize,
+    stdio: [c_int; 3],
+    err_fd: c_int,
+    /// Join: the namespace to `setns` into; -1 otherwise.
+    userns_fd: c_int,
+    /// Create: read one byte from here before going on; -1 otherwise.
+    wake_rd: c_int,
+    /// Create: the child's copy of the wake pipe's write end, closed first thing.
+    wake_wr: c_int,
+    /// False for a namespace holder that only exits once the maps are written and pinned.
+    exec: bool,
+}
+
+impl ChildPlan {
+    fn new(prep: Option<&Prepared>, err_fd: c_int) -> Self {
+        let mut plan = ChildPlan {
+            program: ptr::null(),
+            argv: ptr::null(),
+            envp: ptr::null(),
+            cwd: ptr::null(),
+            uid: 0,
+            gid: 0,
+            groups: ptr::null(),
+            ngroups: 0,
+            umask: 0o022,
+            rlimits: ptr::null(),
+            nrlimits: 0,
+            stdio: [-1; 3],
+            err_fd,
+            userns_fd: -1,
+            wake_rd: -1,
+            wake_wr: -1,
+            exec: false,
+        };
+        if let Some(p) = prep {
+            plan.program = p.program.as_ptr();
+            plan.argv = p.argv_ptrs.as_ptr();
+            plan.envp = p.env_ptrs.as_ptr();
+            plan.cwd = p.cwd.as_ptr();
+            plan.uid = p.uid;
+            plan.gid = p.gid;
+            plan.groups = p.groups.as_ptr();
+            plan.ngroups = p.groups.len();
+            plan.umask = p.umask;
+            plan.rlimits = p.rlimits.as_ptr();
+            plan.nrlimits = p.rlimits.len();
+            plan.stdio = p.stdio;
+            plan.exec = true;
+        }
+        plan
+    }
+}
+
+/// The namespace creator's instructions and its answers (written by A while the daemon's thread
+/// sleeps in the vfork).
+#[repr(C)]
+struct CreatorPlan {
+    uid_base: u32,
+    gid_base: u32,
+    nproc_limit: u64,
+    has_nproc_limit: bool,
+    b_stack_top: *mut c_void,
+    b_plan: *const ChildPlan,
+    b_pidfd: c_int,
+    b_pid: c_int,
+    step: u32,
+    errno: i32,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3` (capget(2)): two `CapData` words.
+const CAP_V3: u32 = 0x2008_0522;
+
+type Step<T> = std::result::Result<T, (ChildStep, i32)>;
+
+fn at<T>(step: ChildStep, r: std::result::Result<T, i32>) -> Step<T> {
+    r.map_err(|e| (step, e))
+}
+
+/// Entry of B and C. Never returns: `execve` or `exit_group`.
+extern "C" fn child_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the `ChildPlan` the daemon passed to clone; it stays alive and unchanged
+    // until this child has exec'd or exited (the daemon waits for the error pipe's EOF, or for
+    // the vfork to release it, before dropping it).
+    let plan = unsafe { &*(arg as *const ChildPlan) };
+    let mut err_fd = plan.err_fd;
+    // SAFETY: raw system calls on the plan's live data; see `child_steps`.
+    let failure = unsafe { child_steps(plan, &mut err_fd) };
+    let code = match failure {
+        Ok(done) => done,
+        Err((step, errno)) => {
+            let msg: [u32; 2] = [step as u32, errno as u32];
+            // SAFETY: writes 8 bytes of a live local array to a pipe fd.
+            let _ = unsafe {
+                sys(
+                    libc::SYS_write,
+                    [err_fd as usize, msg.as_ptr() as usize, 8, 0, 0, 0],
+                )
+            };
+            127
+        }
+    };
+    // SAFETY: ends this child's thread group only (it shares no thread group with the daemon).
+    unsafe { sys(libc::SYS_exit_group, [code as usize, 0, 0, 0, 0, 0]) }.ok();
+    code
+}
+
+/// The child's steps. `Ok(code)` means exit with `code` without exec (a namespace holder).
+///
+/// # Safety
+/// Runs in a `CLONE_VM` child: only raw system calls, no allocation, nothing that touches the
+/// daemon's TLS or locks. All pointers in `p` are live.
+unsafe fn child_steps(p: &ChildPlan, err_fd: &mut c_int) -> Step<c_int> {
+    use ChildStep::*;
+    // Default dispositions everywhere. Signals stay blocked (inherited from the daemon's thread)
+    // until just before execve, so no handler of the daemon can ever run on this side.
+    let dfl = [0u64; 4]; // struct k_sigaction with sa_handler = SIG_DFL, no flags, empty mask
+    for sig in 1..=64usize {
+        if sig == libc::SIGKILL as usize || sig == libc::SIGSTOP as usize {
+            continue;
+        }
+        // SAFETY: a live, zeroed kernel sigaction; sigsetsize 8.
+        at(ResetSignals, unsafe {
+            sys(
+                libc::SYS_rt_sigaction,
+                [sig, dfl.as_ptr() as usize, 0, 8, 0, 0],
+            )
+        })?;
+    }
+    if p.wake_rd >= 0 {
+        // SAFETY: closing our copy of the write end, so the daemon's death reads as EOF.
+        let _ = unsafe { sys(libc::SYS_close, [p.wake_wr as usize, 0, 0, 0, 0, 0]) };
+        let mut byte = 0u8;
+        loop {
+            // SAFETY: reads one byte into a live local.
+            let r = unsafe {
+                sys(
+                    libc::SYS_read,
+                    [
+                        p.wake_rd as usize,
+                        &mut byte as *mut u8 as usize,
+                        1,
+                        0,
+                        0,
+                        0,
+                    ],
+                )
+            };
+            match r {
+                Ok(1) => break,
+                Ok(_) => return Err((WaitForMaps, libc::ECANCELED)),
+                Err(libc::EINTR) => continue,
+                Err(e) => return Err((WaitForMaps, e)),
+            }
+        }
+        // SAFETY: our own fd.
+        let _ = unsafe { sys(libc::SYS_close, [p.wake_rd as usize, 0, 0, 0, 0, 0]) };
+    }
+    if !p.exec {
+        return Ok(0);
+    }
+    // SAFETY: the plan's live rlimit array.
+    unsafe { apply_rlimits(p, ChildStep::Rlimit) }?;
+    if p.userns_fd >= 0 {
+        // SAFETY: integer arguments.
+        at(Setns, unsafe {
+            sys(
+                libc::SYS_setns,
+                [
+                    p.userns_fd as usize,
+                    libc::CLONE_NEWUSER as usize,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        })?;
+    }
+    // SAFETY: no arguments.
+    at(Setsid, unsafe { sys(libc::SYS_setsid, [0; 6]) })?;
+
+    let hdr = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut caps = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: a live v3 header and two live data words.
+    at(ClearInheritable, unsafe {
+        sys(
+            libc::SYS_capget,
+            [
+                &hdr as *const _ as usize,
+                caps.as_mut_ptr() as usize,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    })?;
+    caps[0].inheritable = 0;
+    caps[1].inheritable = 0;
+    // SAFETY: as above.
+    at(ClearInheritable, unsafe {
+        sys(
+            libc::SYS_capset,
+            [
+                &hdr as *const _ as usize,
+                caps.as_ptr() as usize,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    })?;
+    // SAFETY: integer arguments.
+    at(ClearAmbient, unsafe {
+        sys(
+            libc::SYS_prctl,
+            [
+                libc::PR_CAP_AMBIENT as usize,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as usize,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    })?;
+    // SAFETY: `groups` holds `ngroups` gids (or is unused when 0).
+    at(Setgroups, unsafe {
+        sys(
+            libc::SYS_setgroups,
+            [p.ngroups, p.groups as usize, 0, 0, 0, 0],
+        )
+    })?;
+    let (g, u) = (p.gid as usize, p.uid as usize);
+    // SAFETY: integer arguments; raw, so only this task changes (no nptl broadcast).
+    at(Setresgid, unsafe {
+        sys(libc::SYS_setresgid, [g, g, g, 0, 0, 0])
+    })?;
+    // SAFETY: as above.
+    at(Setresuid, unsafe {
+        sys(libc::SYS_setresuid, [u, u, u, 0, 0, 0])
+    })?;
+    // SAFETY: integer argument; cannot fail.
+    let _ = unsafe { sys(libc::SYS_umask, [p.umask as usize, 0, 0, 0, 0, 0]) };
+    // SAFETY: a live NUL-terminated path.
+    at(Chdir, unsafe {
+        sys(libc::SYS_chdir, [p.cwd as usize, 0, 0, 0, 0, 0])
+    })?;
+
+    // Move every fd we need above 2 first, so that dup3 onto 0..2 cannot clobber a source.
+    let dup_high = |fd: c_int| {
+        // SAFETY: integer arguments.
+        unsafe {
+            sys(
+                libc::SYS_fcntl,
+                [fd as usize, libc::F_DUPFD_CLOEXEC as usize, 3, 0, 0, 0],
+            )
+        }
+    };
+    *err_fd = at(Stdio, dup_high(*err_fd))? as c_int;
+    let mut high = [0usize; 3];
+    for (slot, fd) in high.iter_mut().zip(p.stdio) {
+        *slot = at(Stdio, dup_high(fd))?;
+    }
+    for (target, fd) in high.into_iter().enumerate() {
+        // SAFETY: integer arguments; flags 0 clears close-on-exec on the target.
+        at(Stdio, unsafe {
+            sys(libc::SYS_dup3, [fd, target, 0, 0, 0, 0])
+        })?;
+    }
+    // Everything from 3 up closes at execve; the error pipe stays usable until then.
+    // SAFETY: integer arguments.
+    at(CloseRange, unsafe {
+        sys(
+            libc::SYS_close_range,
+            [
+                3,
+                u32::MAX as usize,
+                libc::CLOSE_RANGE_CLOEXEC as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    })?;
+    let empty: u64 = 0;
+    // SAFETY: a live empty sigset, sigsetsize 8.
+    at(SignalMask, unsafe {
+        sys(
+            libc::SYS_rt_sigprocmask,
+            [
+                libc::SIG_SETMASK as usize,
+                &empty as *const u64 as usize,
+                0,
+                8,
+                0,
+                0,
+            ],
+        )
+    })?;
+    // SAFETY: live NUL-terminated path and NULL-terminated pointer arrays.
+    let r = unsafe {
+        sys(
+            libc::SYS_execve,
+            [
+                p.program as usize,
+                p.argv as usize,
+                p.envp as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    };
+    let errno = match r {
+        Ok(_) => 0, // execve does not return on success
+        Err(e) => e,
+    };
+    let never: Step<Infallible> = Err((Execve, errno));
+    never.map(|n| match n {})
+}
+
+/// `prlimit64` on the calling task for each of the plan's limits. Setting a limit needs no
+/// privilege unless it raises a hard limit (CAP_SYS_RESOURCE in the initial namespace).
+///
+/// # Safety
+/// `p.rlimits` holds `p.nrlimits` live entries (or `nrlimits` is 0). Raw system calls only.
+unsafe fn apply_rlimits(p: &ChildPlan, step: ChildStep) -> Step<()> {
+    for i in 0..p.nrlimits {
+        // SAFETY: `i < nrlimits`, the length of the live array.
+        let rl = unsafe { &*p.rlimits.add(i) };
+        // SAFETY: prlimit64 on ourselves (pid 0) with a live new-limit struct.
+        at(step, unsafe {
+            sys(
+                libc::SYS_prlimit64,
+                [0, rl.resource as usize, rl.limit.as_ptr() as usize, 0, 0, 0],
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Entry of A, the namespace creator. Returns to glibc's clone trampoline, which calls `exit`.
+extern "C" fn creator_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the daemon's `CreatorPlan`; the daemon's thread sleeps (vfork) until A
+    // exits, so A has it to itself.
+    let plan = unsafe { &mut *(arg as *mut CreatorPlan) };
+    // SAFETY: raw system calls on live data; see `creator_steps`.
+    match unsafe { creator_steps(plan) } {
+        Ok(()) => 0,
+        Err((step, errno)) => {
+            plan.step = step as u32;
+            plan.errno = errno;
+            1
+        }
+    }
+}
+
+/// # Safety
+/// Runs in a `CLONE_VM|CLONE_VFORK` child: raw system calls only, on live data.
+unsafe fn creator_steps(p: &mut CreatorPlan) -> Step<()> {
+    use ChildStep::*;
+    // B inherits A's limits. A sets them while it is still host root with the daemon's
+    // capabilities, so a hard limit may go up here, which B (capable only inside its new
+    // namespace) could not do; B sets them again itself, which then changes nothing but the
+    // soft RLIMIT_NPROC lowered below.
+    // SAFETY: `b_plan` is the daemon's live plan.
+    unsafe { apply_rlimits(&*p.b_plan, Rlimit) }?;
+    if p.has_nproc_limit {
+        // The namespace's process cap is its creator's soft RLIMIT_NPROC at creation
+        // (kernel >= 5.14, `enforced_nproc_rlimit`); lowering a soft limit needs no privilege.
+        let mut limit = [0u64; 2];
+        // SAFETY: prlimit64 reading our own limit into a live array.
+        at(CreatorNproc, unsafe {
+            sys(
+                libc::SYS_prlimit64,
+                [
+                    0,
+                    libc::RLIMIT_NPROC as usize,
+                    0,
+                    limit.as_mut_ptr() as usize,
+                    0,
+                    0,
+                ],
+            )
+        })?;
+        limit[0] = p.nproc_limit.min(limit[1]);
+        // SAFETY: prlimit64 on ourselves with a live struct.
+        at(CreatorNproc, unsafe {
+            sys(
+                libc::SYS_prlimit64,
+                [
+                    0,
+                    libc::RLIMIT_NPROC as usize,
+                    limit.as_ptr() as usize,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        })?;
+    }
+    // SAFETY: integer arguments.
+    at(CreatorKeepCaps, unsafe {
+        sys(
+            libc::SYS_prctl,
+            [libc::PR_SET_KEEPCAPS as usize, 1, 0, 0, 0, 0],
+        )
+    })?;
+    // SAFETY: zero groups.
+    at(CreatorSetgroups, unsafe {
+        sys(libc::SYS_setgroups, [0; 6])
+    })?;
+    let (g, u) = (p.gid_base as usize, p.uid_base as usize);
+    // SAFETY: integer arguments; raw, so only A's creds change.
+    at(CreatorSetresgid, unsafe {
+        sys(libc::SYS_setresgid, [g, g, g, 0, 0, 0])
+    })?;
+    // SAFETY: as above. KEEPCAPS keeps the permitted set; the effective set is cleared.
+    at(CreatorSetresuid, unsafe {
+        sys(libc::SYS_setresuid, [u, u, u, 0, 0, 0])
+    })?;
+    let hdr = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut caps = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: a live v3 header and two live data words.
+    at(CreatorCapset, unsafe {
+        sys(
+            libc::SYS_capget,
+            [
+                &hdr as *const _ as usize,
+                caps.as_mut_ptr() as usize,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    })?;
+    for c in &mut caps {
+        c.effective = c.permitted;
+    }
+    // SAFETY: as above.
+    at(CreatorCapset, unsafe {
+        sys(
+            libc::SYS_capset,
+            [
+                &hdr as *const _ as usize,
+                caps.as_ptr() as usize,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    })?;
+    let flags = libc::CLONE_VM | libc::CLONE_NEWUSER | libc::CLONE_PARENT | libc::CLONE_PIDFD;
+    // SAFETY: glibc's clone is an assembly trampoline that touches no TLS in the child; B runs
+    // `child_main` on its own stack with the daemon's live `ChildPlan`; the kernel writes B's
+    // pidfd into `b_pidfd` (CLONE_PIDFD uses the parent_tid slot), in the daemon's fd table
+    // since A shares it (CLONE_FILES).
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            p.b_stack_top,
+            flags | libc::SIGCHLD,
+            p.b_plan as *mut c_void,
+            &mut p.b_pidfd as *mut c_int,
+        )
+    };
+    if pid < 0 {
+        // errno lives in the daemon thread's TLS, which sleeps in the vfork meanwhile.
+        return Err((CreatorClone, Errno::last_raw()));
+    }
+    p.b_pid = pid;
+    Ok(())
+}
+
+/// A child stack: an anonymous mapping with a guard page below it.
+struct Stack {
+    base: *mut c_void,
+    len: usize,
+}
+
+impl Stack {
+    const SIZE: usize = 128 * 1024;
+
+    fn new() -> Result<Self> {
+        let guard = page_size();
+        let len = guard + Self::SIZE;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(SysError::syscall("mmap (child stack)", Errno::last()));
+        }
+        let stack = Stack { base, len };
+        // SAFETY: the first page of our own mapping becomes the guard.
+        if unsafe { libc::mprotect(base, guard, libc::PROT_NONE) } != 0 {
+            return Err(SysError::syscall("mprotect (stack guard)", Errno::last()));
+        }
+        Ok(stack)
+    }
+
+    fn top(&self) -> *mut c_void {
+        // The end of the mapping, page aligned, so 16-byte aligned as the ABIs want.
+        self.base.wrapping_byte_add(self.len)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; no child runs on it any more (see the callers).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf takes an integer.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as usize } else { 4096 }
+}
+
+/// Blocks every signal in the calling thread until dropped, so no handler runs in a child that
+/// shares the thread's memory and stack-pointer-free signal frames (glibc posix_spawn does the
+/// same; glibc keeps its two internal signals, which only target the daemon's own threads).
+struct SignalsBlocked {
+    old: libc::sigset_t,
+}
+
+impl SignalsBlocked {
+    fn new() -> Result<Self> {
+        // SAFETY: sigset_t is plain data; sigfillset initialises it.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: live sigsets.
+        unsafe { libc::sigfillset(&mut all) };
+        // SAFETY: live sigsets.
+        let r = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+        if r != 0 {
+            return Err(SysError::syscall("pthread_sigmask", Errno::from_raw(r)));
+        }
+        Ok(SignalsBlocked { old })
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, ptr::null_mut()) };
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SysError::syscall("pipe2", e))
+}
+
+/// Reads the child's report: `None` at EOF without data (it exec'd, or died after the point of
+/// no return), `Some((step, errno))` when it failed.
+fn read_report(err_r: &OwnedFd) -> Result<Option<(ChildStep, Errno)>> {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(err_r, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SysError::syscall("read (error pipe)", e)),
+        }
+    }
+    if got == 0 {
+        return Ok(None);
+    }
+    if got < buf.len() {
+        return Err(SysError::syscall("read (error pipe, short)", Errno::EIO));
+    }
+    let step = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let step = ChildStep::from_u32(step).unwrap_or(ChildStep::Execve);
+    Ok(Some((step, Errno::from_raw(errno))))
+}
+
+fn spawn_join(prep: &Prepared, userns: BorrowedFd<'_>) -> Result<PidFd> {
+    let (err_r, err_w) = pipe()?;
+    let mut plan = ChildPlan::new(Some(prep), err_w.as_raw_fd());
+    plan.userns_fd = userns.as_raw_fd();
+    let stack = Stack::new()?;
+    let mut pidfd: c_int = -1;
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD;
+    let (pid, errno) = {
+        let _blocked = SignalsBlocked::new()?;
+        // SAFETY: the child runs `child_main` on `stack` with `plan`, both alive until the clone
+        // returns, which (CLONE_VFORK) is after the child has exec'd or exited; it only issues
+        // raw system calls. The kernel stores the pidfd in `pidfd`.
+        let pid = unsafe {
+            libc::clone(
+                child_main,
+                stack.top(),
+                flags,
+                &plan as *const ChildPlan as *mut c_void,
+                &mut pidfd as *mut c_int,
+            )
+        };
+        (pid, Errno::last())
+    };
+    drop(stack);
+    if pid < 0 {
+        return Err(SysError::syscall("clone", errno));
+    }
+    // SAFETY: CLONE_PIDFD gave us this fd for `pid`; nothing else owns it.
+    let child = unsafe { PidFd::from_raw(pidfd, pid) };
+    drop(err_w);
+    finish(child, &err_r, prep)
+}
+
+/// Reads the child's report; on failure reaps it and turns the report into an error.
+fn finish(child: PidFd, err_r: &OwnedFd, prep: &Prepared) -> Result<PidFd> {
+    match read_report(err_r) {
+        Ok(None) => Ok(child),
+        Ok(Some((step, source))) => {
+            let _ = child.wait();
+            Err(SysError::ChildSetup {
+                pid: child.pid(),
+                program: prep.program.to_string_lossy().into_owned(),
+                step,
+                source,
+            })
+        }
+        Err(e) => {
+            let _ = child.send_signal(libc::SIGKILL);
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+/// Kills and reaps B unless defused, so that no path out of `create` (panics included) frees
+/// B's stack or plan while B may still run on them.
+struct ReapOnDrop(Option<PidFd>);
+
+impl ReapOnDrop {
+    fn defuse(mut self) -> PidFd {
+        self.0.take().expect("armed")
+    }
+}
+
+impl Drop for ReapOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            let _ = child.send_signal(libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Creates the namespace of `spec`, pins it at `pin`, and either starts `prep` in it (returning
+/// its pidfd) or, with `None`, lets the holder exit (returning `None`).
+pub(crate) fn create(
+    spec: &UserNsSpec,
+    pin: &Path,
+    prep: Option<&Prepared>,
+) -> Result<Option<PidFd>> {
+    spec.validate()?;
+    if userns::is_pinned(pin) {
+        return Err(SysError::AlreadyPinned {
+            path: pin.to_path_buf(),
+        });
+    }
+    let (err_r, err_w) = pipe()?;
+    let (wake_r, wake_w) = pipe()?;
+    let mut b_plan = ChildPlan::new(prep, err_w.as_raw_fd());
+    b_plan.wake_rd = wake_r.as_raw_fd();
+    b_plan.wake_wr = wake_w.as_raw_fd();
+    let stack_a = Stack::new()?;
+    let stack_b = Stack::new()?;
+    let mut creator = CreatorPlan {
+        uid_base: spec.uid_base,
+        gid_base: spec.gid_base,
+        nproc_limit: spec.nproc_limit.unwrap_or(0),
+        has_nproc_limit: spec.nproc_limit.is_some(),
+        b_stack_top: stack_b.top(),
+        b_plan: &b_plan,
+        b_pidfd: -1,
+        b_pid: -1,
+        step: 0,
+        errno: 0,
+    };
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_FILES | libc::SIGCHLD;
+    let (pid_a, errno) = {
+        let _blocked = SignalsBlocked::new()?;
+        // SAFETY: A runs `creator_main` on `stack_a` with `creator`, both alive past the clone,
+        // which returns only once A has exited (CLONE_VFORK). A issues raw system calls only.
+        let pid = unsafe {
+            libc::clone(
+                creator_main,
+                stack_a.top(),
+                flags,
+                &mut creator as *mut CreatorPlan as *mut c_void,
+            )
+        };
+        (pid, Errno::last())
+    };
+    if pid_a < 0 {
+        return Err(SysError::syscall("clone (namespace creator)", errno));
+    }
+    // SAFETY: A wrote these fields before exiting (the vfork ended with its exit); read them as
+    // memory another task changed.
+    let (step, errno, b_pid, b_pidfd) = unsafe {
+        (
+            ptr::read_volatile(&creator.step),
+            ptr::read_volatile(&creator.errno),
+            ptr::read_volatile(&creator.b_pid),
+            ptr::read_volatile(&creator.b_pidfd),
+        )
+    };
+    if step != 0 || b_pid <= 0 || b_pidfd < 0 {
+        reap_pid(pid_a)?;
+        return Err(SysError::Creator {
+            pid: pid_a,
+            step: ChildStep::from_u32(step).unwrap_or(ChildStep::CreatorClone),
+            source: Errno::from_raw(errno),
+        });
+    }
+    // SAFETY: CLONE_PIDFD installed this fd in our table for B; nothing else owns it.
+    let guard = ReapOnDrop(Some(unsafe { PidFd::from_raw(b_pidfd, b_pid) }));
+    reap_pid(pid_a)?;
+    drop(err_w);
+    drop(wake_r);
+    let b = guard.0.as_ref().expect("armed");
+    let mut pinned = false;
+    let setup = (|| {
+        let proc = b.proc_dir()?;
+        userns::write_maps(&proc, spec)?;
+        userns::pin(&proc, pin)?;
+        pinned = true;
+        match nix::unistd::write(&wake_w, &[1u8]) {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(SysError::process("write (wake pipe)", b.pid(), Errno::EIO)),
+            Err(e) => Err(SysError::process("write (wake pipe)", b.pid(), e)),
+        }
+    })();
+    drop(wake_w);
+    if let Err(e) = setup {
+        drop(guard); // kills and reaps B before its stack goes
+        if pinned {
+            let _ = userns::unpin(pin);
+        }
+        return Err(e);
+    }
+    // EOF on the error pipe comes after B has left our memory (exec or exit releases the mm
+    // before the fd table).
+    let report = read_report(&err_r);
+    match (report, prep) {
+        (Ok(None), Some(_)) => Ok(Some(guard.defuse())),
+        (Ok(None), None) => {
+            let b = guard.defuse();
+            match b.wait() {
+                Ok(status) if status.success() => Ok(None),
+                Ok(status) => {
+                    let _ = userns::unpin(pin);
+                    Err(SysError::process(
+                        "namespace holder exit",
+                        b.pid(),
+                        match status {
+                            crate::pidfd::ExitStatus::Signaled { .. } => Errno::EINTR,
+                            _ => Errno::EIO,
+                        },
+                    ))
+                }
+                Err(e) => {
+                    let _ = userns::unpin(pin);
+                    Err(e)
+                }
+            }
+        }
+        (Ok(Some((step, source))), _) => {
+            let b = guard.defuse();
+            let _ = b.wait();
+            let _ = userns::unpin(pin);
+            Err(SysError::ChildSetup {
+                pid: b.pid(),
+                program: prep
+                    .map_or_else(String::new, |p| p.program.to_string_lossy().into_owned()),
+                step,
+                source,
+            })
+        }
+        (Err(e), _) => {
+            drop(guard);
+            let _ = userns::unpin(pin);
+            Err(e)
+        }
+    }
+    // `stack_a`, `stack_b`, `b_plan` and `creator` drop here, after B is gone or has exec'd.
+}
+
+/// `waitpid(pid, __WALL)` for the creator A, our own child.
+fn reap_pid(pid: i32) -> Result<()> {
+    loop {
+        let mut status = 0;
+        // SAFETY: a live status int.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if r == pid {
+            return Ok(());
+        }
+        let e = Errno::last();
+        if e != Errno::EINTR {
+            return Err(SysError::process("waitpid (namespace creator)", pid, e));
+        }
+    }
+}
