@@ -162,11 +162,11 @@ impl Daemon {
             return Ok(None);
         };
         let pid = i32::try_from(child.id()).context("pid")?;
-        // SAFETY-free: kill(1) by command keeps this crate free of unsafe.
-        Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .context("kill -TERM")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .context("kill -TERM")?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().context("try_wait")? {

@@ -307,6 +307,28 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_file_states_the_defaults() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/subidd.toml");
+        let from_file = load(
+            Flags {
+                config: Some(shipped),
+                ..Flags::default()
+            },
+            &[],
+        )
+        .expect("config/subidd.toml loads");
+        let defaults = load(
+            Flags {
+                config: Some(PathBuf::from("/dev/null")),
+                ..Flags::default()
+            },
+            &[],
+        )
+        .expect("defaults load");
+        assert_eq!(from_file, defaults);
+    }
+
+    #[test]
     fn layers_apply_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("c.toml");
