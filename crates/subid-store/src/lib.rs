@@ -24,13 +24,19 @@ use sqlx::{Connection, Row};
 use subid_core::LeaseState;
 
 pub use error::StoreError;
-pub use record::{BlockRow, EventKind, EventRecord, LeaseRecord, NewLease};
+pub use record::{
+    BlockRow, EventKind, EventRecord, LeaseRecord, NewLease, ProcessRecord, ProcessState,
+};
 
 /// The migrations under the workspace's `migrations/`, embedded in the binary.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 /// How long a connection waits for another writer's lock before it reports `busy`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The columns of `process`.
+const PROCESS_COLUMNS: &str = "id, lease_id, lease_name, pid, start_ticks, boot_id, host_uid, \
+     host_gid, argv, state, exit_code, signal, started_at, ended_at";
 
 /// The columns of `lease`, in the order [`LeaseRecord::from_row`] reads them.
 const LEASE_COLUMNS: &str = "id, name, uid_base, gid_base, size, state, labels, ttl_seconds, \
@@ -161,6 +167,54 @@ impl Store {
             .await
             .map_err(StoreError::read)?;
         row.map(|r| LeaseRecord::from_row(&r)).transpose()
+    }
+
+    /// One process by id.
+    pub async fn get_process(&self, id: &str) -> Result<Option<ProcessRecord>, StoreError> {
+        let sql = format!("SELECT {PROCESS_COLUMNS} FROM process WHERE id = ?");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(StoreError::read)?;
+        row.map(|r| ProcessRecord::from_row(&r)).transpose()
+    }
+
+    /// The processes of a lease (by its id), oldest first.
+    pub async fn lease_processes(&self, lease_id: i64) -> Result<Vec<ProcessRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {PROCESS_COLUMNS} FROM process WHERE lease_id = ? ORDER BY started_at, id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(lease_id)
+            .fetch_all(&self.readers)
+            .await
+            .map_err(StoreError::read)?;
+        rows.iter().map(ProcessRecord::from_row).collect()
+    }
+
+    /// Every process recorded as running, for reconciling with the kernel at start.
+    pub async fn running_processes(&self) -> Result<Vec<ProcessRecord>, StoreError> {
+        let sql = format!("SELECT {PROCESS_COLUMNS} FROM process WHERE state = 'running' ORDER BY id");
+        let rows = sqlx::query(&sql)
+            .fetch_all(&self.readers)
+            .await
+            .map_err(StoreError::read)?;
+        rows.iter().map(ProcessRecord::from_row).collect()
+    }
+
+    /// Active leases whose `expires_at` is at or before `now_ms`.
+    pub async fn expired_leases(&self, now_ms: i64) -> Result<Vec<LeaseRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM lease WHERE state = 'active' \
+             AND expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms)
+            .fetch_all(&self.readers)
+            .await
+            .map_err(StoreError::read)?;
+        rows.iter().map(LeaseRecord::from_row).collect()
     }
 
     /// The history of every lease that carried this name, oldest first.
@@ -404,6 +458,12 @@ impl WriteTx<'_> {
         if done.rows_affected() != 1 {
             return Err(StoreError::NotActive { id: lease.id });
         }
+        // Process rows live as long as their lease.
+        sqlx::query("DELETE FROM process WHERE lease_id = ?")
+            .bind(lease.id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(StoreError::write)?;
         let block_released_at = if purge { 0 } else { now_ms };
         sqlx::query("UPDATE block SET lease_id = NULL, released_at = ? WHERE lease_id = ?")
             .bind(block_released_at)
@@ -452,6 +512,59 @@ impl WriteTx<'_> {
             None,
         )
         .await
+    }
+
+    /// Records a process that is now running.
+    pub async fn insert_process(&mut self, p: &ProcessRecord) -> Result<(), StoreError> {
+        let argv = serde_json::to_string(&p.argv).map_err(StoreError::encode)?;
+        sqlx::query(
+            "INSERT INTO process (id, lease_id, lease_name, pid, start_ticks, boot_id, host_uid, \
+             host_gid, argv, state, exit_code, signal, started_at, ended_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&p.id)
+        .bind(p.lease_id)
+        .bind(&p.lease_name)
+        .bind(i64::from(p.pid))
+        .bind(i64::try_from(p.start_ticks).unwrap_or(i64::MAX))
+        .bind(&p.boot_id)
+        .bind(i64::from(p.host_uid))
+        .bind(i64::from(p.host_gid))
+        .bind(argv)
+        .bind(p.state.as_str())
+        .bind(p.exit_code.map(i64::from))
+        .bind(p.signal.map(i64::from))
+        .bind(p.started_at)
+        .bind(p.ended_at)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(StoreError::write)?;
+        Ok(())
+    }
+
+    /// Records how a running process ended (`Exited` or `Lost`). A process already ended is
+    /// left as it is.
+    pub async fn finish_process(
+        &mut self,
+        id: &str,
+        state: ProcessState,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        ended_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE process SET state = ?, exit_code = ?, signal = ?, ended_at = ? \
+             WHERE id = ? AND state = 'running'",
+        )
+        .bind(state.as_str())
+        .bind(exit_code.map(i64::from))
+        .bind(signal.map(i64::from))
+        .bind(ended_at)
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(StoreError::write)?;
+        Ok(())
     }
 
     async fn event(

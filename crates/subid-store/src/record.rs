@@ -130,3 +130,90 @@ impl EventRecord {
         })
     }
 }
+
+/// Where a process stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessState {
+    Running,
+    Exited,
+    /// It vanished while the daemon was not watching (restart, reboot): no exit status known.
+    Lost,
+}
+
+impl ProcessState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProcessState::Running => "running",
+            ProcessState::Exited => "exited",
+            ProcessState::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ProcessState> {
+        match s {
+            "running" => Some(ProcessState::Running),
+            "exited" => Some(ProcessState::Exited),
+            "lost" => Some(ProcessState::Lost),
+            _ => None,
+        }
+    }
+}
+
+/// A process started in a lease's namespace. Times are unix milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessRecord {
+    pub id: String,
+    pub lease_id: i64,
+    pub lease_name: String,
+    pub pid: i32,
+    pub start_ticks: u64,
+    pub boot_id: String,
+    pub host_uid: u32,
+    pub host_gid: u32,
+    pub argv: Vec<String>,
+    pub state: ProcessState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub started_at: i64,
+    pub ended_at: Option<i64>,
+}
+
+impl ProcessRecord {
+    pub(crate) fn from_row(row: &SqliteRow) -> Result<ProcessRecord, StoreError> {
+        let state: String = row.try_get("state").map_err(StoreError::read)?;
+        let argv: String = row.try_get("argv").map_err(StoreError::read)?;
+        let start_ticks: i64 = row.try_get("start_ticks").map_err(StoreError::read)?;
+        let opt_i32 = |column: &str| -> Result<Option<i32>, StoreError> {
+            let v: Option<i64> = row.try_get(column).map_err(StoreError::read)?;
+            v.map(|v| {
+                i32::try_from(v).map_err(|_| StoreError::Invalid {
+                    what: column.to_string(),
+                    value: v.to_string(),
+                })
+            })
+            .transpose()
+        };
+        Ok(ProcessRecord {
+            id: row.try_get("id").map_err(StoreError::read)?,
+            lease_id: row.try_get("lease_id").map_err(StoreError::read)?,
+            lease_name: row.try_get("lease_name").map_err(StoreError::read)?,
+            pid: opt_i32("pid")?.unwrap_or_default(),
+            start_ticks: u64::try_from(start_ticks).unwrap_or_default(),
+            boot_id: row.try_get("boot_id").map_err(StoreError::read)?,
+            host_uid: get_u32(row, "host_uid")?,
+            host_gid: get_u32(row, "host_gid")?,
+            argv: serde_json::from_str(&argv).map_err(|_| StoreError::Invalid {
+                what: "process.argv".into(),
+                value: argv.clone(),
+            })?,
+            state: ProcessState::parse(&state).ok_or(StoreError::Invalid {
+                what: "process.state".into(),
+                value: state,
+            })?,
+            exit_code: opt_i32("exit_code")?,
+            signal: opt_i32("signal")?,
+            started_at: row.try_get("started_at").map_err(StoreError::read)?,
+            ended_at: row.try_get("ended_at").map_err(StoreError::read)?,
+        })
+    }
+}

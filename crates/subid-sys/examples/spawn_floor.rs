@@ -8,11 +8,10 @@
 
 use std::ffi::CString;
 use std::fs;
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use subid_sys::userns::{self, UserNsSpec};
-use subid_sys::{Command, Namespace};
+use subid_sys::{Command, LeaseNs, Namespace};
 
 const BASE: u32 = 0x7050_0000;
 
@@ -32,9 +31,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let truth = Command::new("/bin/true", ["true"]);
     userns::create_pinned(&spec, &pin)?;
     let nsfd = userns::open_pinned(&pin)?;
+    let lease_ns = LeaseNs::open(&pin)?;
     let join = || {
         timed(|| {
-            let child = truth.spawn(Namespace::Join(nsfd.as_fd())).expect("spawn");
+            let child = truth.spawn(Namespace::Join(&lease_ns)).expect("spawn");
             assert!(child.wait().expect("wait").success());
         })
     };
@@ -102,6 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     table.extend(run(n.min(100), big, false));
     drop(ballast);
     drop(nsfd);
+    drop(lease_ns);
     userns::unpin(&pin)?;
 
     println!("{:<46} {:>6} {:>10} {:>10}", "path", "n", "p50", "p99");

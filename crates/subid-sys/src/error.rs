@@ -13,9 +13,9 @@ pub use nix::errno::Errno;
 pub enum ChildStep {
     /// `rt_sigaction(SIG_DFL)` on every catchable signal.
     ResetSignals = 1,
-    /// `prlimit64` on the child itself (also by the namespace creator, before it switches ids).
+    /// `prlimit64` on the child itself (also in the namespace creator, before it switches ids).
     Rlimit,
-    /// `setns(fd, CLONE_NEWUSER)` into the lease's namespace.
+    /// `setns` into the lease's user namespace, then into its optional ones.
     Setns,
     /// Reading the wake-up byte that says the id maps are written.
     WaitForMaps,
@@ -55,13 +55,15 @@ pub enum ChildStep {
     CreatorCapset,
     /// Creator: `clone(CLONE_NEWUSER)`.
     CreatorClone,
+    /// Bringing loopback up in a new network namespace (`ioctl(SIOCSIFFLAGS)`).
+    Loopback,
 }
 
 impl ChildStep {
     /// The step numbered `n` on the wire, if any.
     pub(crate) fn from_u32(n: u32) -> Option<Self> {
         use ChildStep::*;
-        const ALL: [ChildStep; 22] = [
+        const ALL: [ChildStep; 23] = [
             ResetSignals,
             Rlimit,
             Setns,
@@ -84,6 +86,7 @@ impl ChildStep {
             CreatorSetresuid,
             CreatorCapset,
             CreatorClone,
+            Loopback,
         ];
         ALL.into_iter().find(|s| *s as u32 == n)
     }
@@ -114,6 +117,7 @@ impl ChildStep {
             CreatorSetresuid => "setresuid (creator to base uid)",
             CreatorCapset => "capset (creator keeps CAP_SYS_ADMIN)",
             CreatorClone => "clone (CLONE_NEWUSER)",
+            Loopback => "ioctl (SIOCSIFFLAGS lo up)",
         }
     }
 }

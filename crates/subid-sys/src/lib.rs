@@ -6,6 +6,7 @@
 pub mod userdb;
 
 pub mod error;
+pub mod members;
 pub mod pidfd;
 mod raw;
 pub mod spawn;
@@ -14,4 +15,4 @@ pub mod userns;
 pub use error::{ChildStep, Errno, SysError};
 pub use pidfd::{ExitStatus, PidFd, ProcDir, ProcIds};
 pub use spawn::{Command, Namespace, Rlimit};
-pub use userns::UserNsSpec;
+pub use userns::{ExtraNs, LeaseNs, NsKind, UserNsSpec};

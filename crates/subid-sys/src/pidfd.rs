@@ -8,6 +8,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat};
@@ -130,6 +131,33 @@ impl PidFd {
         loop {
             if let Some(status) = self.wait_with(WaitPidFlag::WEXITED)? {
                 return Ok(status);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit (`poll` on the pidfd), then reaps it.
+    /// `None` when it is still running at the deadline.
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r < 0 {
+                let e = Errno::last();
+                if e == Errno::EINTR {
+                    continue;
+                }
+                return Err(SysError::process("poll(pidfd)", self.pid, e));
+            }
+            if r > 0 || left.is_zero() {
+                return self.try_wait();
             }
         }
     }
@@ -295,6 +323,22 @@ mod tests {
         let dir = me.proc_dir().unwrap();
         let ids = dir.ids().unwrap();
         assert_eq!(ids.uid[1], nix::unistd::geteuid().as_raw());
+    }
+
+    #[test]
+    fn wait_timeout_returns_at_the_deadline_or_the_exit() {
+        let child = std::process::Command::new("/bin/sleep")
+            .arg("0.3")
+            .spawn()
+            .unwrap();
+        let pidfd = PidFd::open(child.id() as i32).unwrap();
+        std::mem::forget(child); // reaped through the pidfd
+        let t = Instant::now();
+        assert_eq!(pidfd.wait_timeout(Duration::from_millis(50)).unwrap(), None);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        let status = pidfd.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(status, Some(ExitStatus::Exited(0)));
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -11,31 +11,43 @@
 //! `execve` (Rust ignores `SIGPIPE`, which `execve` would otherwise keep).
 //!
 //! * **Join** ([`Namespace::Join`]): one child C, `clone(CLONE_VM|CLONE_VFORK|CLONE_PIDFD)`;
-//!   it sets its rlimits (still host root, so hard limits may go up), `setns(CLONE_NEWUSER)`
-//!   (allowed: C is single-threaded and does not share `fs`; `CLONE_VM` does not matter for a
-//!   user namespace, setns(2)), then the common steps and `execve`.
+//!   it sets its rlimits (still host root, so hard limits may go up), `setns`es into the
+//!   lease's user namespace (allowed: C is single-threaded and does not share `fs`; `CLONE_VM`
+//!   does not matter for a user namespace, setns(2)) and then into its optional namespaces
+//!   (which that user namespace owns, so C now holds the capabilities they ask for), then the
+//!   common steps and `execve`.
 //! * **Create** ([`Namespace::Create`]): the namespace's owner is the euid of the task that
 //!   creates it, and it must be the lease's base uid (background.md). `unshare(CLONE_NEWUSER)`
 //!   is refused (`EINVAL`) to a task sharing its mm, so a helper A
 //!   (`clone(CLONE_VM|CLONE_VFORK|CLONE_FILES)`) sets the rlimits (still host root, so B
-//!   inherits them, hard limits raised if the daemon may), sets `PR_SET_KEEPCAPS`, drops its groups,
-//!   switches to the base gid and uid with raw `setresgid`/`setresuid` (only A's creds change),
-//!   raises its kept permitted capabilities (CAP_SYS_ADMIN among them) back into the effective set
-//!   with `capset` — so hosts that restrict unprivileged user namespaces still allow it — and
-//!   then `clone(CLONE_VM|CLONE_NEWUSER|CLONE_PARENT|CLONE_PIDFD)`s B and exits. `clone` (unlike
-//!   `unshare`) accepts `CLONE_NEWUSER` with `CLONE_VM`, so B still costs no page-table copy.
-//!   `CLONE_PARENT` makes B the daemon's child; `CLONE_FILES` puts B's pidfd straight into the
-//!   daemon's fd table, so B is never named by a bare pid. B waits on a wake-up pipe while the
-//!   daemon writes `setgroups`, `uid_map` and `gid_map` through the pidfd-verified `/proc/<B>`,
-//!   reads them back and pins `/proc/<B>/ns/user` (bind mount); then B
-//!   runs the common steps and `execve`s (or, for [`crate::userns::create_pinned`], exits).
+//!   inherits them, hard limits raised if the daemon may), sets `PR_SET_KEEPCAPS`, drops its
+//!   groups, switches to the base gid and uid with raw `setresgid`/`setresuid` (only A's creds
+//!   change), raises its kept permitted capabilities (CAP_SYS_ADMIN among them) back into the
+//!   effective set with `capset` — so hosts that restrict unprivileged user namespaces still
+//!   allow it — and then `clone(CLONE_VM|CLONE_NEWUSER|CLONE_PARENT|CLONE_PIDFD [|CLONE_NEWNS|
+//!   CLONE_NEWUTS|CLONE_NEWIPC|CLONE_NEWNET])`s B and exits. `clone` (unlike `unshare`) accepts
+//!   `CLONE_NEWUSER` with `CLONE_VM`, so B still costs no page-table copy; the optional
+//!   namespaces come out owned by the new user namespace. `CLONE_PARENT` makes B the daemon's
+//!   child; `CLONE_FILES` puts B's pidfd straight into the daemon's fd table, so B is never
+//!   named by a bare pid. B brings loopback up (new network namespace) and waits on a wake-up
+//!   pipe while the daemon writes `setgroups`, `uid_map` and `gid_map` through the
+//!   pidfd-verified `/proc/<B>`, reads them back and pins `/proc/<B>/ns/*` (bind mounts); then
+//!   B runs the common steps and `execve`s (or, for [`crate::userns::create_pinned`], exits).
+//!
+//! Common steps: `setsid`; clear the inheritable and ambient capabilities; `setgroups` (none
+//! unless asked), `setresgid`, `setresuid` (ids inside the namespace); umask; `chdir`; stdin
+//! `/dev/null`, stdout/stderr as given; everything from fd 3 up close-on-exec
+//! (`close_range`); empty signal mask; `execve` with exactly the given environment.
+//!
+//! The caller reaps with [`PidFd::wait`]. The daemon must not set `SIGCHLD` to `SIG_IGN` (or
+//! `SA_NOCLDWAIT`), nor reap with `waitpid(-1)` elsewhere: the children are its own.
 //!
 //! Errors before `execve` travel back as `(step, errno)` through a close-on-exec pipe whose EOF
 //! also tells the daemon that the child no longer uses the shared stack.
 
 use std::convert::Infallible;
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
@@ -49,7 +61,7 @@ use nix::sys::stat::Mode;
 use crate::error::{ChildStep, Result, SysError};
 use crate::pidfd::PidFd;
 use crate::raw::sys;
-use crate::userns::{self, UserNsSpec};
+use crate::userns::{self, LeaseNs, NsKind, UserNsSpec};
 
 /// One resource limit for the child: `prlimit64(resource, {soft, hard})`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,10 +77,12 @@ pub struct Rlimit {
 /// Where the child's user namespace comes from.
 #[derive(Debug, Clone, Copy)]
 pub enum Namespace<'a> {
-    /// Join an existing namespace, e.g. from [`userns::open_pinned`].
-    Join(BorrowedFd<'a>),
-    /// Create the lease's namespace (owner: the base ids), pin it at `pin`, and start the process
-    /// as its first member. If the spawn fails, the pin is removed again.
+    /// Join a lease's pinned namespaces (see [`LeaseNs::open`]): the user namespace first, then
+    /// the optional ones.
+    Join(&'a LeaseNs),
+    /// Create the lease's namespaces (owner: the base ids), pin them (the user namespace at `pin`,
+    /// optional ones beside it, see [`userns::NsKind::pin_beside`]), and start the process as
+    /// their first member. If the spawn fails, the pins are removed again.
     Create {
         /// The lease's ids.
         spec: &'a UserNsSpec,
@@ -179,7 +193,7 @@ impl Command {
     pub fn spawn(&self, ns: Namespace<'_>) -> Result<PidFd> {
         let prep = self.prepare()?;
         match ns {
-            Namespace::Join(fd) => spawn_join(&prep, fd),
+            Namespace::Join(ns) => spawn_join(&prep, ns),
             Namespace::Create { spec, pin } => {
                 create(spec, pin, Some(&prep))?.ok_or_else(|| SysError::InvalidInput {
                     what: "spawn",
@@ -315,8 +329,12 @@ struct ChildPlan {
     nrlimits: usize,
     stdio: [c_int; 3],
     err_fd: c_int,
-    /// Join: the namespace to `setns` into; -1 otherwise.
-    userns_fd: c_int,
+    /// Join: the namespaces to `setns` into, in order (user first), and their types.
+    join_fds: [c_int; 5],
+    join_types: [c_int; 5],
+    njoin: usize,
+    /// Create: bring up loopback in the new network namespace.
+    loopback: bool,
     /// Create: read one byte from here before going on; -1 otherwise.
     wake_rd: c_int,
     /// Create: the child's copy of the wake pipe's write end, closed first thing.
@@ -341,7 +359,10 @@ impl ChildPlan {
             nrlimits: 0,
             stdio: [-1; 3],
             err_fd,
-            userns_fd: -1,
+            join_fds: [-1; 5],
+            join_types: [0; 5],
+            njoin: 0,
+            loopback: false,
             wake_rd: -1,
             wake_wr: -1,
             exec: false,
@@ -373,6 +394,8 @@ struct CreatorPlan {
     gid_base: u32,
     nproc_limit: u64,
     has_nproc_limit: bool,
+    /// `CLONE_NEW*` flags of the optional namespaces, made together with the user namespace.
+    extra_flags: c_int,
     b_stack_top: *mut c_void,
     b_plan: *const ChildPlan,
     b_pidfd: c_int,
@@ -454,6 +477,10 @@ unsafe fn child_steps(p: &ChildPlan, err_fd: &mut c_int) -> Step<c_int> {
             )
         })?;
     }
+    if p.loopback {
+        // SAFETY: raw socket and ioctl calls on live locals.
+        unsafe { loopback_up() }.map_err(|e| (Loopback, e))?;
+    }
     if p.wake_rd >= 0 {
         // SAFETY: closing our copy of the write end, so the daemon's death reads as EOF.
         let _ = unsafe { sys(libc::SYS_close, [p.wake_wr as usize, 0, 0, 0, 0, 0]) };
@@ -488,20 +515,12 @@ unsafe fn child_steps(p: &ChildPlan, err_fd: &mut c_int) -> Step<c_int> {
     }
     // SAFETY: the plan's live rlimit array.
     unsafe { apply_rlimits(p, ChildStep::Rlimit) }?;
-    if p.userns_fd >= 0 {
+    // The user namespace first: it owns the others, so afterwards we hold the capabilities
+    // their setns needs (setns(2)).
+    for (fd, nstype) in p.join_fds.iter().zip(p.join_types).take(p.njoin) {
         // SAFETY: integer arguments.
         at(Setns, unsafe {
-            sys(
-                libc::SYS_setns,
-                [
-                    p.userns_fd as usize,
-                    libc::CLONE_NEWUSER as usize,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
-            )
+            sys(libc::SYS_setns, [*fd as usize, nstype as usize, 0, 0, 0, 0])
         })?;
     }
     // SAFETY: no arguments.
@@ -656,6 +675,69 @@ unsafe fn child_steps(p: &ChildPlan, err_fd: &mut c_int) -> Step<c_int> {
     never.map(|n| match n {})
 }
 
+/// Brings `lo` up in the caller's network namespace, as `ip link set lo up` would
+/// (netdevice(7): `SIOCGIFFLAGS`, then `SIOCSIFFLAGS` with `IFF_UP`).
+///
+/// # Safety
+/// Raw system calls on live locals only.
+unsafe fn loopback_up() -> std::result::Result<(), i32> {
+    // SAFETY: integer arguments.
+    let sock = unsafe {
+        sys(
+            libc::SYS_socket,
+            [
+                libc::AF_INET as usize,
+                (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as usize,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    }?;
+    // struct ifreq: 16 bytes of name, then a union whose first short is ifr_flags.
+    let mut ifr = [0u8; 40];
+    ifr[0] = b'l';
+    ifr[1] = b'o';
+    // SAFETY: a live ifreq-sized buffer.
+    let got = unsafe {
+        sys(
+            libc::SYS_ioctl,
+            [
+                sock,
+                libc::SIOCGIFFLAGS as usize,
+                ifr.as_mut_ptr() as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    };
+    let set = got.and_then(|_| {
+        let flags = i16::from_ne_bytes([ifr[16], ifr[17]]) | libc::IFF_UP as i16;
+        let [lo, hi] = flags.to_ne_bytes();
+        ifr[16] = lo;
+        ifr[17] = hi;
+        // SAFETY: as above.
+        unsafe {
+            sys(
+                libc::SYS_ioctl,
+                [
+                    sock,
+                    libc::SIOCSIFFLAGS as usize,
+                    ifr.as_ptr() as usize,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        }
+    });
+    // SAFETY: our own socket.
+    let _ = unsafe { sys(libc::SYS_close, [sock, 0, 0, 0, 0, 0]) };
+    set.map(|_| ())
+}
+
 /// `prlimit64` on the calling task for each of the plan's limits. Setting a limit needs no
 /// privilege unless it raises a hard limit (CAP_SYS_RESOURCE in the initial namespace).
 ///
@@ -796,7 +878,13 @@ unsafe fn creator_steps(p: &mut CreatorPlan) -> Step<()> {
             ],
         )
     })?;
-    let flags = libc::CLONE_VM | libc::CLONE_NEWUSER | libc::CLONE_PARENT | libc::CLONE_PIDFD;
+    // The optional namespaces are created after the user namespace in the same clone, so the
+    // new user namespace owns them (clone(2)); none of them conflicts with CLONE_VM.
+    let flags = libc::CLONE_VM
+        | libc::CLONE_NEWUSER
+        | libc::CLONE_PARENT
+        | libc::CLONE_PIDFD
+        | p.extra_flags;
     // SAFETY: glibc's clone is an assembly trampoline that touches no TLS in the child; B runs
     // `child_main` on its own stack with the daemon's live `ChildPlan`; the kernel writes B's
     // pidfd into `b_pidfd` (CLONE_PIDFD uses the parent_tid slot), in the daemon's fd table
@@ -931,10 +1019,15 @@ fn read_report(err_r: &OwnedFd) -> Result<Option<(ChildStep, Errno)>> {
     Ok(Some((step, Errno::from_raw(errno))))
 }
 
-fn spawn_join(prep: &Prepared, userns: BorrowedFd<'_>) -> Result<PidFd> {
+fn spawn_join(prep: &Prepared, ns: &LeaseNs) -> Result<PidFd> {
     let (err_r, err_w) = pipe()?;
     let mut plan = ChildPlan::new(Some(prep), err_w.as_raw_fd());
-    plan.userns_fd = userns.as_raw_fd();
+    let all = std::iter::once((NsKind::User, ns.user())).chain(ns.extra());
+    for (i, (kind, fd)) in all.enumerate().take(plan.join_fds.len()) {
+        plan.join_fds[i] = fd.as_raw_fd();
+        plan.join_types[i] = kind.clone_flag();
+        plan.njoin = i + 1;
+    }
     let stack = Stack::new()?;
     let mut pidfd: c_int = -1;
     let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD;
@@ -1012,16 +1105,21 @@ pub(crate) fn create(
     prep: Option<&Prepared>,
 ) -> Result<Option<PidFd>> {
     spec.validate()?;
-    if userns::is_pinned(pin) {
-        return Err(SysError::AlreadyPinned {
-            path: pin.to_path_buf(),
-        });
+    let kinds: Vec<NsKind> = std::iter::once(NsKind::User)
+        .chain(spec.extra.kinds())
+        .collect();
+    for kind in &kinds {
+        let path = kind.pin_beside(pin);
+        if userns::is_pinned(&path) {
+            return Err(SysError::AlreadyPinned { path });
+        }
     }
     let (err_r, err_w) = pipe()?;
     let (wake_r, wake_w) = pipe()?;
     let mut b_plan = ChildPlan::new(prep, err_w.as_raw_fd());
     b_plan.wake_rd = wake_r.as_raw_fd();
     b_plan.wake_wr = wake_w.as_raw_fd();
+    b_plan.loopback = spec.extra.net;
     let stack_a = Stack::new()?;
     let stack_b = Stack::new()?;
     let mut creator = CreatorPlan {
@@ -1029,6 +1127,7 @@ pub(crate) fn create(
         gid_base: spec.gid_base,
         nproc_limit: spec.nproc_limit.unwrap_or(0),
         has_nproc_limit: spec.nproc_limit.is_some(),
+        extra_flags: spec.extra.clone_flags(),
         b_stack_top: stack_b.top(),
         b_plan: &b_plan,
         b_pidfd: -1,
@@ -1082,8 +1181,10 @@ pub(crate) fn create(
     let setup = (|| {
         let proc = b.proc_dir()?;
         userns::write_maps(&proc, spec)?;
-        userns::pin(&proc, pin)?;
-        pinned = true;
+        for kind in &kinds {
+            pinned = true;
+            userns::pin(&proc, *kind, &kind.pin_beside(pin))?;
+        }
         match nix::unistd::write(&wake_w, &[1u8]) {
             Ok(1) => Ok(()),
             Ok(_) => Err(SysError::process("write (wake pipe)", b.pid(), Errno::EIO)),
@@ -1095,6 +1196,16 @@ pub(crate) fn create(
         drop(guard); // kills and reaps B before its stack goes
         if pinned {
             let _ = userns::unpin(pin);
+        }
+        // B may have failed first (say, bringing loopback up) and made our step fail: its
+        // report, already in the pipe, names the real cause.
+        if let Ok(Some((step, source))) = read_report(&err_r) {
+            return Err(SysError::ChildSetup {
+                pid: b_pid,
+                program: program_of(prep),
+                step,
+                source,
+            });
         }
         return Err(e);
     }
@@ -1130,8 +1241,7 @@ pub(crate) fn create(
             let _ = userns::unpin(pin);
             Err(SysError::ChildSetup {
                 pid: b.pid(),
-                program: prep
-                    .map_or_else(String::new, |p| p.program.to_string_lossy().into_owned()),
+                program: program_of(prep),
                 step,
                 source,
             })
@@ -1143,6 +1253,11 @@ pub(crate) fn create(
         }
     }
     // `stack_a`, `stack_b`, `b_plan` and `creator` drop here, after B is gone or has exec'd.
+}
+
+/// The program for error messages; empty for a namespace holder.
+fn program_of(prep: Option<&Prepared>) -> String {
+    prep.map_or_else(String::new, |p| p.program.to_string_lossy().into_owned())
 }
 
 /// `waitpid(pid, __WALL)` for the creator A, our own child.

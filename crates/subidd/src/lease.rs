@@ -308,7 +308,7 @@ impl WriterTask {
             }
         };
         // Commands not reached because an earlier one failed get the same failure.
-        let unreached: Vec<Command> = batch.drain(..).collect();
+        let unreached: Vec<Command> = std::mem::take(batch);
         if let Some(error) = &failure {
             tracing::error!(%error, "lease store write failed; group rolled back");
             let pool = *lock(&self.allocator).pool();

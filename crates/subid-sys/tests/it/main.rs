@@ -3,6 +3,7 @@
 
 mod support;
 
+mod extra;
 mod inotify;
 mod pins;
 mod spawn;

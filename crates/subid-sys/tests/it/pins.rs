@@ -4,7 +4,7 @@ use std::fs;
 use std::os::fd::AsFd;
 
 use subid_sys::userns::{self, UserNsSpec};
-use subid_sys::{Command, ExitStatus, Namespace, SysError};
+use subid_sys::{Command, ExitStatus, LeaseNs, Namespace, SysError};
 
 use crate::support::{mounted, user_ns_of};
 
@@ -25,17 +25,19 @@ fn a_pinned_namespace_outlives_its_creator_and_unpins_cleanly() {
     // nobody lives in it, yet it is there and joinable
     let fd = userns::open_pinned(&pin).unwrap();
     assert_eq!(userns::owner_uid(fd.as_fd()).unwrap(), 0x7020_0000);
+    let inode = userns::ns_inode(&fd).unwrap();
+    let ns = LeaseNs::from_user(fd);
     let child = Command::new("/bin/sleep", ["sleep", "30"])
-        .spawn(Namespace::Join(fd.as_fd()))
+        .spawn(Namespace::Join(&ns))
         .unwrap();
-    assert_eq!(user_ns_of(child.pid()), userns::ns_inode(&fd).unwrap());
+    assert_eq!(user_ns_of(child.pid()), inode);
     assert_eq!(
         child.proc_dir().unwrap().ids().unwrap().uid,
         [0x7020_0000; 4]
     );
     child.send_signal(libc::SIGKILL).unwrap();
     assert!(matches!(child.wait().unwrap(), ExitStatus::Signaled { .. }));
-    drop(fd);
+    drop(ns);
 
     userns::unpin(&pin).unwrap();
     assert!(!mounted(&pin));

@@ -354,3 +354,20 @@ fn spawns_from_many_threads_at_once() {
         t.join().unwrap();
     }
 }
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn the_creator_keeps_its_capabilities_effective() {
+    // A process already runs as the base uid; a creator whose RLIMIT_NPROC is 1 can then only
+    // clone the namespace's first member if it is capable (CAP_SYS_ADMIN or CAP_SYS_RESOURCE
+    // in the *effective* set, kernel/fork.c) — which it is only if capset raised its kept caps
+    // again after the switch to the base ids. The same holds for hosts that restrict
+    // unprivileged user namespaces to CAP_SYS_ADMIN.
+    let mut running = Lease::new(0x7066_0000);
+    running.spawn(&sleeper()).unwrap();
+    let mut second = Lease::new(0x7066_0000);
+    second.spec.nproc_limit = Some(1);
+    userns::create_pinned(&second.spec, &second.pin).unwrap();
+    let fd = userns::open_pinned(&second.pin).unwrap();
+    assert_eq!(userns::owner_uid(fd.as_fd()).unwrap(), 0x7066_0000);
+}

@@ -5,8 +5,8 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use subid_sys::userns::{self, UserNsSpec};
-use subid_sys::{Command, Namespace, PidFd};
+use subid_sys::userns::{self, ExtraNs, UserNsSpec};
+use subid_sys::{Command, LeaseNs, Namespace, PidFd};
 
 /// A lease for one test: its spec, a temp runtime dir, the pin path, and every child started
 /// through it. Drop kills and reaps the children and unpins, even when the test failed.
@@ -15,6 +15,8 @@ pub struct Lease {
     pub dir: tempfile::TempDir,
     pub pin: PathBuf,
     pub children: Vec<PidFd>,
+    /// A private mount made for mount namespace pins, undone on drop.
+    pub private_mount: Option<PathBuf>,
 }
 
 impl Lease {
@@ -29,14 +31,26 @@ impl Lease {
             dir,
             pin,
             children: Vec::new(),
+            private_mount: None,
         }
+    }
+
+    /// A lease that also has the optional namespaces `extra`; its pins' directory becomes a
+    /// private mount (needed for a mount namespace pin where / is shared).
+    pub fn with_extra(base: u32, extra: ExtraNs) -> Self {
+        let mut lease = Lease::new(base);
+        lease.spec.extra = extra;
+        let ns_dir = lease.dir.path().join("ns");
+        userns::make_private_mount(&ns_dir).expect("private mount");
+        lease.private_mount = Some(ns_dir);
+        lease
     }
 
     /// First spawn when nothing is pinned yet, a join afterwards. Returns the child's pid.
     pub fn spawn(&mut self, cmd: &Command) -> subid_sys::error::Result<i32> {
         let child = if userns::is_pinned(&self.pin) {
-            let fd = userns::open_pinned(&self.pin)?;
-            cmd.spawn(Namespace::Join(std::os::fd::AsFd::as_fd(&fd)))?
+            let ns = LeaseNs::open(&self.pin)?;
+            cmd.spawn(Namespace::Join(&ns))?
         } else {
             cmd.spawn(Namespace::Create {
                 spec: &self.spec,
@@ -77,6 +91,11 @@ impl Drop for Lease {
         if let Err(e) = userns::unpin(&self.pin) {
             eprintln!("cleanup: {e}");
         }
+        if let Some(dir) = self.private_mount.take() {
+            if let Err(e) = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("cleanup: umount {dir:?}: {e}");
+            }
+        }
     }
 }
 
@@ -98,7 +117,12 @@ pub fn wait_for_lines(path: &Path, lines: usize) -> String {
 
 /// The nsfs inode of `/proc/<pid>/ns/user`.
 pub fn user_ns_of(pid: i32) -> u64 {
-    let fd = fs::File::open(format!("/proc/{pid}/ns/user")).expect("ns/user");
+    ns_of(pid, "user")
+}
+
+/// The nsfs inode of `/proc/<pid>/ns/<kind>`.
+pub fn ns_of(pid: i32, kind: &str) -> u64 {
+    let fd = fs::File::open(format!("/proc/{pid}/ns/{kind}")).expect("ns file");
     userns::ns_inode(&fd).expect("inode")
 }
 
