@@ -138,7 +138,9 @@ async fn run() -> anyhow::Result<String> {
     let r = rate / ceiling;
     row(
         &mut out,
-        &format!("{CLIENTS} clients: leases/s >= single-commit ceiling (1/commit = {ceiling:.0}/s)"),
+        &format!(
+            "{CLIENTS} clients: leases/s >= single-commit ceiling (1/commit = {ceiling:.0}/s)"
+        ),
         format!("{rate:.0} leases/s"),
         r,
         r >= 1.0,
@@ -147,7 +149,11 @@ async fn run() -> anyhow::Result<String> {
     row(
         &mut out,
         "1 client: p50 <= 2x (commit + round trip)",
-        format!("{:.0} us vs {:.0} us", us(empty_s.p50), us(one_client_floor)),
+        format!(
+            "{:.0} us vs {:.0} us",
+            us(empty_s.p50),
+            us(one_client_floor)
+        ),
         r,
         r <= 2.0,
     );
@@ -226,7 +232,11 @@ async fn sequential(client: &Client, prefix: &str, n: usize) -> anyhow::Result<V
 }
 
 /// `clients` clients, each on its own kept-alive connection, creating `total` leases together.
-async fn concurrent(client: &Client, clients: usize, total: usize) -> anyhow::Result<Vec<Duration>> {
+async fn concurrent(
+    client: &Client,
+    clients: usize,
+    total: usize,
+) -> anyhow::Result<Vec<Duration>> {
     let per = total / clients;
     let extra = total % clients;
     let client = Arc::new(client.clone());

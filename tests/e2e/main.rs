@@ -1,1 +1,13 @@
-//! e2e
+//! End-to-end tests: the real `subidd` binary on temp paths, driven over its unix socket.
+
+mod access;
+mod bad_input;
+mod concurrency;
+mod config;
+mod idmap;
+mod leases;
+mod pool;
+mod quarantine;
+mod restart;
+mod ttl;
+mod util;

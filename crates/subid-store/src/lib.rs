@@ -195,7 +195,8 @@ impl Store {
 
     /// Every process recorded as running, for reconciling with the kernel at start.
     pub async fn running_processes(&self) -> Result<Vec<ProcessRecord>, StoreError> {
-        let sql = format!("SELECT {PROCESS_COLUMNS} FROM process WHERE state = 'running' ORDER BY id");
+        let sql =
+            format!("SELECT {PROCESS_COLUMNS} FROM process WHERE state = 'running' ORDER BY id");
         let rows = sqlx::query(&sql)
             .fetch_all(&self.readers)
             .await
@@ -325,6 +326,25 @@ impl WriteTx<'_> {
             .await
             .map_err(StoreError::write)?;
         row.map(|r| LeaseRecord::from_row(&r)).transpose()
+    }
+
+    /// Whether any lease was created on an id of `base..base+size` at or after `since_ms`.
+    pub async fn range_held_since(
+        &mut self,
+        base: u32,
+        size: u32,
+        since_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM lease WHERE created_at >= ? AND uid_base < ? AND uid_base + size > ?",
+        )
+        .bind(since_ms)
+        .bind(i64::from(base) + i64::from(size))
+        .bind(i64::from(base))
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(StoreError::write)?;
+        Ok(count > 0)
     }
 
     /// Active leases whose `expires_at` is at or before `now_ms`.

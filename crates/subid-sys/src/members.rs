@@ -40,11 +40,21 @@ pub fn userns_members(ns_ino: u64) -> Result<Vec<PidFd>> {
     Ok(members)
 }
 
-/// Whether the process behind `pidfd` is (still) in the user namespace `ns_ino`.
+/// Whether the process behind `pidfd` is (still) a live member of the user namespace `ns_ino`.
+/// A zombie keeps its credentials (and so its namespace) until its parent reaps it, but it runs
+/// nothing and cannot be killed again: it does not count.
 fn still_in(pidfd: &PidFd, ns_ino: u64) -> bool {
     let Ok(dir) = pidfd.proc_dir() else {
         return false;
     };
+    let zombie = dir
+        .read_to_string("stat")
+        .ok()
+        .and_then(|stat| stat_state(&stat))
+        .is_none_or(|state| matches!(state, 'Z' | 'X'));
+    if zombie {
+        return false;
+    }
     let Ok(fd) = dir.open("ns/user", OFlag::O_RDONLY | OFlag::O_CLOEXEC) else {
         return false;
     };
@@ -82,6 +92,11 @@ pub fn parse_start_ticks(stat: &str) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Field 3 of a `stat` line: the state letter (R, S, D, Z, ...).
+pub fn stat_state(stat: &str) -> Option<char> {
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
 /// This boot's id (`/proc/sys/kernel/random/boot_id`): a pid from another boot names nothing.
 pub fn boot_id() -> Result<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -99,6 +114,9 @@ mod tests {
         assert_eq!(parse_start_ticks(line), Some(987654));
         assert_eq!(parse_start_ticks("garbage"), None);
         assert_eq!(parse_start_ticks("1 (x) S 1 2"), None);
+        assert_eq!(stat_state(line), Some('S'));
+        assert_eq!(stat_state("7 (z) Z 1"), Some('Z'));
+        assert_eq!(stat_state("nothing"), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 
-use crate::error::{Result, SysError};
+use crate::error::{Result, SysError, errno_of};
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,4 +359,30 @@ mod tests {
             Err(SysError::ProcessGone { .. })
         ));
     }
+}
+
+/// Resolves once the process behind `pidfd` has exited (a pidfd polls readable then), without
+/// holding a thread: the fd is registered with tokio's reactor.
+pub async fn exited(pidfd: std::sync::Arc<PidFd>) -> Result<()> {
+    struct Watch(std::sync::Arc<PidFd>);
+    impl AsRawFd for Watch {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0.fd.as_raw_fd()
+        }
+    }
+    let pid = pidfd.pid;
+    // SAFETY: `Watch` owns an Arc of the PidFd, so the fd stays open for as long as the
+    // registration exists (it is dropped with the AsyncFd, before the Arc).
+    let watch = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            Watch(pidfd),
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .map_err(|e| SysError::process("epoll_ctl(pidfd)", pid, errno_of(&e.into_parts().1)))?;
+    let _ready = watch
+        .readable()
+        .await
+        .map_err(|e| SysError::process("poll(pidfd)", pid, errno_of(&e)))?;
+    Ok(())
 }

@@ -22,6 +22,8 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     pub quarantine_seconds: u64,
     pub expiry_interval_ms: u64,
+    pub kill_grace_ms: u64,
+    pub log_max_bytes: u64,
     pub subuid_file: PathBuf,
     pub subgid_file: PathBuf,
     pub log_format: LogFormat,
@@ -59,6 +61,8 @@ struct FileConfig {
     token_file: Option<PathBuf>,
     quarantine_seconds: Option<u64>,
     expiry_interval_ms: Option<u64>,
+    kill_grace_ms: Option<u64>,
+    log_max_bytes: Option<u64>,
     subuid_file: Option<PathBuf>,
     subgid_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
@@ -196,6 +200,12 @@ impl Config {
             expiry_interval_ms: env_num(&env, "SUBIDD_EXPIRY_INTERVAL_MS")?
                 .or(file.expiry_interval_ms)
                 .unwrap_or(1_000),
+            kill_grace_ms: env_num(&env, "SUBIDD_KILL_GRACE_MS")?
+                .or(file.kill_grace_ms)
+                .unwrap_or(10_000),
+            log_max_bytes: env_num(&env, "SUBIDD_LOG_MAX_BYTES")?
+                .or(file.log_max_bytes)
+                .unwrap_or(1024 * 1024),
             subuid_file: env_path("SUBIDD_SUBUID_FILE")
                 .or(file.subuid_file)
                 .unwrap_or_else(|| PathBuf::from("/etc/subuid")),

@@ -26,6 +26,14 @@ pub enum ApiError {
     LeaseConflict(String),
     #[error("{0}")]
     PoolExhausted(String),
+    #[error("{0}")]
+    LeaseBusy(String),
+    #[error("{0}")]
+    ProcessExited(String),
+    #[error("{0}")]
+    ExecutableNotFound(String),
+    #[error("{0}")]
+    ExecFailed(String),
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the database disk is full; free space in the state directory, then retry")]
@@ -45,9 +53,12 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::LeaseExists(_) | ApiError::LeaseConflict(_) | ApiError::PoolExhausted(_) => {
-                StatusCode::CONFLICT
-            }
+            ApiError::LeaseExists(_)
+            | ApiError::LeaseConflict(_)
+            | ApiError::PoolExhausted(_)
+            | ApiError::LeaseBusy(_)
+            | ApiError::ProcessExited(_) => StatusCode::CONFLICT,
+            ApiError::ExecutableNotFound(_) | ApiError::ExecFailed(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -66,6 +77,10 @@ impl ApiError {
             ApiError::LeaseExists(_) => "lease_exists",
             ApiError::LeaseConflict(_) => "lease_conflict",
             ApiError::PoolExhausted(_) => "pool_exhausted",
+            ApiError::LeaseBusy(_) => "lease_busy",
+            ApiError::ProcessExited(_) => "process_exited",
+            ApiError::ExecutableNotFound(_) => "executable_not_found",
+            ApiError::ExecFailed(_) => "exec_failed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::StorageFull => "storage_full",
             ApiError::Unavailable(_) => "unavailable",

@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use subid_core::{AllocError, Allocator, Pool, PoolCounts};
-use subid_store::{EventKind, LeaseRecord, NewLease, Store, StoreError, WriteTx, Writer};
+use subid_store::{
+    EventKind, LeaseRecord, NewLease, ProcessRecord, ProcessState, Store, StoreError, WriteTx,
+    Writer,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ApiError, STORE_UNAVAILABLE};
@@ -68,10 +71,34 @@ enum Command {
         name: String,
         purge: bool,
         caller: Caller,
+        kind: ReleaseKind,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
-    Expire {
-        reply: oneshot::Sender<Result<usize, ApiError>>,
+    Process {
+        op: ProcessOp,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+}
+
+/// Why a lease is released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseKind {
+    /// A client asked (`DELETE`).
+    Delete,
+    /// Its ttl ran out; skipped if it was renewed in the meantime.
+    Expire,
+}
+
+/// A change to the process table, committed with the lease changes of its group.
+#[derive(Debug, Clone)]
+pub enum ProcessOp {
+    Insert(ProcessRecord),
+    Finish {
+        id: String,
+        state: ProcessState,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        ended_at: i64,
     },
 }
 
@@ -86,10 +113,6 @@ enum Outcome {
         Result<LeaseRecord, ApiError>,
     ),
     Release(oneshot::Sender<Result<(), ApiError>>, Result<(), ApiError>),
-    Expire(
-        oneshot::Sender<Result<usize, ApiError>>,
-        Result<usize, ApiError>,
-    ),
 }
 
 impl Outcome {
@@ -106,7 +129,6 @@ impl Outcome {
             Outcome::Create(tx, r) => drop(tx.send(pick(failure, r))),
             Outcome::Renew(tx, r) => drop(tx.send(pick(failure, r))),
             Outcome::Release(tx, r) => drop(tx.send(pick(failure, r))),
-            Outcome::Expire(tx, r) => drop(tx.send(pick(failure, r))),
         }
     }
 }
@@ -211,41 +233,34 @@ impl LeaseService {
 
     /// Releases the active lease of that name; with `purge`, skips quarantine (also for a lease
     /// released earlier whose range is still in quarantine).
-    pub async fn release(&self, name: String, purge: bool, caller: Caller) -> Result<(), ApiError> {
+    pub async fn release(
+        &self,
+        name: String,
+        purge: bool,
+        caller: Caller,
+        kind: ReleaseKind,
+    ) -> Result<(), ApiError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Release {
             name,
             purge,
             caller,
+            kind,
             reply,
         })
         .await?;
         rx.await.map_err(|_| gone())?
     }
 
-    /// Releases every lease whose ttl ran out; returns how many.
-    pub async fn expire(&self) -> Result<usize, ApiError> {
+    /// Commits a change to the process table; `Ok` once it is on disk.
+    pub async fn process_write(&self, op: ProcessOp) -> Result<(), ApiError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Expire { reply }).await?;
+        self.send(Command::Process { op, reply }).await?;
         rx.await.map_err(|_| gone())?
     }
 
     async fn send(&self, command: Command) -> Result<(), ApiError> {
         self.tx.send(command).await.map_err(|_| gone())
-    }
-}
-
-/// Releases expired leases every `interval` until the service stops.
-pub async fn run_expiry(service: LeaseService, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        match service.expire().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(count = n, "released expired leases"),
-            Err(error) => tracing::warn!(%error, "expiry pass failed; retrying"),
-        }
     }
 }
 
@@ -335,8 +350,9 @@ fn unreached_outcome(command: Command) -> Outcome {
     match command {
         Command::Create { reply, .. } => Outcome::Create(reply, e()),
         Command::Renew { reply, .. } => Outcome::Renew(reply, e()),
-        Command::Release { reply, .. } => Outcome::Release(reply, e()),
-        Command::Expire { reply } => Outcome::Expire(reply, e()),
+        Command::Release { reply, .. } | Command::Process { reply, .. } => {
+            Outcome::Release(reply, e())
+        }
     }
 }
 
@@ -377,21 +393,37 @@ async fn decide(
             name,
             purge,
             caller,
+            kind,
             reply,
-        } => match release(tx, allocator, &name, purge, caller, now).await {
+        } => match release(tx, allocator, &name, purge, caller, kind, now).await {
             Ok(r) => Ok(Outcome::Release(reply, r)),
             Err(e) => Err((
                 Outcome::Release(reply, Err(ApiError::Unavailable(STORE_UNAVAILABLE))),
                 e,
             )),
         },
-        Command::Expire { reply } => match expire(tx, allocator, now).await {
-            Ok(n) => Ok(Outcome::Expire(reply, Ok(n))),
-            Err(e) => Err((
-                Outcome::Expire(reply, Err(ApiError::Unavailable(STORE_UNAVAILABLE))),
-                e,
-            )),
-        },
+        Command::Process { op, reply } => {
+            let done = match op {
+                ProcessOp::Insert(record) => tx.insert_process(&record).await,
+                ProcessOp::Finish {
+                    id,
+                    state,
+                    exit_code,
+                    signal,
+                    ended_at,
+                } => {
+                    tx.finish_process(&id, state, exit_code, signal, ended_at)
+                        .await
+                }
+            };
+            match done {
+                Ok(()) => Ok(Outcome::Release(reply, Ok(()))),
+                Err(e) => Err((
+                    Outcome::Release(reply, Err(ApiError::Unavailable(STORE_UNAVAILABLE))),
+                    e,
+                )),
+            }
+        }
     }
 }
 
@@ -412,6 +444,11 @@ async fn create(
     let pool = *lock(allocator).pool();
     let (size, ttl_seconds) = resolve(spec, &pool);
     if let Some(existing) = tx.active_lease(name).await? {
+        if is_expired(&existing, now) {
+            return Ok(Err(ApiError::LeaseConflict(format!(
+                "lease {name} expired and is being released; retry in a moment"
+            ))));
+        }
         if mode == CreateMode::New {
             return Ok(Err(ApiError::LeaseExists(name.to_string())));
         }
@@ -425,15 +462,19 @@ async fn create(
             }));
         }
         return Ok(Err(ApiError::LeaseConflict(format!(
-            "lease {name} exists with other settings (size {}, ttl_seconds {:?}, {} labels); \
+            "lease {name} exists with other settings (size {}, ttl_seconds {}, {} labels); \
              delete it first or ask for the same settings",
             existing.size,
-            existing.ttl_seconds,
+            existing
+                .ttl_seconds
+                .map_or_else(|| "none".to_string(), |t| t.to_string()),
             existing.labels.len()
         ))));
     }
     let count = size / pool.block();
     // Sticky: the same name within quarantine gets its old range back when it is still free.
+    // Only while no other lease held the range after it: otherwise the quarantine now protects
+    // that other tenant's files.
     let sticky = match tx.last_released(name).await? {
         Some(old)
             if old.size == size
@@ -441,7 +482,12 @@ async fn create(
                     .released_at
                     .is_some_and(|at| at.saturating_add(quarantine_of(allocator)) > now) =>
         {
-            pool.block_of(old.uid_base)
+            let since = old.released_at.unwrap_or(now);
+            if tx.range_held_since(old.uid_base, old.size, since).await? {
+                None
+            } else {
+                pool.block_of(old.uid_base)
+            }
         }
         _ => None,
     };
@@ -498,6 +544,11 @@ async fn renew(
     let Some(mut lease) = tx.active_lease(name).await? else {
         return Ok(Err(ApiError::NotFound(format!("no active lease {name}"))));
     };
+    if is_expired(&lease, now) {
+        return Ok(Err(ApiError::NotFound(format!(
+            "lease {name} expired and is being released; create it again"
+        ))));
+    }
     let Some(ttl) = lease.ttl_seconds else {
         return Ok(Err(ApiError::LeaseConflict(format!(
             "lease {name} has no ttl_seconds, so it never expires and cannot be renewed"
@@ -515,17 +566,25 @@ async fn release(
     name: &str,
     purge: bool,
     caller: Caller,
+    kind: ReleaseKind,
     now: i64,
 ) -> Result<Result<(), ApiError>, StoreError> {
     let pool = *lock(allocator).pool();
     if let Some(lease) = tx.active_lease(name).await? {
+        if kind == ReleaseKind::Expire && !is_expired(&lease, now) {
+            // Renewed since the expiry pass looked: nothing to do.
+            return Ok(Ok(()));
+        }
+        let event = match kind {
+            ReleaseKind::Delete => EventKind::Release,
+            ReleaseKind::Expire => EventKind::Expire,
+        };
         let Some((first, count)) = blocks_of(&pool, &lease) else {
             return Ok(Err(ApiError::Internal(format!(
                 "lease {name} lies outside the pool"
             ))));
         };
-        tx.release(&lease, EventKind::Release, purge, now, caller)
-            .await?;
+        tx.release(&lease, event, purge, now, caller).await?;
         let at = u64::try_from(now).unwrap_or(0);
         if let Err(error) = lock(allocator).release(first, count, at, purge) {
             return Ok(Err(ApiError::Internal(format!("allocator: {error}"))));
@@ -558,25 +617,9 @@ async fn release(
     Ok(Err(ApiError::NotFound(format!("no active lease {name}"))))
 }
 
-async fn expire(
-    tx: &mut WriteTx<'_>,
-    allocator: &Mutex<Allocator>,
-    now: i64,
-) -> Result<usize, StoreError> {
-    let pool = *lock(allocator).pool();
-    let expired = tx.expired(now).await?;
-    for lease in &expired {
-        tx.release(lease, EventKind::Expire, false, now, None)
-            .await?;
-        if let Some((first, count)) = blocks_of(&pool, lease) {
-            let at = u64::try_from(now).unwrap_or(0);
-            if let Err(error) = lock(allocator).release(first, count, at, false) {
-                tracing::error!(lease = %lease.name, %error, "allocator out of step on expiry");
-            }
-        }
-        tracing::info!(lease = %lease.name, "lease expired");
-    }
-    Ok(expired.len())
+/// Whether the lease's ttl has run out at `now`.
+pub fn is_expired(lease: &LeaseRecord, now: i64) -> bool {
+    lease.expires_at.is_some_and(|at| at <= now)
 }
 
 /// The first block index and block count of a lease.

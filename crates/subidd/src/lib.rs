@@ -9,4 +9,5 @@ pub mod config;
 pub mod error;
 pub mod lease;
 pub mod pool;
+pub mod process;
 pub mod server;

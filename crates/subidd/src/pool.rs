@@ -51,7 +51,7 @@ pub enum PoolSetupError {
     },
     #[error("{file} has no {OWNER} entry but {other} does; add the same entry to both")]
     OneSided { file: String, other: String },
-    #[error("pool: {0}")]
+    #[error(transparent)]
     Invalid(#[from] PoolError),
 }
 

@@ -15,8 +15,9 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::auth::{self, TcpPolicy, UnixPeer, UnixPolicy};
 use crate::config::Config;
-use crate::lease::{self, LeaseService};
+use crate::lease::LeaseService;
 use crate::pool;
+use crate::process::{ProcessConfig, ProcessService};
 
 /// Backlog of the unix socket: thousands of clients may connect at once.
 const BACKLOG: u32 = 4096;
@@ -71,6 +72,17 @@ impl Daemon {
         })?;
         let quarantine = Duration::from_secs(config.quarantine_seconds);
         let leases = LeaseService::start(store, writer, pool, quarantine).await?;
+        let processes = ProcessService::start(
+            leases.clone(),
+            ProcessConfig {
+                ns_dir: config.runtime_dir.join("ns"),
+                log_dir: config.state_dir.join("logs"),
+                log_max_bytes: config.log_max_bytes,
+                kill_grace: Duration::from_millis(config.kill_grace_ms),
+            },
+        )
+        .await
+        .context("starting the process service")?;
         let unix = bind_unix(&config.socket, &config.socket_group).await?;
         let tcp = match (config.listen_tcp, &config.token_file) {
             (Some(addr), Some(token_file)) => {
@@ -91,6 +103,7 @@ impl Daemon {
         Ok(Daemon {
             state: AppState {
                 leases,
+                processes,
                 pool_source: source,
                 quarantine_seconds: config.quarantine_seconds,
             },
@@ -107,10 +120,12 @@ impl Daemon {
 
     /// Serves until `stop` turns true, then removes the socket.
     pub async fn serve(self, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let expiry = tokio::spawn(lease::run_expiry(
-            self.state.leases.clone(),
-            self.expiry_interval,
-        ));
+        let expiry = tokio::spawn(
+            self.state
+                .processes
+                .clone()
+                .run_expiry(self.expiry_interval),
+        );
         let unix_app = api::router(self.state.clone())
             .layer(middleware::from_fn_with_state(
                 self.unix_policy.clone(),

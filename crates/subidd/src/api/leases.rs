@@ -15,7 +15,7 @@ use super::{
     ApiResult, AppState, Caller, JsonBody, LeaseName, QueryParams, St, caller_uid, json, parse_bool,
 };
 use crate::error::ApiError;
-use crate::lease::{CreateMode, LeaseSpec};
+use crate::lease::{CreateMode, LeaseSpec, ReleaseKind};
 
 /// `GET /v1/pool`
 pub async fn pool(State(state): St, query: QueryParams) -> ApiResult {
@@ -149,14 +149,15 @@ pub async fn delete(
     LeaseName(name): LeaseName,
     query: QueryParams,
 ) -> ApiResult {
-    let single = query.check(&["purge"], &[])?;
-    let purge = match single.get("purge") {
-        Some(v) => parse_bool("purge", v)?,
-        None => false,
+    let single = query.check(&["purge", "force"], &[])?;
+    let flag = |key: &str| match single.get(key) {
+        Some(v) => parse_bool(key, v),
+        None => Ok(false),
     };
+    let (purge, force) = (flag("purge")?, flag("force")?);
     state
-        .leases
-        .release(name, purge, caller_uid(caller))
+        .processes
+        .release(name, purge, force, caller_uid(caller), ReleaseKind::Delete)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

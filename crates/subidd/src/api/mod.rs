@@ -3,6 +3,7 @@
 
 mod leases;
 mod model;
+mod processes;
 
 use std::collections::BTreeMap;
 
@@ -18,6 +19,7 @@ use serde::de::DeserializeOwned;
 use crate::error::ApiError;
 use crate::lease::LeaseService;
 use crate::pool::Source;
+use crate::process::ProcessService;
 
 /// The version every response names in its `Api-Version` header.
 pub const API_VERSION: &str = "1";
@@ -28,6 +30,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub leases: LeaseService,
+    pub processes: ProcessService,
     pub pool_source: Source,
     pub quarantine_seconds: u64,
 }
@@ -53,6 +56,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/leases/{name}/idmap", get(leases::idmap))
         .route("/v1/leases/{name}/events", get(leases::events))
         .route("/v1/lookup", get(leases::lookup))
+        .route(
+            "/v1/leases/{name}/processes",
+            get(processes::list).post(processes::spawn),
+        )
+        .route("/v1/processes/{id}", get(processes::get_one))
+        .route("/v1/processes/{id}/wait", post(processes::wait))
+        .route("/v1/processes/{id}/signal", post(processes::signal))
+        .route("/v1/processes/{id}/logs", get(processes::logs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))

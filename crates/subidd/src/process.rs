@@ -1,0 +1,689 @@
+//! Processes in a lease's user namespace: spawn, supervise, signal, tear down, expire.
+//!
+//! The namespace of a lease is created on its first spawn by a helper running as the lease's
+//! base ids (so the namespace's owner, who is charged for per-user kernel counters, is per
+//! lease), pinned at `<runtime-dir>/ns/<lease>/user`, and joined by every later spawn. Spawns and
+//! teardowns of one lease are serialised by a per-lease lock; the spawn itself runs detached
+//! from the request, so a client that goes away leaves a recorded process or nothing.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::resource::Resource;
+use subid_store::{LeaseRecord, ProcessRecord, ProcessState};
+use subid_sys::spawn::{Command, Namespace};
+use subid_sys::userns::{self, LeaseNs, UserNsSpec};
+use subid_sys::{ChildStep, Errno, ExitStatus, PidFd, SysError, members};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::error::ApiError;
+use crate::lease::{Caller, LeaseService, ProcessOp, ReleaseKind, is_expired, now_ms};
+
+/// What to start; checked by the API layer (ids against the lease's size here).
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    /// The resolved executable (absolute, or relative to `cwd` as given).
+    pub program: PathBuf,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    pub user: u32,
+    pub group: u32,
+    pub groups: Vec<u32>,
+    pub rlimits: Vec<(Resource, u64, u64)>,
+    pub umask: u32,
+}
+
+/// Settings of the process service.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// `<runtime-dir>/ns`: one directory per lease with its pins.
+    pub ns_dir: PathBuf,
+    /// `<state-dir>/logs`: `<id>.stdout` and `<id>.stderr`.
+    pub log_dir: PathBuf,
+    /// Bytes kept per stream; the rest is read and dropped so the process never blocks on it.
+    pub log_max_bytes: u64,
+    /// Time between SIGTERM and SIGKILL on a forced delete or expiry.
+    pub kill_grace: Duration,
+}
+
+/// A process this daemon watches.
+struct Live {
+    lease_id: i64,
+    pidfd: Arc<PidFd>,
+    done: watch::Receiver<bool>,
+}
+
+struct Inner {
+    leases: LeaseService,
+    config: ProcessConfig,
+    boot_id: String,
+    spaces: Mutex<HashMap<i64, Arc<LeaseNs>>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    live: Mutex<HashMap<String, Live>>,
+}
+
+/// Shared handle to the process service; cheap to clone.
+#[derive(Clone)]
+pub struct ProcessService {
+    inner: Arc<Inner>,
+}
+
+impl ProcessService {
+    /// Prepares directories and re-adopts processes a previous daemon started: a row that still
+    /// names a live process (same boot, pid and start time) is watched again; any other running
+    /// row is marked `lost`.
+    pub async fn start(
+        leases: LeaseService,
+        config: ProcessConfig,
+    ) -> Result<ProcessService, anyhow::Error> {
+        std::fs::create_dir_all(&config.ns_dir)?;
+        std::fs::create_dir_all(&config.log_dir)?;
+        let boot_id = members::boot_id()?;
+        let service = ProcessService {
+            inner: Arc::new(Inner {
+                leases,
+                config,
+                boot_id,
+                spaces: Mutex::new(HashMap::new()),
+                locks: Mutex::new(HashMap::new()),
+                live: Mutex::new(HashMap::new()),
+            }),
+        };
+        for row in service.inner.leases.store().running_processes().await? {
+            match service.adoptable(&row) {
+                Some(pidfd) => {
+                    tracing::info!(id = %row.id, pid = row.pid, lease = %row.lease_name, "re-adopted process");
+                    service.supervise(row.id.clone(), row.lease_id, Arc::new(pidfd), false);
+                }
+                None => {
+                    tracing::warn!(id = %row.id, pid = row.pid, lease = %row.lease_name, "process vanished while the daemon was away");
+                    service
+                        .inner
+                        .leases
+                        .process_write(ProcessOp::Finish {
+                            id: row.id.clone(),
+                            state: ProcessState::Lost,
+                            exit_code: None,
+                            signal: None,
+                            ended_at: now_ms(),
+                        })
+                        .await?;
+                }
+            }
+        }
+        Ok(service)
+    }
+
+    /// The pidfd of a recorded process if it is still that process.
+    fn adoptable(&self, row: &ProcessRecord) -> Option<PidFd> {
+        if row.boot_id != self.inner.boot_id {
+            return None;
+        }
+        let pidfd = PidFd::open(row.pid).ok()?;
+        let dir = pidfd.proc_dir().ok()?;
+        let ticks = members::start_ticks(&dir).ok()?;
+        (ticks == row.start_ticks).then_some(pidfd)
+    }
+
+    /// Starts a process in the lease's namespace and records it before answering.
+    pub async fn spawn(&self, name: String, spec: SpawnSpec) -> Result<ProcessRecord, ApiError> {
+        let this = self.clone();
+        // Detached from the request: if the client disconnects, the spawn still finishes and is
+        // recorded (or is undone), never left half-way.
+        tokio::spawn(async move { this.spawn_detached(name, spec).await })
+            .await
+            .map_err(|e| ApiError::Internal(format!("spawn task failed: {e}")))?
+    }
+
+    async fn spawn_detached(
+        &self,
+        name: String,
+        spec: SpawnSpec,
+    ) -> Result<ProcessRecord, ApiError> {
+        let lock = self.lease_lock(&name);
+        let _guard = lock.lock().await;
+        let lease = self.active_lease(&name).await?;
+        for (what, id) in [("user", spec.user), ("group", spec.group)]
+            .into_iter()
+            .chain(spec.groups.iter().map(|g| ("groups entry", *g)))
+        {
+            if id >= lease.size {
+                return Err(ApiError::InvalidRequest(format!(
+                    "{what} {id} is outside lease {name}, which maps ids 0..{}",
+                    lease.size
+                )));
+            }
+        }
+        let id = new_id();
+        let (out_r, out_w) = std::io::pipe().map_err(|e| internal("pipe", e))?;
+        let (err_r, err_w) = std::io::pipe().map_err(|e| internal("pipe", e))?;
+        let mut command = Command::new(&spec.program, &spec.argv);
+        for (k, v) in &spec.env {
+            command.env(k, v);
+        }
+        command
+            .cwd(&spec.cwd)
+            .user(spec.user, spec.group)
+            .groups(spec.groups.iter().copied())
+            .umask(spec.umask)
+            .stdout(OwnedFd::from(out_w))
+            .stderr(OwnedFd::from(err_w));
+        for (resource, soft, hard) in &spec.rlimits {
+            command.rlimit(*resource, *soft, *hard);
+        }
+        let pin = self.pin_path(&name);
+        let existing = self.namespace_of(&lease, &pin)?;
+        let ns_spec = UserNsSpec::new(lease.uid_base, lease.size);
+        let created = existing.is_none();
+        let spawn_pin = pin.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let result = match &existing {
+                Some(ns) => command.spawn(Namespace::Join(ns)),
+                None => command.spawn(Namespace::Create {
+                    spec: &ns_spec,
+                    pin: &spawn_pin,
+                }),
+            };
+            // The write ends close here, in the daemon, so the pipes see EOF when the process
+            // (and whatever it forked) is done with them.
+            drop(command);
+            result
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("spawn thread failed: {e}")))?;
+        let pidfd = Arc::new(result.map_err(|e| spawn_error(&spec, e))?);
+        if created {
+            match LeaseNs::open(&pin) {
+                Ok(ns) => {
+                    lock_map(&self.inner.spaces).insert(lease.id, Arc::new(ns));
+                }
+                Err(error) => tracing::warn!(lease = %name, %error, "cannot reopen the new pin"),
+            }
+        }
+        let start_ticks = pidfd
+            .proc_dir()
+            .and_then(|dir| members::start_ticks(&dir))
+            .unwrap_or(0);
+        let record = ProcessRecord {
+            id: id.clone(),
+            lease_id: lease.id,
+            lease_name: lease.name.clone(),
+            pid: pidfd.pid(),
+            start_ticks,
+            boot_id: self.inner.boot_id.clone(),
+            host_uid: lease.uid_base.saturating_add(spec.user),
+            host_gid: lease.gid_base.saturating_add(spec.group),
+            argv: spec.argv.clone(),
+            state: ProcessState::Running,
+            exit_code: None,
+            signal: None,
+            started_at: now_ms(),
+            ended_at: None,
+        };
+        self.pump(out_r, self.log_path(&id, "stdout"));
+        self.pump(err_r, self.log_path(&id, "stderr"));
+        if let Err(error) = self
+            .inner
+            .leases
+            .process_write(ProcessOp::Insert(record.clone()))
+            .await
+        {
+            // Not recorded means not started: take it back.
+            let _ = pidfd.send_signal(libc_sigkill());
+            let reaper = Arc::clone(&pidfd);
+            let _ = tokio::task::spawn_blocking(move || reaper.wait()).await;
+            return Err(error);
+        }
+        tracing::info!(id = %id, pid = record.pid, lease = %name, host_uid = record.host_uid, "process started");
+        self.supervise(id, lease.id, pidfd, true);
+        Ok(record)
+    }
+
+    /// Watches a process until it ends and records how.
+    fn supervise(&self, id: String, lease_id: i64, pidfd: Arc<PidFd>, own_child: bool) {
+        let (done_tx, done_rx) = watch::channel(false);
+        lock_map(&self.inner.live).insert(
+            id.clone(),
+            Live {
+                lease_id,
+                pidfd: Arc::clone(&pidfd),
+                done: done_rx,
+            },
+        );
+        let this = self.clone();
+        tokio::spawn(async move {
+            let status = wait_exit(&pidfd, own_child).await;
+            let (exit_code, signal) = match status {
+                Some(ExitStatus::Exited(code)) => (Some(code), None),
+                Some(ExitStatus::Signaled { signal, .. }) => (None, Some(signal)),
+                None => (None, None),
+            };
+            let op = ProcessOp::Finish {
+                id: id.clone(),
+                state: ProcessState::Exited,
+                exit_code,
+                signal,
+                ended_at: now_ms(),
+            };
+            // Retry a failed write a few times: the status is worth keeping.
+            for attempt in 0..5u32 {
+                match this.inner.leases.process_write(op.clone()).await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        tracing::warn!(%id, %error, attempt, "cannot record exit status");
+                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    }
+                }
+            }
+            lock_map(&this.inner.live).remove(&id);
+            let _ = done_tx.send(true);
+        });
+    }
+
+    /// Copies a process's output to its log file, keeping at most `log_max_bytes`.
+    fn pump(&self, reader: std::io::PipeReader, path: PathBuf) {
+        let max = self.inner.config.log_max_bytes;
+        tokio::spawn(async move {
+            let mut pipe =
+                match tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader)) {
+                    Ok(pipe) => pipe,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot watch output pipe");
+                        return;
+                    }
+                };
+            let mut file = match tokio::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o640)
+                .open(&path)
+                .await
+            {
+                Ok(file) => Some(file),
+                Err(error) => {
+                    tracing::warn!(%error, path = %path.display(), "cannot open log file; output dropped");
+                    None
+                }
+            };
+            let mut kept = 0u64;
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match pipe.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let room = usize::try_from(max.saturating_sub(kept)).unwrap_or(usize::MAX);
+                let take = n.min(room);
+                if take > 0 {
+                    if let Some(f) = file.as_mut() {
+                        if f.write_all(&buf[..take]).await.is_err() {
+                            file = None;
+                        }
+                    }
+                    kept += take as u64;
+                }
+            }
+            if let Some(mut f) = file {
+                let _ = f.flush().await;
+            }
+        });
+    }
+
+    /// Sends a signal to a running process of this daemon.
+    pub async fn signal(&self, id: &str, signal: i32) -> Result<(), ApiError> {
+        let pidfd = lock_map(&self.inner.live)
+            .get(id)
+            .map(|l| Arc::clone(&l.pidfd));
+        match pidfd {
+            Some(pidfd) => match pidfd.send_signal(signal) {
+                Ok(()) => Ok(()),
+                Err(SysError::ProcessGone { .. }) => {
+                    Err(ApiError::ProcessExited(format!("process {id} has exited")))
+                }
+                Err(error) => Err(ApiError::Internal(format!(
+                    "signal {signal} to {id}: {error}"
+                ))),
+            },
+            None => match self.inner.leases.store().get_process(id).await? {
+                Some(_) => Err(ApiError::ProcessExited(format!(
+                    "process {id} is not running"
+                ))),
+                None => Err(ApiError::NotFound(format!("no process {id}"))),
+            },
+        }
+    }
+
+    /// Waits until the process ends or `timeout` passes, then returns its record.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<ProcessRecord, ApiError> {
+        let done = lock_map(&self.inner.live).get(id).map(|l| l.done.clone());
+        if let Some(mut done) = done {
+            let _ = tokio::time::timeout(timeout, done.wait_for(|d| *d)).await;
+        }
+        self.get(id).await
+    }
+
+    /// The record of a process.
+    pub async fn get(&self, id: &str) -> Result<ProcessRecord, ApiError> {
+        self.inner
+            .leases
+            .store()
+            .get_process(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no process {id}")))
+    }
+
+    /// The processes of the active lease `name`.
+    pub async fn list(&self, name: &str) -> Result<Vec<ProcessRecord>, ApiError> {
+        let lease = self.active_lease(name).await?;
+        Ok(self.inner.leases.store().lease_processes(lease.id).await?)
+    }
+
+    /// A log file of a process, if it exists.
+    pub fn log_path(&self, id: &str, stream: &str) -> PathBuf {
+        self.inner.config.log_dir.join(format!("{id}.{stream}"))
+    }
+
+    /// Releases a lease. With live processes: `lease_busy`, unless `force`, which sends SIGTERM to
+    /// every process of its namespace, SIGKILL after the grace period, then unpins and releases.
+    pub async fn release(
+        &self,
+        name: String,
+        purge: bool,
+        force: bool,
+        caller: Caller,
+        kind: ReleaseKind,
+    ) -> Result<(), ApiError> {
+        let lock = self.lease_lock(&name);
+        let guard = lock.lock().await;
+        let lease = self.inner.leases.store().get_lease(&name).await?;
+        if let Some(lease) = lease.filter(|l| l.state == subid_core::LeaseState::Active) {
+            self.teardown(&lease, force).await?;
+        }
+        let result = self
+            .inner
+            .leases
+            .release(name.clone(), purge, caller, kind)
+            .await;
+        drop(guard);
+        self.forget_lock(&name, lock);
+        result
+    }
+
+    /// Stops everything of the lease's namespace (when `force`) and removes its pins.
+    async fn teardown(&self, lease: &LeaseRecord, force: bool) -> Result<(), ApiError> {
+        let pin = self.pin_path(&lease.name);
+        let ns_ino = self.namespace_inode(lease, &pin);
+        let busy = self.members_or_live(lease.id, ns_ino).await;
+        if busy > 0 {
+            if !force {
+                return Err(ApiError::LeaseBusy(format!(
+                    "lease {} has {busy} live process(es); stop them or delete with ?force=true",
+                    lease.name
+                )));
+            }
+            self.kill_all(lease.id, ns_ino, libc_sigterm());
+            let deadline = Instant::now() + self.inner.config.kill_grace;
+            while Instant::now() < deadline && self.members_or_live(lease.id, ns_ino).await > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.members_or_live(lease.id, ns_ino).await > 0 {
+                if Instant::now() > deadline {
+                    return Err(ApiError::LeaseBusy(format!(
+                        "processes of lease {} survived SIGKILL for 10 s; retry",
+                        lease.name
+                    )));
+                }
+                self.kill_all(lease.id, ns_ino, libc_sigkill());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::info!(lease = %lease.name, "stopped every process of the lease");
+        }
+        lock_map(&self.inner.spaces).remove(&lease.id);
+        if let Err(error) = userns::unpin(&pin) {
+            tracing::error!(lease = %lease.name, %error, "cannot unpin namespace");
+            return Err(ApiError::Internal(format!(
+                "unpin {}: {error}",
+                pin.display()
+            )));
+        }
+        if let Some(dir) = pin.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
+    }
+
+    /// How many processes still belong to the lease: namespace members plus watched ones.
+    async fn members_or_live(&self, lease_id: i64, ns_ino: Option<u64>) -> usize {
+        let live = lock_map(&self.inner.live)
+            .values()
+            .filter(|l| l.lease_id == lease_id && !*l.done.borrow())
+            .count();
+        let members = match ns_ino {
+            Some(ino) => tokio::task::spawn_blocking(move || members::userns_members(ino))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map_or(0, |m| m.len()),
+            None => 0,
+        };
+        live.max(members)
+    }
+
+    fn kill_all(&self, lease_id: i64, ns_ino: Option<u64>, signal: i32) {
+        if let Some(ino) = ns_ino {
+            if let Err(error) = members::signal_members(ino, signal) {
+                tracing::warn!(%error, "signalling namespace members");
+            }
+        }
+        for live in lock_map(&self.inner.live).values() {
+            if live.lease_id == lease_id {
+                let _ = live.pidfd.send_signal(signal);
+            }
+        }
+    }
+
+    /// Releases, with force, every lease whose ttl ran out; runs until the daemon stops.
+    pub async fn run_expiry(self, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let due = match self.inner.leases.store().expired_leases(now_ms()).await {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::warn!(%error, "expiry pass cannot read leases; retrying");
+                    continue;
+                }
+            };
+            for lease in due {
+                let name = lease.name.clone();
+                match self
+                    .release(lease.name, false, true, None, ReleaseKind::Expire)
+                    .await
+                {
+                    Ok(()) => tracing::info!(lease = %name, "lease expired and released"),
+                    Err(error) => {
+                        tracing::warn!(lease = %name, %error, "cannot release expired lease")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The active, unexpired lease of that name.
+    async fn active_lease(&self, name: &str) -> Result<LeaseRecord, ApiError> {
+        match self.inner.leases.store().get_lease(name).await? {
+            Some(lease)
+                if lease.state == subid_core::LeaseState::Active
+                    && !is_expired(&lease, now_ms()) =>
+            {
+                Ok(lease)
+            }
+            _ => Err(ApiError::NotFound(format!("no active lease {name}"))),
+        }
+    }
+
+    fn pin_path(&self, name: &str) -> PathBuf {
+        self.inner.config.ns_dir.join(name).join("user")
+    }
+
+    /// The lease's namespace if it exists: open already, or pinned by an earlier daemon. A pin
+    /// owned by anyone but the lease's base uid is stale (another tenant's): it is removed.
+    fn namespace_of(
+        &self,
+        lease: &LeaseRecord,
+        pin: &Path,
+    ) -> Result<Option<Arc<LeaseNs>>, ApiError> {
+        if let Some(ns) = lock_map(&self.inner.spaces).get(&lease.id) {
+            return Ok(Some(Arc::clone(ns)));
+        }
+        if !userns::is_pinned(pin) {
+            return Ok(None);
+        }
+        let ns = LeaseNs::open(pin).map_err(|e| ApiError::Internal(format!("open pin: {e}")))?;
+        match userns::owner_uid(ns.user()) {
+            Ok(owner) if owner == lease.uid_base => {
+                let ns = Arc::new(ns);
+                lock_map(&self.inner.spaces).insert(lease.id, Arc::clone(&ns));
+                Ok(Some(ns))
+            }
+            other => {
+                tracing::warn!(lease = %lease.name, owner = ?other, "stale namespace pin; replacing it");
+                drop(ns);
+                userns::unpin(pin)
+                    .map_err(|e| ApiError::Internal(format!("unpin stale pin: {e}")))?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn namespace_inode(&self, lease: &LeaseRecord, pin: &Path) -> Option<u64> {
+        if let Some(ns) = lock_map(&self.inner.spaces).get(&lease.id) {
+            return userns::ns_inode(ns.user()).ok();
+        }
+        if userns::is_pinned(pin) {
+            let fd = userns::open_pinned(pin).ok()?;
+            return userns::ns_inode(&fd).ok();
+        }
+        None
+    }
+
+    fn lease_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(
+            lock_map(&self.inner.locks)
+                .entry(name.to_string())
+                .or_default(),
+        )
+    }
+
+    /// Drops the lock entry of a released lease when nobody else holds it.
+    fn forget_lock(&self, name: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = lock_map(&self.inner.locks);
+        drop(lock);
+        if locks.get(name).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(name);
+        }
+    }
+}
+
+/// Waits until the process exits. For our own child, reaps it and returns its status; for an
+/// adopted process (a previous daemon's child) the status cannot be known.
+async fn wait_exit(pidfd: &Arc<PidFd>, own_child: bool) -> Option<ExitStatus> {
+    if let Err(error) = subid_sys::pidfd::exited(Arc::clone(pidfd)).await {
+        // Fall back to polling from a thread now and then.
+        tracing::warn!(%error, "cannot register pidfd with the reactor; polling");
+        loop {
+            let p = Arc::clone(pidfd);
+            let exited = tokio::task::spawn_blocking(move || p.has_exited().unwrap_or(true))
+                .await
+                .unwrap_or(true);
+            if exited {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    if !own_child {
+        return None;
+    }
+    let p = Arc::clone(pidfd);
+    tokio::task::spawn_blocking(move || p.wait().ok())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Maps a spawn failure to what the client should hear.
+fn spawn_error(spec: &SpawnSpec, error: SysError) -> ApiError {
+    match &error {
+        SysError::ChildSetup { step, source, .. } => {
+            let client_fault = matches!(
+                source,
+                Errno::ENOENT
+                    | Errno::EACCES
+                    | Errno::ENOEXEC
+                    | Errno::ENOTDIR
+                    | Errno::ELOOP
+                    | Errno::E2BIG
+                    | Errno::ETXTBSY
+                    | Errno::EISDIR
+                    | Errno::EPERM
+                    | Errno::EINVAL
+                    | Errno::ENAMETOOLONG
+            );
+            if client_fault {
+                let what = match step {
+                    ChildStep::Execve => format!("cannot execute {}", spec.program.display()),
+                    ChildStep::Chdir => format!("cannot enter cwd {}", spec.cwd.display()),
+                    other => format!("process setup failed at {}", other.as_str()),
+                };
+                return ApiError::ExecFailed(format!("{what}: {source}"));
+            }
+            ApiError::Internal(format!("spawn: {error}"))
+        }
+        SysError::InvalidInput { reason, .. } => ApiError::InvalidRequest(reason.clone()),
+        _ if error.errno() == Some(Errno::EAGAIN) => {
+            ApiError::Unavailable("the kernel refused a new process (resource limit); retry later")
+        }
+        _ => ApiError::Internal(format!("spawn: {error}")),
+    }
+}
+
+fn internal(what: &str, error: std::io::Error) -> ApiError {
+    ApiError::Internal(format!("{what}: {error}"))
+}
+
+/// A process id: 16 random hex digits.
+fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    let filled = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_ok();
+    if !filled {
+        // Time and a counter still make ids unique within this daemon.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        bytes = (u64::try_from(now_ms()).unwrap_or(0) ^ (n << 48)).to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn libc_sigterm() -> i32 {
+    nix::sys::signal::Signal::SIGTERM as i32
+}
+
+fn libc_sigkill() -> i32 {
+    nix::sys::signal::Signal::SIGKILL as i32
+}

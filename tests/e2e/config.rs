@@ -1,0 +1,52 @@
+//! Config layers as the binary applies them: file < `SUBIDD_*` environment; bad keys refused.
+
+use hyper::StatusCode;
+use subidd_tests::Daemon;
+
+use crate::util::{BLOCK, assert_status};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn environment_beats_the_config_file() {
+    let daemon = Daemon::start_with(
+        "quarantine_seconds = 5\n[pool]\nsize = 262144\n",
+        &[],
+        &[
+            ("SUBIDD_QUARANTINE_SECONDS", "7"),
+            ("SUBIDD_POOL_SIZE", "131072"),
+        ],
+    )
+    .expect("start daemon");
+    let reply = daemon.client().get("/v1/pool").await.expect("GET pool");
+    assert_status(&reply, StatusCode::OK, "GET /v1/pool");
+    let pool = reply.json();
+    assert_eq!(pool["quarantine_seconds"], 7, "env quarantine wins: {pool}");
+    assert_eq!(pool["size"], 2 * BLOCK, "env pool size wins: {pool}");
+    assert_eq!(pool["source"], "config", "source: {pool}");
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_refused_by_name() {
+    let message = Daemon::start_failure("sokcet = \"/x\"\n").expect("typo refused");
+    assert!(
+        message.contains("sokcet"),
+        "names the unknown key: {message}"
+    );
+    let message = Daemon::start_failure("[pool]\nbloc = 65536\n").expect("typo refused");
+    assert!(
+        message.contains("bloc"),
+        "names the unknown pool key: {message}"
+    );
+    let message = Daemon::start_failure("expiry_interval_ms = 0\n").expect("zero refused");
+    assert!(
+        message.contains("expiry_interval_ms"),
+        "names expiry_interval_ms: {message}"
+    );
+    let message = match Daemon::start_with("", &[], &[("SUBIDD_POOL_BASE", "lots")]) {
+        Ok(_) => panic!("subidd started with SUBIDD_POOL_BASE=lots"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        message.contains("SUBIDD_POOL_BASE"),
+        "names the variable: {message}"
+    );
+}
