@@ -174,7 +174,7 @@ async fn bad_queries_are_invalid_requests() {
         (Method::GET, "/v1/leases/q?x=1"),
         (Method::GET, "/v1/pool?verbose=1"),
         (Method::DELETE, "/v1/leases/q?purge=maybe"),
-        (Method::DELETE, "/v1/leases/q?force=true"),
+        (Method::DELETE, "/v1/leases/q?force=perhaps"),
         (Method::GET, "/v1/lookup"),
         (Method::GET, "/v1/lookup?uid=abc"),
         (Method::GET, "/v1/lookup?uid=-1"),

@@ -143,9 +143,6 @@ fn refusal_line(output: &str) -> String {
 }
 
 #[test]
-#[ignore = "bug: a refused pool is reported twice in one line (`pool: <msg>: <msg>`): \
-            PoolSetupError::Invalid both prints its #[from] source and exposes it as the \
-            error's source, so `{:#}` repeats it"]
 fn pool_refusal_states_the_problem_once() {
     let output = Daemon::start_failure("[pool]\nbase = 1000\n").expect("daemon refuses");
     let line = refusal_line(&output);

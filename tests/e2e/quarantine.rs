@@ -228,9 +228,6 @@ async fn allocation_prefers_never_used_then_least_recently_released() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: a sticky re-PUT takes its old range back even while that range is in \
-            quarantine for a later tenant (another name that held it after a purge), handing \
-            the returning name the ids of that tenant's leftover files"]
 async fn sticky_name_does_not_take_a_range_quarantined_for_another_name() {
     let daemon = Daemon::start(&pool_config(1, 3600)).expect("start daemon");
     let client = daemon.client();

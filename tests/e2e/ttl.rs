@@ -161,8 +161,6 @@ async fn renew_refuses_leases_without_ttl_and_unknown_names() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug (spec: an expired lease is released): between expires_at and the next expiry \
-            pass a lease still shows active and POST .../renew revives it (200, new expires_at)"]
 async fn lease_past_its_expiry_cannot_be_renewed_before_the_sweep() {
     // A long expiry interval leaves a window between expires_at and the release.
     let daemon = Daemon::start("expiry_interval_ms = 60000\n").expect("start daemon");

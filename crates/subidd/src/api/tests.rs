@@ -27,8 +27,20 @@ async fn app(blocks: u32, quarantine: Duration) -> (tempfile::TempDir, Router, L
     let leases = LeaseService::start(store, writer, pool, quarantine)
         .await
         .expect("service");
+    let processes = ProcessService::start(
+        leases.clone(),
+        crate::process::ProcessConfig {
+            ns_dir: dir.path().join("run/ns"),
+            log_dir: dir.path().join("logs"),
+            log_max_bytes: 4096,
+            kill_grace: Duration::from_millis(200),
+        },
+    )
+    .await
+    .expect("process service");
     let state = AppState {
         leases: leases.clone(),
+        processes,
         pool_source: Source::Config,
         quarantine_seconds: quarantine.as_secs(),
     };
