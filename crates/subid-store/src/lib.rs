@@ -54,6 +54,18 @@ pub struct Store {
 pub struct Writer {
     conn: SqliteConnection,
     path: PathBuf,
+    durability: Durability,
+}
+
+/// How hard a commit holds on to its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: on disk (fsync'd) when the commit returns. Leases, always.
+    Full,
+    /// `synchronous=NORMAL` (WAL): survives a crash of the daemon, not a power loss. Only for
+    /// groups that change nothing but process rows: after a power loss every process is gone
+    /// anyway, and the next start marks the rows it cannot find as lost.
+    Process,
 }
 
 /// Opens (creating when absent) the database at `path`, applies migrations, and returns the read
@@ -101,6 +113,7 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
         Writer {
             conn,
             path: path.to_path_buf(),
+            durability: Durability::Full,
         },
     ))
 }
@@ -286,8 +299,29 @@ impl Writer {
         Ok(settled)
     }
 
-    /// Starts a `BEGIN IMMEDIATE` transaction: it holds the write lock from its first statement.
+    /// Starts a `BEGIN IMMEDIATE` transaction with the given durability.
+    pub async fn begin_with(&mut self, durability: Durability) -> Result<WriteTx<'_>, StoreError> {
+        if durability != self.durability {
+            let pragma = match durability {
+                Durability::Full => "PRAGMA synchronous = FULL",
+                Durability::Process => "PRAGMA synchronous = NORMAL",
+            };
+            sqlx::query(pragma)
+                .execute(&mut self.conn)
+                .await
+                .map_err(StoreError::write)?;
+            self.durability = durability;
+        }
+        self.begin_immediate().await
+    }
+
+    /// Starts a `BEGIN IMMEDIATE` transaction with full durability: it holds the write lock from
+    /// its first statement and its commit is fsync'd.
     pub async fn begin(&mut self) -> Result<WriteTx<'_>, StoreError> {
+        self.begin_with(Durability::Full).await
+    }
+
+    async fn begin_immediate(&mut self) -> Result<WriteTx<'_>, StoreError> {
         let tx = self
             .conn
             .begin_with("BEGIN IMMEDIATE")

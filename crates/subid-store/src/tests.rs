@@ -206,3 +206,27 @@ async fn a_foreign_file_is_refused_not_recreated() {
         "never recreated"
     );
 }
+
+#[tokio::test]
+async fn lease_commits_are_always_full_even_after_a_process_only_group() {
+    let (_dir, _store, mut writer) = fresh().await;
+    assert_eq!(synchronous(&mut writer).await, 2, "FULL at open");
+    writer
+        .begin_with(Durability::Process)
+        .await
+        .expect("begin")
+        .commit()
+        .await
+        .expect("commit");
+    assert_eq!(synchronous(&mut writer).await, 1, "NORMAL for process rows");
+    let tx = writer.begin().await.expect("begin");
+    tx.commit().await.expect("commit");
+    assert_eq!(synchronous(&mut writer).await, 2, "back to FULL for leases");
+}
+
+async fn synchronous(w: &mut Writer) -> i64 {
+    sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&mut w.conn)
+        .await
+        .expect("pragma")
+}

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use subid_core::{AllocError, Allocator, Pool, PoolCounts};
 use subid_store::{
-    EventKind, LeaseRecord, NewLease, ProcessRecord, ProcessState, Store, StoreError, WriteTx,
-    Writer,
+    Durability, EventKind, LeaseRecord, NewLease, ProcessRecord, ProcessState, Store, StoreError,
+    WriteTx, Writer,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -302,7 +302,13 @@ impl WriterTask {
     async fn commit_group(&mut self, batch: &mut Vec<Command>) {
         let now = now_ms();
         let mut outcomes = Vec::with_capacity(batch.len());
-        let failure = match self.writer.begin().await {
+        // Leases are always fsync'd; a group of nothing but process rows is not (see Durability).
+        let durability = if batch.iter().all(|c| matches!(c, Command::Process { .. })) {
+            Durability::Process
+        } else {
+            Durability::Full
+        };
+        let failure = match self.writer.begin_with(durability).await {
             Err(error) => Some(error),
             Ok(mut tx) => {
                 let mut failure = None;
