@@ -120,14 +120,14 @@ fn check_disjoint(ranges: &mut [(IdRange, usize)], side: MapSide) -> Result<(), 
     ranges.sort_unstable();
     for pair in ranges.windows(2) {
         // Nested rather than a let-chain: the workspace's rust-version (1.85) predates let-chains.
-        if let [(a, ia), (b, ib)] = pair {
-            if a.overlaps(b) {
-                return Err(MapError::Overlap {
-                    side,
-                    first: (*ia).min(*ib),
-                    second: (*ia).max(*ib),
-                });
-            }
+        if let [(a, ia), (b, ib)] = pair
+            && a.overlaps(b)
+        {
+            return Err(MapError::Overlap {
+                side,
+                first: (*ia).min(*ib),
+                second: (*ia).max(*ib),
+            });
         }
     }
     Ok(())

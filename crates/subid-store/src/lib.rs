@@ -40,7 +40,7 @@ const PROCESS_COLUMNS: &str = "id, lease_id, lease_name, pid, start_ticks, boot_
 
 /// The columns of `lease`, in the order [`LeaseRecord::from_row`] reads them.
 const LEASE_COLUMNS: &str = "id, name, uid_base, gid_base, size, state, labels, ttl_seconds, \
-     created_at, expires_at, released_at, created_by";
+     created_at, expires_at, released_at, created_by, rlimits, namespaces";
 
 /// Read access to the store; cheap to clone.
 #[derive(Clone, Debug)]
@@ -404,9 +404,12 @@ impl WriteTx<'_> {
         block: u32,
     ) -> Result<LeaseRecord, StoreError> {
         let labels = serde_json::to_string(&new.labels).map_err(StoreError::encode)?;
+        let rlimits = serde_json::to_string(&new.rlimits).map_err(StoreError::encode)?;
+        let namespaces = serde_json::to_string(&new.namespaces).map_err(StoreError::encode)?;
         let result = sqlx::query(
             "INSERT INTO lease (name, uid_base, gid_base, size, state, labels, ttl_seconds, \
-             created_at, expires_at, created_by) VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
+             created_at, expires_at, created_by, rlimits, namespaces) \
+             VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&new.name)
         .bind(i64::from(new.uid_base))
@@ -417,6 +420,8 @@ impl WriteTx<'_> {
         .bind(new.created_at)
         .bind(new.expires_at)
         .bind(new.created_by.map(i64::from))
+        .bind(rlimits)
+        .bind(namespaces)
         .execute(&mut *self.tx)
         .await
         .map_err(StoreError::write)?;
@@ -460,6 +465,8 @@ impl WriteTx<'_> {
             expires_at: new.expires_at,
             released_at: None,
             created_by: new.created_by,
+            rlimits: new.rlimits.clone(),
+            namespaces: new.namespaces.clone(),
         })
     }
 

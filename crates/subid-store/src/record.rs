@@ -23,6 +23,10 @@ pub struct LeaseRecord {
     pub expires_at: Option<i64>,
     pub released_at: Option<i64>,
     pub created_by: Option<u32>,
+    /// Default rlimits of the lease's processes: name -> [soft, hard].
+    pub rlimits: BTreeMap<String, [u64; 2]>,
+    /// Extra namespaces shared by the lease's processes (`mnt`, `uts`, `ipc`, `net`).
+    pub namespaces: Vec<String>,
 }
 
 impl LeaseRecord {
@@ -44,8 +48,25 @@ impl LeaseRecord {
             expires_at: row.try_get("expires_at").map_err(StoreError::read)?,
             released_at: row.try_get("released_at").map_err(StoreError::read)?,
             created_by: get_opt_u32(row, "created_by")?,
+            rlimits: get_json(row, "rlimits")?.unwrap_or_default(),
+            namespaces: get_json(row, "namespaces")?.unwrap_or_default(),
         })
     }
+}
+
+/// Decodes a nullable JSON column.
+fn get_json<T: serde::de::DeserializeOwned>(
+    row: &SqliteRow,
+    column: &str,
+) -> Result<Option<T>, StoreError> {
+    let text: Option<String> = row.try_get(column).map_err(StoreError::read)?;
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|_| StoreError::Invalid {
+            what: format!("lease.{column}"),
+            value: t,
+        })
+    })
+    .transpose()
 }
 
 /// What the daemon decided a new lease is; the store adds the id.
@@ -60,6 +81,8 @@ pub struct NewLease {
     pub created_at: i64,
     pub expires_at: Option<i64>,
     pub created_by: Option<u32>,
+    pub rlimits: BTreeMap<String, [u64; 2]>,
+    pub namespaces: Vec<String>,
 }
 
 /// One row of `block`: a block that was handed out at least once.

@@ -18,6 +18,8 @@ fn new_lease(name: &str, base: u32, size: u32, at: i64) -> NewLease {
         created_at: at,
         expires_at: None,
         created_by: Some(0),
+        rlimits: BTreeMap::new(),
+        namespaces: Vec::new(),
     }
 }
 

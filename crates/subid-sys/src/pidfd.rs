@@ -302,6 +302,32 @@ fn parse_ids(status: &str) -> Option<ProcIds> {
     })
 }
 
+/// Resolves once the process behind `pidfd` has exited (a pidfd polls readable then), without
+/// holding a thread: the fd is registered with tokio's reactor.
+pub async fn exited(pidfd: std::sync::Arc<PidFd>) -> Result<()> {
+    struct Watch(std::sync::Arc<PidFd>);
+    impl AsRawFd for Watch {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0.fd.as_raw_fd()
+        }
+    }
+    let pid = pidfd.pid;
+    // SAFETY: `Watch` owns an Arc of the PidFd, so the fd stays open for as long as the
+    // registration exists (it is dropped with the AsyncFd, before the Arc).
+    let watch = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            Watch(pidfd),
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .map_err(|e| SysError::process("epoll_ctl(pidfd)", pid, errno_of(&e.into_parts().1)))?;
+    let _ready = watch
+        .readable()
+        .await
+        .map_err(|e| SysError::process("poll(pidfd)", pid, errno_of(&e)))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,30 +385,4 @@ mod tests {
             Err(SysError::ProcessGone { .. })
         ));
     }
-}
-
-/// Resolves once the process behind `pidfd` has exited (a pidfd polls readable then), without
-/// holding a thread: the fd is registered with tokio's reactor.
-pub async fn exited(pidfd: std::sync::Arc<PidFd>) -> Result<()> {
-    struct Watch(std::sync::Arc<PidFd>);
-    impl AsRawFd for Watch {
-        fn as_raw_fd(&self) -> RawFd {
-            self.0.fd.as_raw_fd()
-        }
-    }
-    let pid = pidfd.pid;
-    // SAFETY: `Watch` owns an Arc of the PidFd, so the fd stays open for as long as the
-    // registration exists (it is dropped with the AsyncFd, before the Arc).
-    let watch = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(
-            Watch(pidfd),
-            tokio::io::Interest::READABLE,
-        )
-    }
-    .map_err(|e| SysError::process("epoll_ctl(pidfd)", pid, errno_of(&e.into_parts().1)))?;
-    let _ready = watch
-        .readable()
-        .await
-        .map_err(|e| SysError::process("poll(pidfd)", pid, errno_of(&e)))?;
-    Ok(())
 }

@@ -32,6 +32,10 @@ pub struct LeaseSpec {
     pub size: Option<u32>,
     pub labels: BTreeMap<String, String>,
     pub ttl_seconds: Option<u32>,
+    /// Default rlimits of the lease's processes, name -> [soft, hard] (checked by the API).
+    pub rlimits: BTreeMap<String, [u64; 2]>,
+    /// Extra namespaces, sorted and without repeats (checked by the API).
+    pub namespaces: Vec<String>,
 }
 
 /// How a create request treats an existing lease of the same name.
@@ -460,7 +464,9 @@ async fn create(
         }
         let same = existing.size == size
             && existing.labels == spec.labels
-            && existing.ttl_seconds == ttl_seconds;
+            && existing.ttl_seconds == ttl_seconds
+            && existing.rlimits == spec.rlimits
+            && existing.namespaces == spec.namespaces;
         if same {
             return Ok(Ok(Created {
                 lease: existing,
@@ -468,7 +474,8 @@ async fn create(
             }));
         }
         return Ok(Err(ApiError::LeaseConflict(format!(
-            "lease {name} exists with other settings (size {}, ttl_seconds {}, {} labels); \
+            "lease {name} exists with other settings (size {}, ttl_seconds {}, {} labels, \
+             rlimits or namespaces may differ too); \
              delete it first or ask for the same settings",
             existing.size,
             existing
@@ -533,6 +540,8 @@ async fn create(
         created_at: now,
         expires_at: ttl_seconds.map(|t| now.saturating_add(i64::from(t) * 1000)),
         created_by: caller,
+        rlimits: spec.rlimits.clone(),
+        namespaces: spec.namespaces.clone(),
     };
     let lease = tx.insert_lease(&new, pool.block()).await?;
     Ok(Ok(Created {
@@ -599,25 +608,25 @@ async fn release(
     }
     if purge {
         // Purging a lease released earlier: its range leaves quarantine now, if nobody took it.
-        if let Some(old) = tx.last_released(name).await? {
-            if let Some((first, count)) = blocks_of(&pool, &old) {
-                let purged = {
-                    let mut alloc = lock(allocator);
-                    if alloc.is_free_for(first, count) {
-                        alloc.purge(first, count).map(|()| true)
-                    } else {
-                        Ok(false)
-                    }
-                };
-                match purged {
-                    Ok(true) => tx.purge_released(&old, now, caller).await?,
-                    Ok(false) => {}
-                    Err(error) => {
-                        return Ok(Err(ApiError::Internal(format!("allocator: {error}"))));
-                    }
+        if let Some(old) = tx.last_released(name).await?
+            && let Some((first, count)) = blocks_of(&pool, &old)
+        {
+            let purged = {
+                let mut alloc = lock(allocator);
+                if alloc.is_free_for(first, count) {
+                    alloc.purge(first, count).map(|()| true)
+                } else {
+                    Ok(false)
                 }
-                return Ok(Ok(()));
+            };
+            match purged {
+                Ok(true) => tx.purge_released(&old, now, caller).await?,
+                Ok(false) => {}
+                Err(error) => {
+                    return Ok(Err(ApiError::Internal(format!("allocator: {error}"))));
+                }
             }
+            return Ok(Ok(()));
         }
     }
     Ok(Err(ApiError::NotFound(format!("no active lease {name}"))))

@@ -6,14 +6,13 @@
 //! teardowns of one lease are serialised by a per-lease lock; the spawn itself runs detached
 //! from the request, so a client that goes away leaves a recorded process or nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nix::sys::resource::Resource;
 use subid_store::{LeaseRecord, ProcessRecord, ProcessState};
 use subid_sys::spawn::{Command, Namespace};
 use subid_sys::userns::{self, LeaseNs, UserNsSpec};
@@ -35,7 +34,8 @@ pub struct SpawnSpec {
     pub user: u32,
     pub group: u32,
     pub groups: Vec<u32>,
-    pub rlimits: Vec<(Resource, u64, u64)>,
+    /// Per-process rlimits, name -> [soft, hard]; they override the lease's defaults.
+    pub rlimits: BTreeMap<String, [u64; 2]>,
     pub umask: u32,
 }
 
@@ -174,13 +174,20 @@ impl ProcessService {
             .umask(spec.umask)
             .stdout(OwnedFd::from(out_w))
             .stderr(OwnedFd::from(err_w));
-        for (resource, soft, hard) in &spec.rlimits {
-            command.rlimit(*resource, *soft, *hard);
+        let mut rlimits = lease.rlimits.clone();
+        rlimits.extend(spec.rlimits.clone());
+        for (rname, [soft, hard]) in &rlimits {
+            let resource = crate::api::resource(rname)
+                .ok_or_else(|| ApiError::InvalidRequest(format!("unknown rlimit {rname:?}")))?;
+            command.rlimit(resource, *soft, *hard);
         }
         let pin = self.pin_path(&name);
         let existing = self.namespace_of(&lease, &pin)?;
-        let ns_spec = UserNsSpec::new(lease.uid_base, lease.size);
+        let ns_spec = ns_spec(&lease);
         let created = existing.is_none();
+        if created && ns_spec.extra.mnt {
+            self.private_ns_dir()?;
+        }
         let spawn_pin = pin.clone();
         let result = tokio::task::spawn_blocking(move || {
             let result = match &existing {
@@ -322,10 +329,10 @@ impl ProcessService {
                 let room = usize::try_from(max.saturating_sub(kept)).unwrap_or(usize::MAX);
                 let take = n.min(room);
                 if take > 0 {
-                    if let Some(f) = file.as_mut() {
-                        if f.write_all(&buf[..take]).await.is_err() {
-                            file = None;
-                        }
+                    if let Some(f) = file.as_mut()
+                        && f.write_all(&buf[..take]).await.is_err()
+                    {
+                        file = None;
                     }
                     kept += take as u64;
                 }
@@ -388,6 +395,54 @@ impl ProcessService {
     /// A log file of a process, if it exists.
     pub fn log_path(&self, id: &str, stream: &str) -> PathBuf {
         self.inner.config.log_dir.join(format!("{id}.{stream}"))
+    }
+
+    /// Creates (or finds) a lease; a new lease that asks for extra namespaces gets them made and
+    /// pinned now, and is released again if that fails, so no half-made lease stays behind.
+    pub async fn create_lease(
+        &self,
+        name: String,
+        spec: crate::lease::LeaseSpec,
+        mode: crate::lease::CreateMode,
+        caller: Caller,
+    ) -> Result<crate::lease::Created, ApiError> {
+        let lock = self.lease_lock(&name);
+        let _guard = lock.lock().await;
+        let done = self
+            .inner
+            .leases
+            .create(name.clone(), spec, mode, caller)
+            .await?;
+        if done.created && !done.lease.namespaces.is_empty() {
+            let pin = self.pin_path(&name);
+            let spec = ns_spec(&done.lease);
+            let made = if spec.extra.mnt {
+                self.private_ns_dir()
+            } else {
+                Ok(())
+            };
+            let made = match made {
+                Err(e) => Err(e),
+                Ok(()) => tokio::task::spawn_blocking(move || userns::create_pinned(&spec, &pin))
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("namespace thread: {e}")))
+                    .and_then(|r| {
+                        r.map_err(|e| ApiError::Internal(format!("creating namespaces: {e}")))
+                    }),
+            };
+            if let Err(error) = made {
+                if let Err(undo) = self
+                    .inner
+                    .leases
+                    .release(name.clone(), true, caller, ReleaseKind::Delete)
+                    .await
+                {
+                    tracing::error!(lease = %name, error = %undo, "cannot undo a lease whose namespaces failed");
+                }
+                return Err(error);
+            }
+        }
+        Ok(done)
     }
 
     /// Releases a lease. With live processes: `lease_busy`, unless `force`, which sends SIGTERM to
@@ -478,10 +533,10 @@ impl ProcessService {
     }
 
     fn kill_all(&self, lease_id: i64, ns_ino: Option<u64>, signal: i32) {
-        if let Some(ino) = ns_ino {
-            if let Err(error) = members::signal_members(ino, signal) {
-                tracing::warn!(%error, "signalling namespace members");
-            }
+        if let Some(ino) = ns_ino
+            && let Err(error) = members::signal_members(ino, signal)
+        {
+            tracing::warn!(%error, "signalling namespace members");
         }
         for live in lock_map(&self.inner.live).values() {
             if live.lease_id == lease_id {
@@ -529,6 +584,13 @@ impl ProcessService {
             }
             _ => Err(ApiError::NotFound(format!("no active lease {name}"))),
         }
+    }
+
+    /// Mount-namespace pins cannot sit in a shared mount (EINVAL): the first lease that asks for
+    /// one makes `<runtime-dir>/ns` a private mount of its own. Idempotent.
+    fn private_ns_dir(&self) -> Result<(), ApiError> {
+        userns::make_private_mount(&self.inner.config.ns_dir)
+            .map_err(|e| ApiError::Internal(format!("private mount for pins: {e}")))
     }
 
     fn pin_path(&self, name: &str) -> PathBuf {
@@ -592,6 +654,22 @@ impl ProcessService {
             locks.remove(name);
         }
     }
+}
+
+/// The namespace settings of a lease.
+fn ns_spec(lease: &LeaseRecord) -> UserNsSpec {
+    let mut spec = UserNsSpec::new(lease.uid_base, lease.size);
+    spec.gid_base = lease.gid_base;
+    for ns in &lease.namespaces {
+        match ns.as_str() {
+            "mnt" => spec.extra.mnt = true,
+            "uts" => spec.extra.uts = true,
+            "ipc" => spec.extra.ipc = true,
+            "net" => spec.extra.net = true,
+            _ => {}
+        }
+    }
+    spec
 }
 
 /// Waits until the process exits. For our own child, reaps it and returns its status; for an

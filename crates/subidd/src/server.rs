@@ -270,10 +270,10 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
             path.display()
         );
     }
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(file = %path.display(), "token_file is readable by group or others; chmod 600 it");
-        }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(file = %path.display(), "token_file is readable by group or others; chmod 600 it");
     }
     Ok(token)
 }

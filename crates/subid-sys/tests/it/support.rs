@@ -91,10 +91,10 @@ impl Drop for Lease {
         if let Err(e) = userns::unpin(&self.pin) {
             eprintln!("cleanup: {e}");
         }
-        if let Some(dir) = self.private_mount.take() {
-            if let Err(e) = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH) {
-                eprintln!("cleanup: umount {dir:?}: {e}");
-            }
+        if let Some(dir) = self.private_mount.take()
+            && let Err(e) = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH)
+        {
+            eprintln!("cleanup: umount {dir:?}: {e}");
         }
     }
 }

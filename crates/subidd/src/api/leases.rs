@@ -83,10 +83,17 @@ pub async fn put(
 ) -> ApiResult {
     query.check(&[], &[])?;
     let body = body.unwrap_or_default();
-    let spec = spec(&state, body.size, body.labels, body.ttl_seconds)?;
+    let spec = spec(
+        &state,
+        body.size,
+        body.labels,
+        body.ttl_seconds,
+        body.rlimits,
+        body.namespaces,
+    )?;
     let done = state
-        .leases
-        .create(name, spec, CreateMode::Ensure, caller_uid(caller))
+        .processes
+        .create_lease(name, spec, CreateMode::Ensure, caller_uid(caller))
         .await?;
     let status = if done.created {
         StatusCode::CREATED
@@ -111,10 +118,17 @@ pub async fn post(
     };
     validate_name(&body.name)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid lease name: {e}")))?;
-    let spec = spec(&state, body.size, body.labels, body.ttl_seconds)?;
+    let spec = spec(
+        &state,
+        body.size,
+        body.labels,
+        body.ttl_seconds,
+        body.rlimits,
+        body.namespaces,
+    )?;
     let done = state
-        .leases
-        .create(body.name, spec, CreateMode::New, caller_uid(caller))
+        .processes
+        .create_lease(body.name, spec, CreateMode::New, caller_uid(caller))
         .await?;
     let mut response = json(StatusCode::CREATED, &LeaseView::from(&done.lease));
     // Names are [A-Za-z0-9_.-], so the path needs no escaping and is a valid header value.
@@ -264,6 +278,8 @@ fn spec(
     size: Option<u32>,
     labels: Option<std::collections::BTreeMap<String, String>>,
     ttl_seconds: Option<u32>,
+    rlimits: Option<std::collections::BTreeMap<String, [u64; 2]>>,
+    namespaces: Option<Vec<String>>,
 ) -> Result<LeaseSpec, ApiError> {
     let (pool, _) = state.leases.pool_status();
     if let Some(size) = size {
@@ -283,16 +299,33 @@ fn spec(
     let labels = labels.unwrap_or_default();
     validate_labels(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .map_err(|e| ApiError::InvalidRequest(format!("invalid labels: {e}")))?;
-    if let Some(ttl) = ttl_seconds {
-        if ttl == 0 || ttl > TTL_MAX {
-            return Err(ApiError::InvalidRequest(format!(
-                "ttl_seconds {ttl} must be between 1 and {TTL_MAX}"
-            )));
-        }
+    if let Some(ttl) = ttl_seconds
+        && (ttl == 0 || ttl > TTL_MAX)
+    {
+        return Err(ApiError::InvalidRequest(format!(
+            "ttl_seconds {ttl} must be between 1 and {TTL_MAX}"
+        )));
+    }
+    let rlimits = rlimits.unwrap_or_default();
+    for (name, limits) in &rlimits {
+        super::processes::check_rlimit(name, *limits)?;
+    }
+    let mut namespaces = namespaces.unwrap_or_default();
+    namespaces.sort();
+    namespaces.dedup();
+    if let Some(bad) = namespaces
+        .iter()
+        .find(|n| !matches!(n.as_str(), "mnt" | "uts" | "ipc" | "net"))
+    {
+        return Err(ApiError::InvalidRequest(format!(
+            "namespace {bad:?} is not one of mnt, uts, ipc, net (the user namespace is always there)"
+        )));
     }
     Ok(LeaseSpec {
         size: Some(size.unwrap_or(pool.block())),
         labels,
         ttl_seconds,
+        rlimits,
+        namespaces,
     })
 }

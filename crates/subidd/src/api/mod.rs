@@ -5,6 +5,8 @@ mod leases;
 mod model;
 mod processes;
 
+pub use processes::resource;
+
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;

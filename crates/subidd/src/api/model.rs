@@ -17,6 +17,8 @@ pub struct LeaseBody {
     pub size: Option<u32>,
     pub labels: Option<BTreeMap<String, String>>,
     pub ttl_seconds: Option<u32>,
+    pub rlimits: Option<BTreeMap<String, [u64; 2]>>,
+    pub namespaces: Option<Vec<String>>,
 }
 
 /// `POST /v1/leases` body.
@@ -27,6 +29,8 @@ pub struct CreateBody {
     pub size: Option<u32>,
     pub labels: Option<BTreeMap<String, String>>,
     pub ttl_seconds: Option<u32>,
+    pub rlimits: Option<BTreeMap<String, [u64; 2]>>,
+    pub namespaces: Option<Vec<String>>,
 }
 
 /// A lease as the API shows it.
@@ -42,6 +46,10 @@ pub struct LeaseView {
     pub created_at: String,
     pub expires_at: Option<String>,
     pub released_at: Option<String>,
+    /// Default rlimits of the lease's processes: name -> [soft, hard].
+    pub rlimits: BTreeMap<String, [u64; 2]>,
+    /// Extra namespaces its processes share.
+    pub namespaces: Vec<String>,
     /// The kernel's `uid_map` line for this lease (`0 <uid_base> <size>`), without newline.
     pub uid_map: String,
     pub gid_map: String,
@@ -60,6 +68,8 @@ impl From<&LeaseRecord> for LeaseView {
             created_at: rfc3339(lease.created_at),
             expires_at: lease.expires_at.map(rfc3339),
             released_at: lease.released_at.map(rfc3339),
+            rlimits: lease.rlimits.clone(),
+            namespaces: lease.namespaces.clone(),
             uid_map: map_line(lease.uid_base, lease.size),
             gid_map: map_line(lease.gid_base, lease.size),
         }

@@ -302,18 +302,9 @@ fn spawn_spec(body: SpawnBody) -> Result<SpawnSpec, ApiError> {
     if umask > 0o777 {
         return Err(bad(format!("umask {umask:o} is larger than 0777")));
     }
-    let mut rlimits = Vec::new();
-    for (name, [soft, hard]) in body.rlimits.unwrap_or_default() {
-        let resource = resource(&name).ok_or_else(|| {
-            bad(format!(
-                "unknown rlimit {name:?}; known: as, core, cpu, data, fsize, locks, memlock, \
-                 msgqueue, nice, nofile, nproc, rss, rtprio, rttime, sigpending, stack"
-            ))
-        })?;
-        if soft > hard {
-            return Err(bad(format!("rlimit {name}: soft {soft} above hard {hard}")));
-        }
-        rlimits.push((resource, soft, hard));
+    let rlimits = body.rlimits.unwrap_or_default();
+    for (name, limits) in &rlimits {
+        check_rlimit(name, *limits)?;
     }
     let path_var = env.get("PATH").cloned().unwrap_or_default();
     let program = resolve_program(&body.argv[0], &path_var, &cwd)?;
@@ -356,7 +347,24 @@ fn resolve_program(argv0: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, A
     )))
 }
 
-fn resource(name: &str) -> Option<Resource> {
+/// Checks one rlimit of a request: a known name, soft <= hard.
+pub fn check_rlimit(name: &str, [soft, hard]: [u64; 2]) -> Result<Resource, ApiError> {
+    let resource = resource(name).ok_or_else(|| {
+        ApiError::InvalidRequest(format!(
+            "unknown rlimit {name:?}; known: as, core, cpu, data, fsize, locks, memlock, \
+             msgqueue, nice, nofile, nproc, rss, rtprio, rttime, sigpending, stack"
+        ))
+    })?;
+    if soft > hard {
+        return Err(ApiError::InvalidRequest(format!(
+            "rlimit {name}: soft {soft} above hard {hard}"
+        )));
+    }
+    Ok(resource)
+}
+
+/// The kernel resource of an rlimit name (as `ulimit` and Docker name them).
+pub fn resource(name: &str) -> Option<Resource> {
     Some(match name {
         "as" => Resource::RLIMIT_AS,
         "core" => Resource::RLIMIT_CORE,
