@@ -4,12 +4,13 @@
 //! Rows: plain fork+exec; raw clone(CLONE_NEWUSER) + maps + exec; raw setns + exec; `unshare
 //! --user --map-root-user /bin/true` as a command; the API's first spawn (creates and pins the
 //! namespace) and join; then the API join and plain fork again with 256 MiB of touched memory in
-//! this process, to show which cost grows with the parent's size.
+//! this process, to show which cost grows with the parent's size. The floors themselves live in
+//! `subid_sys::floor`.
 
-use std::ffi::CString;
-use std::fs;
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use subid_sys::floor;
 use subid_sys::userns::{self, UserNsSpec};
 use subid_sys::{Command, LeaseNs, Namespace};
 
@@ -43,28 +44,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let small: Vec<Row> = vec![
         (
             "fork + exec /bin/true, waited",
-            Box::new(|| timed(fork_exec)),
+            Box::new(|| timed(|| floor::fork_exec_true().expect("fork + exec"))),
         ),
         (
             "raw clone(NEWUSER) + uid/gid maps + exec",
-            Box::new(|| timed(|| clone_newuser_exec(BASE + 0x1_0000))),
+            Box::new(|| {
+                timed(|| {
+                    floor::clone_newuser_maps_exec_true(BASE + 0x1_0000).expect("clone + exec")
+                })
+            }),
         ),
         (
             "raw fork + setns + exec",
-            Box::new(|| timed(|| fork_setns_exec(&nsfd))),
+            Box::new(|| timed(|| floor::setns_exec_true(nsfd.as_fd()).expect("setns + exec"))),
         ),
         (
             "unshare --user --map-root-user /bin/true",
-            Box::new(|| {
-                timed(|| {
-                    let ok = std::process::Command::new("unshare")
-                        .args(["--user", "--map-root-user", "/bin/true"])
-                        .status()
-                        .map(|s| s.success())
-                        .unwrap_or(false);
-                    assert!(ok, "unshare failed");
-                })
-            }),
+            Box::new(|| timed(|| floor::unshare_command_true().expect("unshare"))),
         ),
         (
             "API first spawn (create + pin + exec)",
@@ -94,7 +90,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("API join, parent holds 256 MiB", Box::new(join)),
         (
             "fork + exec, parent holds 256 MiB",
-            Box::new(|| timed(fork_exec)),
+            Box::new(|| timed(|| floor::fork_exec_true().expect("fork + exec"))),
         ),
     ];
     // One after the other: a forked 256 MiB child tears its page tables down while the next
@@ -151,93 +147,4 @@ fn timed(f: impl FnOnce()) -> Duration {
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1e6
-}
-
-fn exec_true() -> ! {
-    let path = c"/bin/true";
-    let argv = [path.as_ptr(), std::ptr::null()];
-    let envp = [std::ptr::null()];
-    // SAFETY: live NUL-terminated strings and NULL-terminated arrays; in a forked child.
-    unsafe {
-        libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-        libc::_exit(127)
-    }
-}
-
-fn wait_ok(pid: libc::pid_t) {
-    let mut status = 0;
-    // SAFETY: a live status int; our own child.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert!(r == pid && status == 0, "child {pid} status {status:#x}");
-}
-
-fn fork_exec() {
-    // SAFETY: this example is single-threaded; the child only execs.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        exec_true();
-    }
-    wait_ok(pid);
-}
-
-fn fork_setns_exec(ns: &std::os::fd::OwnedFd) {
-    use std::os::fd::AsRawFd;
-    let fd = ns.as_raw_fd();
-    // SAFETY: single-threaded; the child only calls setns and execs.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: integer arguments.
-        if unsafe { libc::setns(fd, libc::CLONE_NEWUSER) } != 0 {
-            // SAFETY: leaving the child.
-            unsafe { libc::_exit(126) };
-        }
-        exec_true();
-    }
-    wait_ok(pid);
-}
-
-/// The raw floor: a fork-like clone into a new user namespace (created by root), the parent
-/// writes setgroups/uid_map/gid_map, wakes the child through a pipe, the child execs.
-fn clone_newuser_exec(base: u32) {
-    let mut fds = [0; 2];
-    // SAFETY: a live array of two fds.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: single-threaded; a fork-like clone (no new stack) returns twice.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    } as libc::pid_t;
-    if pid == 0 {
-        let mut b = 0u8;
-        // SAFETY: our own fds and a live byte.
-        unsafe {
-            libc::close(fds[1]);
-            if libc::read(fds[0], (&mut b as *mut u8).cast(), 1) != 1 {
-                libc::_exit(125);
-            }
-        }
-        exec_true();
-    }
-    assert!(pid > 0, "clone failed");
-    let map = CString::new(format!("0 {base} 65536\n")).expect("map");
-    for (file, data) in [
-        ("setgroups", c"allow".to_bytes()),
-        ("uid_map", map.to_bytes()),
-        ("gid_map", map.to_bytes()),
-    ] {
-        fs::write(format!("/proc/{pid}/{file}"), data).expect(file);
-    }
-    // SAFETY: our own fds and a live byte.
-    unsafe {
-        assert_eq!(libc::write(fds[1], [1u8].as_ptr().cast(), 1), 1);
-        libc::close(fds[0]);
-        libc::close(fds[1]);
-    }
-    wait_ok(pid);
 }

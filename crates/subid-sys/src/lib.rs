@@ -6,6 +6,7 @@
 pub mod userdb;
 
 pub mod error;
+pub mod floor;
 pub mod members;
 pub mod pidfd;
 mod raw;

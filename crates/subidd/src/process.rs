@@ -18,7 +18,15 @@ use subid_sys::spawn::{Command, Namespace};
 use subid_sys::userns::{self, LeaseNs, UserNsSpec};
 use subid_sys::{ChildStep, Errno, ExitStatus, PidFd, SysError, members};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, watch};
+
+/// A held per-lease lock: shared for joining spawns, exclusive for everything else. The guards
+/// are held only for their `Drop`, which releases the lock.
+#[allow(dead_code)]
+enum LeaseGuard {
+    Shared(OwnedRwLockReadGuard<()>),
+    Exclusive(OwnedRwLockWriteGuard<()>),
+}
 
 use crate::error::ApiError;
 use crate::lease::{Caller, LeaseService, ProcessOp, ReleaseKind, is_expired, now_ms};
@@ -64,7 +72,7 @@ struct Inner {
     config: ProcessConfig,
     boot_id: String,
     spaces: Mutex<HashMap<i64, Arc<LeaseNs>>>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
     live: Mutex<HashMap<String, Live>>,
 }
 
@@ -147,8 +155,23 @@ impl ProcessService {
         spec: SpawnSpec,
     ) -> Result<ProcessRecord, ApiError> {
         let lock = self.lease_lock(&name);
-        let _guard = lock.lock().await;
-        let lease = self.active_lease(&name).await?;
+        // Joining spawns share the lease; making its namespace (the first spawn) and tearing it
+        // down are exclusive.
+        let pin = self.pin_path(&name);
+        let mut guard = if userns::is_pinned(&pin) {
+            LeaseGuard::Shared(Arc::clone(&lock).read_owned().await)
+        } else {
+            LeaseGuard::Exclusive(Arc::clone(&lock).write_owned().await)
+        };
+        let mut lease = self.active_lease(&name).await?;
+        let mut existing = self.namespace_of(&lease, &pin)?;
+        if existing.is_none() && matches!(guard, LeaseGuard::Shared(_)) {
+            // The namespace must be made after all (its pin went stale): take the lease alone.
+            drop(guard);
+            guard = LeaseGuard::Exclusive(Arc::clone(&lock).write_owned().await);
+            lease = self.active_lease(&name).await?;
+            existing = self.namespace_of(&lease, &pin)?;
+        }
         for (what, id) in [("user", spec.user), ("group", spec.group)]
             .into_iter()
             .chain(spec.groups.iter().map(|g| ("groups entry", *g)))
@@ -181,8 +204,6 @@ impl ProcessService {
                 .ok_or_else(|| ApiError::InvalidRequest(format!("unknown rlimit {rname:?}")))?;
             command.rlimit(resource, *soft, *hard);
         }
-        let pin = self.pin_path(&name);
-        let existing = self.namespace_of(&lease, &pin)?;
         let ns_spec = ns_spec(&lease);
         let created = existing.is_none();
         if created && ns_spec.extra.mnt {
@@ -249,6 +270,7 @@ impl ProcessService {
         }
         tracing::info!(id = %id, pid = record.pid, lease = %name, host_uid = record.host_uid, "process started");
         self.supervise(id, lease.id, pidfd, true);
+        drop(guard);
         Ok(record)
     }
 
@@ -407,7 +429,7 @@ impl ProcessService {
         caller: Caller,
     ) -> Result<crate::lease::Created, ApiError> {
         let lock = self.lease_lock(&name);
-        let _guard = lock.lock().await;
+        let _guard = lock.write().await;
         let done = self
             .inner
             .leases
@@ -456,7 +478,7 @@ impl ProcessService {
         kind: ReleaseKind,
     ) -> Result<(), ApiError> {
         let lock = self.lease_lock(&name);
-        let guard = lock.lock().await;
+        let guard = lock.write().await;
         let lease = self.inner.leases.store().get_lease(&name).await?;
         if let Some(lease) = lease.filter(|l| l.state == subid_core::LeaseState::Active) {
             self.teardown(&lease, force).await?;
@@ -638,7 +660,7 @@ impl ProcessService {
         None
     }
 
-    fn lease_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn lease_lock(&self, name: &str) -> Arc<RwLock<()>> {
         Arc::clone(
             lock_map(&self.inner.locks)
                 .entry(name.to_string())
@@ -647,7 +669,7 @@ impl ProcessService {
     }
 
     /// Drops the lock entry of a released lease when nobody else holds it.
-    fn forget_lock(&self, name: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+    fn forget_lock(&self, name: &str, lock: Arc<RwLock<()>>) {
         let mut locks = lock_map(&self.inner.locks);
         drop(lock);
         if locks.get(name).is_some_and(|l| Arc::strong_count(l) == 1) {
