@@ -10,6 +10,7 @@
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use subid_sys::cgroup::{CgroupHost, CgroupParent, CgroupVersion, LeaseCgroup};
 use subid_sys::floor;
 use subid_sys::userns::{self, UserNsSpec};
 use subid_sys::{Command, LeaseNs, Namespace};
@@ -82,6 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("API join (setns + exec)", Box::new(join)),
     ];
     let mut table = run(n, small, true);
+    table.extend(cgroup_rows(n, &truth, &lease_ns)?);
 
     // 256 MiB of touched memory: a plain fork copies its page tables, the vfork way does not.
     let ballast = vec![1u8; 256 << 20];
@@ -113,6 +115,70 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// Joins with and without a lease cgroup, in turns: the pids cgroup wherever this host has it
+/// (v1 here: the child writes `cgroup.procs`, one RCU grace period) and the cgroup2 hierarchy
+/// (`clone3(CLONE_INTO_CGROUP)`, even without pids). The cgroups are removed afterwards.
+fn cgroup_rows(
+    n: usize,
+    truth: &Command,
+    lease_ns: &LeaseNs,
+) -> Result<Vec<(&'static str, Vec<Duration>)>, Box<dyn std::error::Error>> {
+    let host = CgroupHost::detect()?;
+    let tag = format!("subidd-bench-{}", std::process::id());
+    let mut made = Vec::new();
+    let mut rows: Vec<(&'static str, Command)> = vec![(
+        "API join, no cgroup (same turns as below)",
+        Command::new("/bin/true", ["true"]),
+    )];
+    let hierarchies = [
+        (
+            host.pids(),
+            Some(1000),
+            "API join into pids cgroup (v1: writes procs)",
+            "API join into pids cgroup (v2: clone3)",
+        ),
+        (
+            host.unified().filter(|u| !u.pids),
+            None,
+            "",
+            "API join into cgroup2 (clone3 INTO_CGROUP)",
+        ),
+    ];
+    for (h, max, v1_name, v2_name) in hierarchies {
+        let Some(h) = h else { continue };
+        let parent = CgroupParent::prepare(h, Some(&h.own_dir.join(&tag)))?;
+        let cg = LeaseCgroup::create(&parent, "bench", max)?;
+        let mut cmd = Command::new("/bin/true", ["true"]);
+        cmd.cgroup(cg.spawn_handle()?);
+        let name = if h.version == CgroupVersion::V1 {
+            v1_name
+        } else {
+            v2_name
+        };
+        rows.push((name, cmd));
+        made.push((parent, cg));
+    }
+    let _ = truth;
+    let timed_rows: Vec<Row> = rows
+        .iter()
+        .map(|(name, cmd)| {
+            let f: Box<dyn FnMut() -> Duration> = Box::new(move || {
+                timed(|| {
+                    let child = cmd.spawn(Namespace::Join(lease_ns)).expect("spawn");
+                    assert!(child.wait().expect("wait").success());
+                })
+            });
+            (*name, f)
+        })
+        .collect();
+    let table = run(n, timed_rows, true);
+    for (parent, cg) in made {
+        cg.kill_all_and_remove()?;
+        std::fs::remove_dir(parent.dir())?;
+    }
+    Ok(table)
 }
 
 /// One warm-up round, then `n` samples of every row: in turns, or row after row.

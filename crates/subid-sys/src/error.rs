@@ -57,13 +57,17 @@ pub enum ChildStep {
     CreatorClone,
     /// Bringing loopback up in a new network namespace (`ioctl(SIOCSIFFLAGS)`).
     Loopback,
+    /// Writing `0` into the lease cgroup's `cgroup.procs` (cgroup v1), the child's first step.
+    JoinCgroup,
+    /// Creator: `clone3(CLONE_NEWUSER | CLONE_INTO_CGROUP)` (cgroup2).
+    CreatorClone3,
 }
 
 impl ChildStep {
     /// The step numbered `n` on the wire, if any.
     pub(crate) fn from_u32(n: u32) -> Option<Self> {
         use ChildStep::*;
-        const ALL: [ChildStep; 23] = [
+        const ALL: [ChildStep; 25] = [
             ResetSignals,
             Rlimit,
             Setns,
@@ -87,6 +91,8 @@ impl ChildStep {
             CreatorCapset,
             CreatorClone,
             Loopback,
+            JoinCgroup,
+            CreatorClone3,
         ];
         ALL.into_iter().find(|s| *s as u32 == n)
     }
@@ -118,6 +124,8 @@ impl ChildStep {
             CreatorCapset => "capset (creator keeps CAP_SYS_ADMIN)",
             CreatorClone => "clone (CLONE_NEWUSER)",
             Loopback => "ioctl (SIOCSIFFLAGS lo up)",
+            JoinCgroup => "write cgroup.procs (join the lease cgroup)",
+            CreatorClone3 => "clone3 (CLONE_NEWUSER | CLONE_INTO_CGROUP)",
         }
     }
 }
@@ -189,6 +197,9 @@ pub enum SysError {
     /// A namespace is already pinned at the path.
     #[error("{} already pins a namespace", path.display())]
     AlreadyPinned { path: PathBuf },
+    /// The host cannot do what was asked (e.g. `pids_max` where no pids controller is usable).
+    #[error("unsupported {what}: {reason}")]
+    Unsupported { what: &'static str, reason: String },
     /// Input rejected before anything was spawned.
     #[error("invalid {what}: {reason}")]
     InvalidInput { what: &'static str, reason: String },

@@ -80,3 +80,117 @@ pub(crate) unsafe fn sys(nr: c_long, a: [usize; 6]) -> Result<usize, i32> {
         Ok(r as usize)
     }
 }
+
+/// `struct clone_args` of clone3(2), up to `cgroup` (`CLONE_ARGS_SIZE_VER2`, 88 bytes).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux >= 5.7): start the child in the cgroup2 directory `args.cgroup`.
+pub(crate) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `clone3(args)` whose child calls `f(arg)` on the stack `args.stack..+stack_size` and then
+/// `exit`s with its result (`f` normally never returns: it execs or calls `exit_group`).
+/// Returns the child's pid in the caller, or the errno.
+///
+/// clone3 has no glibc wrapper usable here: the child resumes after the system call with the
+/// new stack pointer and none of the caller's stack frames, so it must branch to `f` in the
+/// same assembly block, touching no memory of the caller's frame.
+///
+/// # Safety
+/// `args` must describe a live stack the child may use, 16-byte aligned at its top; `f` must be
+/// safe to run as the child (raw system calls only when `CLONE_VM`); any pointers in `args` live.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn clone3_run(
+    args: &CloneArgs,
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> Result<i32, i32> {
+    let ret: isize;
+    // SAFETY: the x86_64 system call convention as in `syscall6`. In the child (rax == 0) the
+    // kernel has set rsp to the top of the new stack; r12/r13 hold `arg` and `f` (the child
+    // gets a copy of every register); it calls `f` with a 16-byte aligned stack and then
+    // `exit`s (60), never falling through. The parent continues after label 2.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "mov edi, eax",
+            "mov eax, 60",
+            "syscall",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 as isize => ret,
+            in("rdi") args as *const CloneArgs as usize,
+            in("rsi") core::mem::size_of::<CloneArgs>(),
+            in("r12") arg as usize,
+            in("r13") f as usize,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    if (-4095..0).contains(&ret) {
+        Err((-ret) as i32)
+    } else {
+        Ok(ret as i32)
+    }
+}
+
+/// `clone3(args)` running `f(arg)` in the child; see the x86_64 version. (Not yet run on
+/// aarch64 hardware.)
+///
+/// # Safety
+/// As for the x86_64 version.
+#[cfg(target_arch = "aarch64")]
+pub(crate) unsafe fn clone3_run(
+    args: &CloneArgs,
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> Result<i32, i32> {
+    let ret: isize;
+    // SAFETY: the aarch64 system call convention as in `syscall6`. In the child (x0 == 0) sp is
+    // the new stack's top; x9/x10 (copied into the child) hold `arg` and `f`; it calls `f` and
+    // then `exit`s (93), never falling through. The parent continues after label 2.
+    unsafe {
+        core::arch::asm!(
+            "svc 0",
+            "cbnz x0, 2f",
+            "mov x29, xzr",
+            "mov x0, x9",
+            "blr x10",
+            "mov x8, #93",
+            "svc 0",
+            "brk #0",
+            "2:",
+            in("x8") libc::SYS_clone3,
+            inlateout("x0") args as *const CloneArgs as usize => ret,
+            in("x1") core::mem::size_of::<CloneArgs>(),
+            in("x9") arg as usize,
+            in("x10") f as usize,
+            lateout("x30") _,
+            options(nostack),
+        );
+    }
+    if (-4095..0).contains(&ret) {
+        Err((-ret) as i32)
+    } else {
+        Ok(ret as i32)
+    }
+}

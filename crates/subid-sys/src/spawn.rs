@@ -58,9 +58,10 @@ use nix::fcntl::OFlag;
 use nix::sys::resource::Resource;
 use nix::sys::stat::Mode;
 
+use crate::cgroup::{CgroupVersion, SpawnCgroup};
 use crate::error::{ChildStep, Result, SysError};
 use crate::pidfd::PidFd;
-use crate::raw::sys;
+use crate::raw::{CLONE_INTO_CGROUP, CloneArgs, clone3_run, sys};
 use crate::userns::{self, LeaseNs, NsKind, UserNsSpec};
 
 /// One resource limit for the child: `prlimit64(resource, {soft, hard})`.
@@ -108,6 +109,7 @@ pub struct Command {
     rlimits: Vec<Rlimit>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    cgroup: Option<SpawnCgroup>,
 }
 
 impl Command {
@@ -130,6 +132,7 @@ impl Command {
             rlimits: Vec::new(),
             stdout: None,
             stderr: None,
+            cgroup: None,
         }
     }
 
@@ -184,6 +187,16 @@ impl Command {
     /// Where fd 2 points (default `/dev/null`).
     pub fn stderr(&mut self, fd: OwnedFd) -> &mut Self {
         self.stderr = Some(fd);
+        self
+    }
+
+    /// Starts the process inside a lease cgroup (see [`crate::cgroup::LeaseCgroup::spawn_handle`]),
+    /// so that it never runs outside it: cgroup2 starts it there with
+    /// `clone3(CLONE_INTO_CGROUP)`; on v1 the child's first system call writes `0` into the
+    /// cgroup's `cgroup.procs` (the namespace creator does, for a first spawn), before it can
+    /// fork or exec.
+    pub fn cgroup(&mut self, cgroup: SpawnCgroup) -> &mut Self {
+        self.cgroup = Some(cgroup);
         self
     }
 
@@ -268,6 +281,7 @@ impl Command {
             groups: self.groups.clone(),
             umask: self.umask,
             rlimits,
+            cgroup: self.cgroup.as_ref().map(|c| (c.fd.as_raw_fd(), c.version)),
         })
     }
 }
@@ -310,6 +324,26 @@ pub(crate) struct Prepared {
     groups: Vec<u32>,
     umask: u32,
     rlimits: Vec<RawRlimit>,
+    /// The lease cgroup: v1 `cgroup.procs` or v2 directory fd (owned by the `Command`).
+    cgroup: Option<(RawFd, CgroupVersion)>,
+}
+
+impl Prepared {
+    /// The v1 `cgroup.procs` fd the child writes itself into, or -1.
+    fn v1_procs(&self) -> c_int {
+        match self.cgroup {
+            Some((fd, CgroupVersion::V1)) => fd,
+            _ => -1,
+        }
+    }
+
+    /// The v2 directory fd for `CLONE_INTO_CGROUP`, or -1.
+    fn v2_dir(&self) -> c_int {
+        match self.cgroup {
+            Some((fd, CgroupVersion::V2)) => fd,
+            _ => -1,
+        }
+    }
 }
 
 /// The child's instructions. Plain data and raw pointers into a [`Prepared`] that outlives the
@@ -341,6 +375,8 @@ struct ChildPlan {
     wake_wr: c_int,
     /// False for a namespace holder that only exits once the maps are written and pinned.
     exec: bool,
+    /// v1: the lease's `cgroup.procs`, written (`0`) as the very first step; -1 otherwise.
+    cgroup_procs: c_int,
 }
 
 impl ChildPlan {
@@ -366,6 +402,7 @@ impl ChildPlan {
             wake_rd: -1,
             wake_wr: -1,
             exec: false,
+            cgroup_procs: -1,
         };
         if let Some(p) = prep {
             plan.program = p.program.as_ptr();
@@ -397,9 +434,16 @@ struct CreatorPlan {
     /// `CLONE_NEW*` flags of the optional namespaces, made together with the user namespace.
     extra_flags: c_int,
     b_stack_top: *mut c_void,
+    /// B's stack as clone3 takes it: lowest address and size.
+    b_stack_lo: *mut c_void,
+    b_stack_size: usize,
     b_plan: *const ChildPlan,
     b_pidfd: c_int,
     b_pid: c_int,
+    /// v1: the lease's `cgroup.procs`; A writes itself in first, so B inherits it. -1 if none.
+    cgroup_procs: c_int,
+    /// v2: the lease cgroup's directory; B is made there with `clone3(CLONE_INTO_CGROUP)`.
+    cgroup_dir: c_int,
     step: u32,
     errno: i32,
 }
@@ -435,7 +479,9 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     let plan = unsafe { &*(arg as *const ChildPlan) };
     let mut err_fd = plan.err_fd;
     // SAFETY: raw system calls on the plan's live data; see `child_steps`.
-    let failure = unsafe { child_steps(plan, &mut err_fd) };
+    let failure = unsafe { join_cgroup(plan.cgroup_procs, ChildStep::JoinCgroup) }
+        // SAFETY: as above.
+        .and_then(|()| unsafe { child_steps(plan, &mut err_fd) });
     let code = match failure {
         Ok(done) => done,
         Err((step, errno)) => {
@@ -738,6 +784,31 @@ unsafe fn loopback_up() -> std::result::Result<(), i32> {
     set.map(|_| ())
 }
 
+/// cgroup v1: moves the calling process into the cgroup whose `cgroup.procs` is open as `fd`
+/// (`-1`: nothing to do) by writing `0`, which names the writer (cgroups(7)). One raw
+/// `write(2)`; the kernel's attach waits for an RCU grace period (background.md).
+///
+/// # Safety
+/// Raw system calls on a live local only.
+unsafe fn join_cgroup(fd: c_int, step: ChildStep) -> Step<()> {
+    if fd < 0 {
+        return Ok(());
+    }
+    let zero = b'0';
+    // SAFETY: writes one byte of a live local.
+    let n = at(step, unsafe {
+        sys(
+            libc::SYS_write,
+            [fd as usize, &zero as *const u8 as usize, 1, 0, 0, 0],
+        )
+    })?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err((step, libc::EIO))
+    }
+}
+
 /// `prlimit64` on the calling task for each of the plan's limits. Setting a limit needs no
 /// privilege unless it raises a hard limit (CAP_SYS_RESOURCE in the initial namespace).
 ///
@@ -778,6 +849,9 @@ extern "C" fn creator_main(arg: *mut c_void) -> c_int {
 /// Runs in a `CLONE_VM|CLONE_VFORK` child: raw system calls only, on live data.
 unsafe fn creator_steps(p: &mut CreatorPlan) -> Step<()> {
     use ChildStep::*;
+    // First of all (v1): into the lease cgroup, so B and all it starts are born there.
+    // SAFETY: raw write of a live local.
+    unsafe { join_cgroup(p.cgroup_procs, JoinCgroup) }?;
     // B inherits A's limits. A sets them while it is still host root with the daemon's
     // capabilities, so a hard limit may go up here, which B (capable only inside its new
     // namespace) could not do; B sets them again itself, which then changes nothing but the
@@ -885,6 +959,26 @@ unsafe fn creator_steps(p: &mut CreatorPlan) -> Step<()> {
         | libc::CLONE_PARENT
         | libc::CLONE_PIDFD
         | p.extra_flags;
+    if p.cgroup_dir >= 0 {
+        // cgroup2: B is born in the lease cgroup. A has CAP_DAC_OVERRIDE in its effective set
+        // (raised above), which the attach permission check on cgroup.procs asks for.
+        let args = CloneArgs {
+            flags: (flags as u64) | CLONE_INTO_CGROUP,
+            pidfd: &mut p.b_pidfd as *mut c_int as u64,
+            // clone3 refuses an exit signal with CLONE_PARENT (EINVAL): B takes A's, SIGCHLD.
+            exit_signal: 0,
+            stack: p.b_stack_lo as u64,
+            stack_size: p.b_stack_size as u64,
+            cgroup: p.cgroup_dir as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: B runs `child_main` on its own stack with the daemon's live `ChildPlan`; the
+        // kernel writes B's pidfd into `b_pidfd` (in the daemon's fd table, CLONE_FILES).
+        let pid = unsafe { clone3_run(&args, child_main, p.b_plan as *mut c_void) }
+            .map_err(|e| (CreatorClone3, e))?;
+        p.b_pid = pid;
+        return Ok(());
+    }
     // SAFETY: glibc's clone is an assembly trampoline that touches no TLS in the child; B runs
     // `child_main` on its own stack with the daemon's live `ChildPlan`; the kernel writes B's
     // pidfd into `b_pidfd` (CLONE_PIDFD uses the parent_tid slot), in the daemon's fd table
@@ -943,6 +1037,14 @@ impl Stack {
     fn top(&self) -> *mut c_void {
         // The end of the mapping, page aligned, so 16-byte aligned as the ABIs want.
         self.base.wrapping_byte_add(self.len)
+    }
+
+    /// The usable part (above the guard page) as clone3 takes it: lowest address and size.
+    fn range(&self) -> (*mut c_void, usize) {
+        (
+            self.base.wrapping_byte_add(self.len - Self::SIZE),
+            Self::SIZE,
+        )
     }
 }
 
@@ -1028,24 +1130,45 @@ fn spawn_join(prep: &Prepared, ns: &LeaseNs) -> Result<PidFd> {
         plan.join_types[i] = kind.clone_flag();
         plan.njoin = i + 1;
     }
+    plan.cgroup_procs = prep.v1_procs();
     let stack = Stack::new()?;
     let mut pidfd: c_int = -1;
-    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD;
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD;
     let (pid, errno) = {
         let _blocked = SignalsBlocked::new()?;
-        // SAFETY: the child runs `child_main` on `stack` with `plan`, both alive until the clone
-        // returns, which (CLONE_VFORK) is after the child has exec'd or exited; it only issues
-        // raw system calls. The kernel stores the pidfd in `pidfd`.
-        let pid = unsafe {
-            libc::clone(
-                child_main,
-                stack.top(),
-                flags,
-                &plan as *const ChildPlan as *mut c_void,
-                &mut pidfd as *mut c_int,
-            )
-        };
-        (pid, Errno::last())
+        let plan_ptr = &plan as *const ChildPlan as *mut c_void;
+        if prep.v2_dir() >= 0 {
+            let (lo, size) = stack.range();
+            let args = CloneArgs {
+                flags: flags as u64 | CLONE_INTO_CGROUP,
+                pidfd: &mut pidfd as *mut c_int as u64,
+                exit_signal: libc::SIGCHLD as u64,
+                stack: lo as u64,
+                stack_size: size as u64,
+                cgroup: prep.v2_dir() as u64,
+                ..CloneArgs::default()
+            };
+            // SAFETY: as below; clone3 starts the child in the lease cgroup (cgroup2) and it
+            // runs `child_main(plan)` on the top of `stack`.
+            match unsafe { clone3_run(&args, child_main, plan_ptr) } {
+                Ok(pid) => (pid, Errno::UnknownErrno),
+                Err(e) => (-1, Errno::from_raw(e)),
+            }
+        } else {
+            // SAFETY: the child runs `child_main` on `stack` with `plan`, both alive until the
+            // clone returns, which (CLONE_VFORK) is after the child has exec'd or exited; it
+            // only issues raw system calls. The kernel stores the pidfd in `pidfd`.
+            let pid = unsafe {
+                libc::clone(
+                    child_main,
+                    stack.top(),
+                    flags | libc::SIGCHLD,
+                    plan_ptr,
+                    &mut pidfd as *mut c_int,
+                )
+            };
+            (pid, Errno::last())
+        }
     };
     drop(stack);
     if pid < 0 {
@@ -1122,6 +1245,7 @@ pub(crate) fn create(
     b_plan.loopback = spec.extra.net;
     let stack_a = Stack::new()?;
     let stack_b = Stack::new()?;
+    let (b_stack_lo, b_stack_size) = stack_b.range();
     let mut creator = CreatorPlan {
         uid_base: spec.uid_base,
         gid_base: spec.gid_base,
@@ -1129,9 +1253,13 @@ pub(crate) fn create(
         has_nproc_limit: spec.nproc_limit.is_some(),
         extra_flags: spec.extra.clone_flags(),
         b_stack_top: stack_b.top(),
+        b_stack_lo,
+        b_stack_size,
         b_plan: &b_plan,
         b_pidfd: -1,
         b_pid: -1,
+        cgroup_procs: prep.map_or(-1, Prepared::v1_procs),
+        cgroup_dir: prep.map_or(-1, Prepared::v2_dir),
         step: 0,
         errno: 0,
     };

@@ -17,8 +17,10 @@ use subid_store::{LeaseRecord, ProcessRecord, ProcessState};
 use subid_sys::spawn::{Command, Namespace};
 use subid_sys::userns::{self, LeaseNs, UserNsSpec};
 use subid_sys::{ChildStep, Errno, ExitStatus, PidFd, SysError, members};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, watch};
+
+/// How often the logs of a running process are trimmed to `log_max_bytes`.
+const LOG_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A held per-lease lock: shared for joining spawns, exclusive for everything else. The guards
 /// are held only for their `Drop`, which releases the lock.
@@ -184,8 +186,10 @@ impl ProcessService {
             }
         }
         let id = new_id();
-        let (out_r, out_w) = std::io::pipe().map_err(|e| internal("pipe", e))?;
-        let (err_r, err_w) = std::io::pipe().map_err(|e| internal("pipe", e))?;
+        // The process writes its log files itself (no pipe through the daemon), so its output
+        // survives a restart of the daemon; the supervisor trims them to `log_max_bytes`.
+        let out_w = open_log(&self.log_path(&id, "stdout")).map_err(|e| internal("log file", e))?;
+        let err_w = open_log(&self.log_path(&id, "stderr")).map_err(|e| internal("log file", e))?;
         let mut command = Command::new(&spec.program, &spec.argv);
         for (k, v) in &spec.env {
             command.env(k, v);
@@ -254,8 +258,6 @@ impl ProcessService {
             started_at: now_ms(),
             ended_at: None,
         };
-        self.pump(out_r, self.log_path(&id, "stdout"));
-        self.pump(err_r, self.log_path(&id, "stderr"));
         if let Err(error) = self
             .inner
             .leases
@@ -287,7 +289,19 @@ impl ProcessService {
         );
         let this = self.clone();
         tokio::spawn(async move {
-            let status = wait_exit(&pidfd, own_child).await;
+            let status = {
+                let exit = wait_exit(&pidfd, own_child);
+                tokio::pin!(exit);
+                let mut tick = tokio::time::interval(LOG_TRIM_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        status = &mut exit => break status,
+                        _ = tick.tick() => this.trim_logs(&id).await,
+                    }
+                }
+            };
+            this.trim_logs(&id).await;
             let (exit_code, signal) = match status {
                 Some(ExitStatus::Exited(code)) => (Some(code), None),
                 Some(ExitStatus::Signaled { signal, .. }) => (None, Some(signal)),
@@ -315,54 +329,16 @@ impl ProcessService {
         });
     }
 
-    /// Copies a process's output to its log file, keeping at most `log_max_bytes`.
-    fn pump(&self, reader: std::io::PipeReader, path: PathBuf) {
+    /// Trims both log files of a process to their last `log_max_bytes`.
+    async fn trim_logs(&self, id: &str) {
         let max = self.inner.config.log_max_bytes;
-        tokio::spawn(async move {
-            let mut pipe =
-                match tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader)) {
-                    Ok(pipe) => pipe,
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot watch output pipe");
-                        return;
-                    }
-                };
-            let mut file = match tokio::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o640)
-                .open(&path)
-                .await
-            {
-                Ok(file) => Some(file),
-                Err(error) => {
-                    tracing::warn!(%error, path = %path.display(), "cannot open log file; output dropped");
-                    None
-                }
-            };
-            let mut kept = 0u64;
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                let n = match pipe.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let room = usize::try_from(max.saturating_sub(kept)).unwrap_or(usize::MAX);
-                let take = n.min(room);
-                if take > 0 {
-                    if let Some(f) = file.as_mut()
-                        && f.write_all(&buf[..take]).await.is_err()
-                    {
-                        file = None;
-                    }
-                    kept += take as u64;
-                }
+        for stream in ["stdout", "stderr"] {
+            let path = self.log_path(id, stream);
+            let done = tokio::task::spawn_blocking(move || trim_log(&path, max)).await;
+            if let Ok(Err(error)) = done {
+                tracing::warn!(%id, stream, %error, "cannot trim log file");
             }
-            if let Some(mut f) = file {
-                let _ = f.flush().await;
-            }
-        });
+        }
     }
 
     /// Sends a signal to a running process of this daemon.
@@ -480,14 +456,24 @@ impl ProcessService {
         let lock = self.lease_lock(&name);
         let guard = lock.write().await;
         let lease = self.inner.leases.store().get_lease(&name).await?;
+        let mut logs = Vec::new();
         if let Some(lease) = lease.filter(|l| l.state == subid_core::LeaseState::Active) {
             self.teardown(&lease, force).await?;
+            logs = self.inner.leases.store().lease_processes(lease.id).await?;
         }
         let result = self
             .inner
             .leases
             .release(name.clone(), purge, caller, kind)
             .await;
+        if result.is_ok() {
+            // The process rows went with the lease; so do their logs.
+            for process in logs {
+                for stream in ["stdout", "stderr"] {
+                    let _ = std::fs::remove_file(self.log_path(&process.id, stream));
+                }
+            }
+        }
         drop(guard);
         self.forget_lock(&name, lock);
         result
@@ -755,6 +741,45 @@ fn spawn_error(spec: &SpawnSpec, error: SysError) -> ApiError {
         }
         _ => ApiError::Internal(format!("spawn: {error}")),
     }
+}
+
+/// Opens (creates) a log file for a process to append to: mode 0640, close-on-exec in the
+/// daemon (the spawn engine dups it onto fd 1 or 2 of the child).
+fn open_log(path: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .map(OwnedFd::from)
+}
+
+/// Keeps the last `max` bytes of a log file (copy-truncate, as logrotate does: bytes the
+/// process appends between the copy and the truncate are lost; O_APPEND writers carry on at
+/// the new end).
+fn trim_log(path: &Path, max: u64) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len <= max {
+        return Ok(());
+    }
+    file.seek(SeekFrom::Start(len - max))?;
+    let mut tail = Vec::with_capacity(usize::try_from(max).unwrap_or(0));
+    (&mut file).take(max).read_to_end(&mut tail)?;
+    file.set_len(0)?;
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&tail)?;
+    Ok(())
 }
 
 fn internal(what: &str, error: std::io::Error) -> ApiError {

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cgroup;
 mod extra;
 mod inotify;
 mod pins;

@@ -1,0 +1,453 @@
+//! Lease cgroups: detection, pids.max on real cgroups (wherever this host's pids controller
+//! lives), `CLONE_INTO_CGROUP` on the real cgroup2 hierarchy, the cgroup2 file protocol on a fake
+//! tree, teardown, and failed spawns leaving nothing behind. Each test prints which path ran.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use subid_sys::cgroup::{
+    CgroupHost, CgroupMode, CgroupParent, CgroupVersion, Hierarchy, LeaseCgroup,
+};
+use subid_sys::{ChildStep, Command, Errno, PidFd, SysError};
+
+use crate::support::{Lease, mounted, sh, wait_for_lines};
+
+/// A parent cgroup for one test, removed (with anything left in it) on drop.
+struct TestParent(CgroupParent);
+
+impl TestParent {
+    fn new(h: &Hierarchy, tag: &str) -> Self {
+        let dir = h
+            .own_dir
+            .join(format!("subidd-it-{tag}-{}", std::process::id()));
+        TestParent(CgroupParent::prepare(h, Some(&dir)).expect("prepare parent"))
+    }
+}
+
+impl Drop for TestParent {
+    fn drop(&mut self) {
+        if let Ok(entries) = fs::read_dir(self.0.dir()) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let name = e.file_name().into_string().unwrap_or_default();
+                    if let Ok(cg) = LeaseCgroup::open(&self.0, &name)
+                        && let Err(err) = cg.kill_all_and_remove()
+                    {
+                        eprintln!("cleanup: {err}");
+                    }
+                }
+            }
+        }
+        if let Err(e) = fs::remove_dir(self.0.dir()) {
+            eprintln!("cleanup: rmdir {:?}: {e}", self.0.dir());
+        }
+    }
+}
+
+fn pids_hierarchy() -> Hierarchy {
+    let host = CgroupHost::detect().expect("detect");
+    let h = host
+        .require_pids()
+        .expect("these tests need a pids controller")
+        .clone();
+    eprintln!(
+        "pids controller: real cgroup {:?} hierarchy at {} (mode {})",
+        h.version,
+        h.mount.display(),
+        host.mode()
+    );
+    h
+}
+
+fn unified_hierarchy() -> Hierarchy {
+    let host = CgroupHost::detect().expect("detect");
+    let h = host
+        .unified()
+        .expect("this test needs a cgroup2 mount")
+        .clone();
+    eprintln!(
+        "cgroup2 path: real cgroup2 hierarchy at {} (pids {})",
+        h.mount.display(),
+        if h.pids {
+            "on"
+        } else {
+            "off: CLONE_INTO_CGROUP and cgroup.kill only"
+        }
+    );
+    h
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn sleeper_in(cg: &LeaseCgroup) -> Command {
+    let mut cmd = Command::new("/bin/sleep", ["sleep", "60"]);
+    cmd.cgroup(cg.spawn_handle().unwrap());
+    cmd
+}
+
+/// Pidfds of every process now in `cg`, to check later that teardown ended them.
+fn members(cg: &LeaseCgroup) -> Vec<PidFd> {
+    cg.procs()
+        .unwrap()
+        .into_iter()
+        .filter_map(|p| PidFd::open(p).ok())
+        .collect()
+}
+
+fn assert_all_exited(pids: &[PidFd]) {
+    wait_until("every former member to exit", || {
+        pids.iter().all(|p| p.has_exited().unwrap_or(true))
+    });
+}
+
+#[test]
+fn detection_matches_the_mount_table() {
+    let host = CgroupHost::detect().unwrap();
+    let summary = host.describe();
+    eprintln!("detected: {summary:?}");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let v1_pids = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(2) == Some(&"cgroup") && f[3].split(',').any(|o| o == "pids"))
+            .then(|| PathBuf::from(f[1]))
+    });
+    let unified = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    });
+    let unified_pids = host.unified().is_some_and(|u| u.pids);
+    let want = match (&v1_pids, &unified) {
+        (_, Some(_)) if unified_pids => CgroupMode::V2,
+        (Some(_), Some(_)) => CgroupMode::Hybrid,
+        (Some(_), None) => CgroupMode::V1,
+        (None, _) => CgroupMode::None,
+    };
+    assert_eq!(host.mode(), want);
+    assert_eq!(summary.unified_mount, unified);
+    if want == CgroupMode::Hybrid || want == CgroupMode::V1 {
+        assert_eq!(host.pids().unwrap().version, CgroupVersion::V1);
+        assert_eq!(summary.pids_mount, v1_pids);
+        assert_eq!(summary.pids_version, Some("v1"));
+    }
+    if Path::new("/sys/fs/cgroup/pids").is_dir() && Path::new("/sys/fs/cgroup/unified").is_dir() {
+        // This project's machines: pids on v1, a cgroup2 without pids.
+        assert_eq!(host.mode(), CgroupMode::Hybrid);
+        assert_eq!(
+            summary.pids_mount.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/pids"))
+        );
+    }
+}
+
+/// Writes `files` (name, content) into `dir`, making it first.
+fn fake_dir(dir: &Path, files: &[(&str, &str)]) {
+    fs::create_dir_all(dir).unwrap();
+    for (name, text) in files {
+        fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+/// A fake root whose cgroup2 mount offers `controllers` to the daemon's cgroup
+/// `/system.slice/subidd.service`.
+fn fake_v2_root(controllers: &str) -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    fake_dir(
+        &root.path().join("proc/self"),
+        &[
+            (
+                "mountinfo",
+                "25 1 0:22 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n",
+            ),
+            ("cgroup", "0::/system.slice/subidd.service\n"),
+        ],
+    );
+    let own = root
+        .path()
+        .join("sys/fs/cgroup/system.slice/subidd.service");
+    fake_dir(
+        &own,
+        &[
+            ("cgroup.controllers", controllers),
+            ("cgroup.subtree_control", ""),
+            ("cgroup.procs", "4242\n"),
+        ],
+    );
+    (root, own)
+}
+
+#[test]
+fn cgroup2_file_protocol_on_a_fake_tree() {
+    let (root, own) = fake_v2_root("cpu memory pids\n");
+    eprintln!(
+        "cgroup2 file protocol: fake cgroupfs tree at {}",
+        root.path().display()
+    );
+    let host = CgroupHost::detect_in(root.path()).unwrap();
+    assert_eq!(host.mode(), CgroupMode::V2);
+    let h = host.require_pids().unwrap();
+    assert_eq!(h.own_dir, own);
+    // What the kernel would show once the directories exist.
+    let parent_dir = own.join("subidd");
+    fake_dir(
+        &parent_dir,
+        &[
+            ("cgroup.controllers", "pids\n"),
+            ("cgroup.subtree_control", ""),
+        ],
+    );
+    let lease_dir = parent_dir.join("db-1");
+    fake_dir(
+        &lease_dir,
+        &[
+            ("pids.max", "max\n"),
+            ("pids.current", "3\n"),
+            ("pids.events", "max 7\n"),
+            ("cgroup.procs", ""),
+            ("cgroup.kill", ""),
+            ("cgroup.events", "populated 1\nfrozen 0\n"),
+        ],
+    );
+
+    let parent = CgroupParent::prepare(h, None).unwrap();
+    assert_eq!(parent.dir(), parent_dir);
+    for d in [&own, &parent_dir] {
+        let ctl = fs::read_to_string(d.join("cgroup.subtree_control")).unwrap();
+        assert_eq!(ctl, "+pids", "{d:?}");
+    }
+
+    let cg = LeaseCgroup::create(&parent, "db-1", Some(10)).unwrap();
+    assert_eq!(cg.version(), CgroupVersion::V2);
+    assert_eq!(
+        fs::read_to_string(lease_dir.join("pids.max")).unwrap(),
+        "10"
+    );
+    assert_eq!(cg.pids_max().unwrap(), Some(10));
+    assert_eq!(cg.pids_current().unwrap(), 3);
+    assert_eq!(cg.pids_events_max().unwrap(), 7);
+    assert!(cg.procs().unwrap().is_empty());
+    assert_eq!(
+        cg.cgroup_path().unwrap(),
+        Path::new("/system.slice/subidd.service/subidd/db-1")
+    );
+    cg.set_pids_max(None).unwrap();
+    assert_eq!(cg.pids_max().unwrap(), None);
+
+    // The "kernel": once cgroup.kill reads 1, the cgroup becomes unpopulated.
+    let kernel = {
+        let dir = lease_dir.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if fs::read_to_string(dir.join("cgroup.kill")).is_ok_and(|t| t == "1") {
+                    fs::write(dir.join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            false
+        })
+    };
+    cg.kill_all_and_remove().unwrap();
+    assert!(kernel.join().unwrap(), "cgroup.kill was never written");
+    assert!(!lease_dir.exists());
+
+    // A cgroup holding processes is not adopted by create.
+    fake_dir(
+        &lease_dir,
+        &[("cgroup.procs", "77\n"), ("pids.max", "max\n")],
+    );
+    let err = LeaseCgroup::create(&parent, "db-1", Some(5)).unwrap_err();
+    assert_eq!(err.errno(), Some(Errno::EBUSY), "{err}");
+    assert_eq!(
+        fs::read_to_string(lease_dir.join("pids.max")).unwrap(),
+        "max\n"
+    );
+}
+
+#[test]
+fn no_pids_controller_is_refused_with_its_reason() {
+    let (root, own) = fake_v2_root("cpu memory\n");
+    eprintln!(
+        "cgroup2 without pids: fake cgroupfs tree at {}",
+        root.path().display()
+    );
+    let host = CgroupHost::detect_in(root.path()).unwrap();
+    assert_eq!(host.mode(), CgroupMode::None);
+    let err = host.require_pids().unwrap_err();
+    assert!(
+        matches!(&err, SysError::Unsupported { what: "pids_max", reason } if reason.contains("pids")),
+        "{err}"
+    );
+    let parent = CgroupParent::prepare(host.unified().unwrap(), None).unwrap();
+    let err = LeaseCgroup::create(&parent, "db-1", Some(10)).unwrap_err();
+    assert!(matches!(err, SysError::Unsupported { .. }), "{err}");
+    assert!(!own.join("subidd/db-1").exists());
+}
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn pids_max_caps_children_and_grandchildren_and_spares_other_leases() {
+    let h = pids_hierarchy();
+    let parent = TestParent::new(&h, "cap");
+    let a = LeaseCgroup::create(&parent.0, "a", Some(10)).unwrap();
+    let b = LeaseCgroup::create(&parent.0, "b", Some(10)).unwrap();
+    assert_eq!(a.pids_max().unwrap(), Some(10));
+
+    let mut lease_a = Lease::new(0x7100_0000);
+    let mut lease_b = Lease::new(0x7101_0000);
+    // sh gives up at its first refused fork ("Cannot fork"); the sleeps it started stay.
+    let mut cmd = sh("for i in $(seq 30); do sleep 60 & done; wait");
+    cmd.cgroup(a.spawn_handle().unwrap());
+    let first = lease_a.spawn(&cmd).unwrap();
+    let other = lease_b.spawn(&sleeper_in(&b)).unwrap();
+
+    wait_until("a refused fork in lease a", || {
+        a.pids_events_max().unwrap() > 0
+    });
+    let current = a.pids_current().unwrap();
+    eprintln!(
+        "lease a: pids.current {current}, refused forks {}",
+        a.pids_events_max().unwrap()
+    );
+    assert!(current <= 10, "pids.current {current}");
+    let procs = a.procs().unwrap();
+    // sh itself is a member until it exits (dash quits at the refused fork).
+    assert!(
+        procs.contains(&first) || lease_a.child(first).has_exited().unwrap(),
+        "{procs:?}"
+    );
+    assert!(procs.len() >= 5, "children of sh: {procs:?}");
+    for pid in &procs {
+        assert!(a.contains_pid(*pid).unwrap(), "pid {pid} outside a");
+        assert!(!b.contains_pid(*pid).unwrap());
+    }
+    // The other lease: its one sleep, nothing refused.
+    assert_eq!(b.procs().unwrap(), vec![other]);
+    assert_eq!(b.pids_current().unwrap(), 1);
+    assert_eq!(b.pids_events_max().unwrap(), 0);
+
+    // A join into lease a also lands in its cgroup.
+    let joined = lease_a.spawn(&sleeper_in(&a)).unwrap();
+    assert!(a.contains_pid(joined).unwrap());
+
+    let before = members(&a);
+    let a_dir = a.path().to_path_buf();
+    a.kill_all_and_remove().unwrap();
+    assert!(!a_dir.exists());
+    assert_all_exited(&before);
+    // Lease b untouched.
+    assert!(!lease_b.child(other).has_exited().unwrap());
+    b.kill_all_and_remove().unwrap();
+}
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn first_spawn_join_and_grandchild_land_in_the_pids_cgroup() {
+    let h = pids_hierarchy();
+    let parent = TestParent::new(&h, "join");
+    let cg = LeaseCgroup::create(&parent.0, "l", None).unwrap();
+    assert_eq!(cg.pids_max().unwrap(), None);
+    let mut lease = Lease::new(0x7102_0000);
+    let first = lease.spawn(&sleeper_in(&cg)).unwrap();
+    let (out, path) = lease.output("gc");
+    let mut cmd = sh("sleep 60 & echo $!; wait");
+    cmd.cgroup(cg.spawn_handle().unwrap()).stdout(out);
+    let second = lease.spawn(&cmd).unwrap();
+    let grandchild: i32 = wait_for_lines(&path, 1).trim().parse().unwrap();
+    for pid in [first, second, grandchild] {
+        assert!(cg.contains_pid(pid).unwrap(), "pid {pid}");
+    }
+    let mut procs = cg.procs().unwrap();
+    procs.sort();
+    let mut want = vec![first, second, grandchild];
+    want.sort();
+    assert_eq!(procs, want);
+    assert_eq!(cg.pids_current().unwrap(), 3);
+    let before = members(&cg);
+    let dir = cg.path().to_path_buf();
+    cg.kill_all_and_remove().unwrap();
+    assert!(!dir.exists());
+    assert_all_exited(&before);
+}
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn clone_into_cgroup_on_the_real_cgroup2_hierarchy() {
+    let h = unified_hierarchy();
+    let parent = TestParent::new(&h, "v2");
+    if !h.pids {
+        let err = LeaseCgroup::create(&parent.0, "capped", Some(10)).unwrap_err();
+        assert!(matches!(err, SysError::Unsupported { .. }), "{err}");
+        assert!(!parent.0.dir().join("capped").exists());
+    }
+    let cg = LeaseCgroup::create(&parent.0, "l", None).unwrap();
+    let mut lease = Lease::new(0x7103_0000);
+    let first = lease.spawn(&sleeper_in(&cg)).unwrap(); // creator's clone3
+    let (out, path) = lease.output("gc");
+    let mut cmd = sh("sleep 60 & echo $!; wait");
+    cmd.cgroup(cg.spawn_handle().unwrap()).stdout(out);
+    let second = lease.spawn(&cmd).unwrap(); // the join's clone3
+    let grandchild: i32 = wait_for_lines(&path, 1).trim().parse().unwrap();
+    let want = cg.cgroup_path().unwrap();
+    for pid in [first, second, grandchild] {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let line = text.lines().find(|l| l.starts_with("0::")).unwrap();
+        assert_eq!(Path::new(&line[3..]), want, "pid {pid}");
+    }
+    // Teardown through cgroup.kill.
+    let before = members(&cg);
+    assert_eq!(before.len(), 3);
+    let dir = cg.path().to_path_buf();
+    cg.kill_all_and_remove().unwrap();
+    assert!(!dir.exists());
+    assert_all_exited(&before);
+}
+
+fn failed_spawns_leave_nothing(h: &Hierarchy, tag: &str, base: u32) {
+    let parent = TestParent::new(h, tag);
+    let cg = LeaseCgroup::create(&parent.0, "l", None).unwrap();
+    let mut missing = Command::new("/nonexistent/binary", ["binary"]);
+    missing.cgroup(cg.spawn_handle().unwrap());
+    let mut lease = Lease::new(base);
+    // First spawn (creates the namespace) fails: no process, no pin, nobody in the cgroup.
+    let err = lease.spawn(&missing).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SysError::ChildSetup {
+                step: ChildStep::Execve,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!mounted(&lease.pin));
+    assert!(cg.procs().unwrap().is_empty());
+    // A join fails the same way.
+    lease.spawn(&sleeper_in(&cg)).unwrap();
+    let err = lease.spawn(&missing).unwrap_err();
+    assert_eq!(err.errno(), Some(Errno::ENOENT), "{err}");
+    assert_eq!(cg.procs().unwrap().len(), 1);
+    let dir = cg.path().to_path_buf();
+    cg.kill_all_and_remove().unwrap();
+    assert!(!dir.exists());
+}
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn failed_spawns_leave_nothing_in_the_pids_cgroup() {
+    failed_spawns_leave_nothing(&pids_hierarchy(), "fail", 0x7104_0000);
+}
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn failed_spawns_leave_nothing_in_a_cgroup2_cgroup() {
+    failed_spawns_leave_nothing(&unified_hierarchy(), "fail2", 0x7105_0000);
+}
