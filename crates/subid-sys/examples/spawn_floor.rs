@@ -83,7 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("API join (setns + exec)", Box::new(join)),
     ];
     let mut table = run(n, small, true);
-    table.extend(cgroup_rows(n, &truth, &lease_ns)?);
+    table.extend(cgroup_rows(n, &lease_ns)?);
 
     // 256 MiB of touched memory: a plain fork copies its page tables, the vfork way does not.
     let ballast = vec![1u8; 256 << 20];
@@ -122,7 +122,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// (`clone3(CLONE_INTO_CGROUP)`, even without pids). The cgroups are removed afterwards.
 fn cgroup_rows(
     n: usize,
-    truth: &Command,
     lease_ns: &LeaseNs,
 ) -> Result<Vec<(&'static str, Vec<Duration>)>, Box<dyn std::error::Error>> {
     let host = CgroupHost::detect()?;
@@ -160,7 +159,6 @@ fn cgroup_rows(
         rows.push((name, cmd));
         made.push((parent, cg));
     }
-    let _ = truth;
     let timed_rows: Vec<Row> = rows
         .iter()
         .map(|(name, cmd)| {

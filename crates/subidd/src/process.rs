@@ -199,8 +199,8 @@ impl ProcessService {
             .user(spec.user, spec.group)
             .groups(spec.groups.iter().copied())
             .umask(spec.umask)
-            .stdout(OwnedFd::from(out_w))
-            .stderr(OwnedFd::from(err_w));
+            .stdout(out_w)
+            .stderr(err_w);
         let mut rlimits = lease.rlimits.clone();
         rlimits.extend(spec.rlimits.clone());
         for (rname, [soft, hard]) in &rlimits {
