@@ -18,6 +18,8 @@ use subid_sys::{Command, LeaseNs, Namespace};
 const BASE: u32 = 0x7050_0000;
 
 type Row<'a> = (&'static str, Box<dyn FnMut() -> Duration + 'a>);
+/// Named sample sets.
+type Table = Vec<(&'static str, Vec<Duration>)>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: usize = std::env::args()
@@ -118,60 +120,76 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Joins with and without a lease cgroup, in turns: the pids cgroup wherever this host has it
-/// (v1 here: the child writes `cgroup.procs`, one RCU grace period) and the cgroup2 hierarchy
-/// (`clone3(CLONE_INTO_CGROUP)`, even without pids). The cgroups are removed afterwards.
-fn cgroup_rows(
-    n: usize,
-    lease_ns: &LeaseNs,
-) -> Result<Vec<(&'static str, Vec<Duration>)>, Box<dyn std::error::Error>> {
+/// (v1 here: the child writes `cgroup.procs`, which waits for an RCU grace period unless another
+/// write just did; or the lease spawner, already in the cgroup, clones it), the cgroup2
+/// hierarchy (`clone3(CLONE_INTO_CGROUP)`, even without pids), back-to-back and spread out
+/// (50 ms idle before each sample, outside the timing).
+/// The cgroups are removed afterwards.
+fn cgroup_rows(n: usize, lease_ns: &LeaseNs) -> Result<Table, Box<dyn std::error::Error>> {
     let host = CgroupHost::detect()?;
     let tag = format!("subidd-bench-{}", std::process::id());
     let mut made = Vec::new();
-    let mut rows: Vec<(&'static str, Command)> = vec![(
-        "API join, no cgroup (same turns as below)",
+    // (name back-to-back, name spread out, command)
+    let mut rows: Vec<(&'static str, &'static str, Command)> = vec![(
+        "API join, no cgroup",
+        "API join, no cgroup, spread out",
         Command::new("/bin/true", ["true"]),
     )];
-    let hierarchies = [
-        (
-            host.pids(),
-            Some(1000),
-            "API join into pids cgroup (v1: writes procs)",
-            "API join into pids cgroup (v2: clone3)",
-        ),
-        (
-            host.unified().filter(|u| !u.pids),
-            None,
-            "",
-            "API join into cgroup2 (clone3 INTO_CGROUP)",
-        ),
-    ];
-    for (h, max, v1_name, v2_name) in hierarchies {
+    for (h, max) in [
+        (host.pids(), Some(1000)),
+        (host.unified().filter(|u| !u.pids), None),
+    ] {
         let Some(h) = h else { continue };
         let parent = CgroupParent::prepare(h, Some(&h.own_dir.join(&tag)))?;
         let cg = LeaseCgroup::create(&parent, "bench", max)?;
         let mut cmd = Command::new("/bin/true", ["true"]);
         cmd.cgroup(cg.spawn_handle()?);
-        let name = if h.version == CgroupVersion::V1 {
-            v1_name
-        } else {
-            v2_name
-        };
-        rows.push((name, cmd));
+        rows.push(match (h.version, h.pids) {
+            (CgroupVersion::V1, _) => (
+                "API join, v1 pids cgroup (child writes procs)",
+                "API join, v1 pids cgroup (procs), spread out",
+                cmd,
+            ),
+            (CgroupVersion::V2, true) => (
+                "API join, v2 pids cgroup (clone3 INTO_CGROUP)",
+                "API join, v2 pids cgroup (clone3), spread out",
+                cmd,
+            ),
+            (CgroupVersion::V2, false) => (
+                "API join, cgroup2 no pids (clone3 INTO_CGROUP)",
+                "API join, cgroup2 (clone3), spread out",
+                cmd,
+            ),
+        });
+        if h.version == CgroupVersion::V1 {
+            let mut cmd = Command::new("/bin/true", ["true"]);
+            cmd.cgroup(cg.start_spawner()?);
+            rows.push((
+                "API join, v1 pids cgroup via lease spawner",
+                "API join, v1 via lease spawner, spread out",
+                cmd,
+            ));
+        }
         made.push((parent, cg));
     }
-    let timed_rows: Vec<Row> = rows
-        .iter()
-        .map(|(name, cmd)| {
-            let f: Box<dyn FnMut() -> Duration> = Box::new(move || {
-                timed(|| {
-                    let child = cmd.spawn(Namespace::Join(lease_ns)).expect("spawn");
-                    assert!(child.wait().expect("wait").success());
-                })
-            });
-            (*name, f)
-        })
-        .collect();
-    let table = run(n, timed_rows, true);
+    let make = |spaced: bool| -> Vec<Row> {
+        rows.iter()
+            .map(|(name, spaced_name, cmd)| {
+                let f: Box<dyn FnMut() -> Duration> = Box::new(move || {
+                    if spaced {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    timed(|| {
+                        let child = cmd.spawn(Namespace::Join(lease_ns)).expect("spawn");
+                        assert!(child.wait().expect("wait").success());
+                    })
+                });
+                (if spaced { *spaced_name } else { *name }, f)
+            })
+            .collect()
+    };
+    let mut table = run(n, make(false), true);
+    table.extend(run(n.min(100), make(true), true));
     for (parent, cg) in made {
         cg.kill_all_and_remove()?;
         std::fs::remove_dir(parent.dir())?;

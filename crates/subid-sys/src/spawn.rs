@@ -34,6 +34,16 @@
 //!   pidfd-verified `/proc/<B>`, reads them back and pins `/proc/<B>/ns/*` (bind mounts); then
 //!   B runs the common steps and `execve`s (or, for [`crate::userns::create_pinned`], exits).
 //!
+//! * **Lease cgroup** ([`Command::cgroup`], see [`crate::cgroup`]): nothing of the lease may run
+//!   outside its cgroup, even briefly, and the daemon writes no `cgroup.procs` per spawn. On
+//!   cgroup2, C (join) and B (create) are made with `clone3(... | CLONE_INTO_CGROUP)` on the
+//!   lease cgroup's directory fd (`raw::clone3_run`, since clone3 has no usable libc wrapper);
+//!   they are born inside. On v1 the child's very first system call writes `0` into the
+//!   lease's open `cgroup.procs` (for a create, A does, before it switches ids or clones B, so
+//!   B inherits it); that write waits for an RCU grace period, 5-19 ms when spawns are spread
+//!   out. A [`CgroupSpawner`] takes it off the join path: a helper sitting in the cgroup clones
+//!   the children (`CLONE_PARENT`, so they are still the daemon's).
+//!
 //! Common steps: `setsid`; clear the inheritable and ambient capabilities; `setgroups` (none
 //! unless asked), `setresgid`, `setresuid` (ids inside the namespace); umask; `chdir`; stdin
 //! `/dev/null`, stdout/stderr as given; everything from fd 3 up close-on-exec
@@ -47,10 +57,11 @@
 
 use std::convert::Infallible;
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
+use std::sync::{Arc, Mutex};
 
 use libc::{c_char, c_int, c_void};
 use nix::errno::Errno;
@@ -206,7 +217,10 @@ impl Command {
     pub fn spawn(&self, ns: Namespace<'_>) -> Result<PidFd> {
         let prep = self.prepare()?;
         match ns {
-            Namespace::Join(ns) => spawn_join(&prep, ns),
+            Namespace::Join(ns) => match &prep.spawner {
+                Some(spawner) => spawn_join_via(spawner, &prep, ns),
+                None => spawn_join(&prep, ns),
+            },
             Namespace::Create { spec, pin } => {
                 create(spec, pin, Some(&prep))?.ok_or_else(|| SysError::InvalidInput {
                     what: "spawn",
@@ -282,6 +296,7 @@ impl Command {
             umask: self.umask,
             rlimits,
             cgroup: self.cgroup.as_ref().map(|c| (c.fd.as_raw_fd(), c.version)),
+            spawner: self.cgroup.as_ref().and_then(|c| c.spawner.clone()),
         })
     }
 }
@@ -326,6 +341,8 @@ pub(crate) struct Prepared {
     rlimits: Vec<RawRlimit>,
     /// The lease cgroup: v1 `cgroup.procs` or v2 directory fd (owned by the `Command`).
     cgroup: Option<(RawFd, CgroupVersion)>,
+    /// v1: the lease's spawner, which clones joining children from inside the cgroup.
+    spawner: Option<Arc<CgroupSpawner>>,
 }
 
 impl Prepared {
@@ -1326,8 +1343,11 @@ pub(crate) fn create(
             let _ = userns::unpin(pin);
         }
         // B may have failed first (say, bringing loopback up) and made our step fail: its
-        // report, already in the pipe, names the real cause.
-        if let Ok(Some((step, source))) = read_report(&err_r) {
+        // report, already in the pipe, names the real cause. Not so when B only saw the wake
+        // pipe close (ECANCELED), which our failure caused: `wake_w` is closed before B dies.
+        if let Ok(Some((step, source))) = read_report(&err_r)
+            && !(step == ChildStep::WaitForMaps && source == Errno::ECANCELED)
+        {
             return Err(SysError::ChildSetup {
                 pid: b_pid,
                 program: program_of(prep),
@@ -1402,4 +1422,374 @@ fn reap_pid(pid: i32) -> Result<()> {
             return Err(SysError::process("waitpid (namespace creator)", pid, e));
         }
     }
+}
+
+/// A per-lease helper process that sits in the lease's cgroup v1 and clones that lease's
+/// joining children, so that they are born in the cgroup and a spawn needs no `cgroup.procs`
+/// write (and no RCU grace period) of its own (background.md: "forking from a process that
+/// already sits in the target cgroup"). Start one with
+/// [`crate::cgroup::LeaseCgroup::start_spawner`].
+///
+/// The helper is a `clone(CLONE_VM | CLONE_FILES)` of the daemon: it costs no page-table copy,
+/// runs only raw system calls, keeps every signal blocked, and counts as one process against
+/// the lease's `pids.max`. It writes itself into `cgroup.procs` once, then waits for requests:
+/// a pointer to a prepared `ChildPlan` and stack in the daemon's memory, for which it does
+/// `clone3(CLONE_VM | CLONE_VFORK | CLONE_PARENT | CLONE_PIDFD)`. `CLONE_PARENT` makes the
+/// child the daemon's own (reaped through its pidfd as usual), and the pidfd lands in the
+/// daemon's fd table (shared). Requests are serialised; each takes until the child has
+/// exec'd. The helper exits when the spawner is dropped (EOF on its request pipe) or when the
+/// daemon exits (it polls a pidfd of the daemon). The first spawn of a lease, which creates
+/// the namespace, does not go through it: its creator writes itself into `cgroup.procs`.
+pub struct CgroupSpawner {
+    helper: PidFd,
+    /// Request pipe write end and response pipe read end; `None` once shut down.
+    chan: Mutex<Option<(OwnedFd, OwnedFd)>>,
+    /// The helper's ends (in the shared fd table, so they stay open here too).
+    _helper_ends: (OwnedFd, OwnedFd),
+    _procs: OwnedFd,
+    plan: Box<HelperPlan>,
+    stack: Option<Stack>,
+}
+
+impl std::fmt::Debug for CgroupSpawner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CgroupSpawner")
+            .field("helper", &self.helper.pid())
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the raw pointers inside (`Stack`, `HelperPlan`) name memory owned by this value and
+// only used by the helper process; the channel is behind a mutex.
+unsafe impl Send for CgroupSpawner {}
+// SAFETY: as above; `&self` methods only lock the mutex and read fds.
+unsafe impl Sync for CgroupSpawner {}
+
+/// The helper's start-up data.
+#[repr(C)]
+#[derive(Debug)]
+struct HelperPlan {
+    procs_fd: c_int,
+    req_rd: c_int,
+    resp_wr: c_int,
+}
+
+/// One request, in the requesting daemon thread's memory; answered before that thread goes on.
+#[repr(C)]
+struct HelperRequest {
+    plan: *const ChildPlan,
+    stack_lo: *mut c_void,
+    stack_size: usize,
+    pidfd: c_int,
+    pid: c_int,
+    errno: c_int,
+}
+
+impl CgroupSpawner {
+    /// Starts the helper, which moves itself into the cgroup whose `cgroup.procs` is `procs`.
+    pub(crate) fn start(procs: OwnedFd) -> Result<Self> {
+        let (req_r, req_w) = pipe()?;
+        let (resp_r, resp_w) = pipe()?;
+        let plan = Box::new(HelperPlan {
+            procs_fd: procs.as_raw_fd(),
+            req_rd: req_r.as_raw_fd(),
+            resp_wr: resp_w.as_raw_fd(),
+        });
+        let stack = Stack::new()?;
+        let (lo, size) = stack.range();
+        let mut pidfd: c_int = -1;
+        let args = CloneArgs {
+            flags: (libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_PIDFD) as u64,
+            pidfd: &mut pidfd as *mut c_int as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: lo as u64,
+            stack_size: size as u64,
+            ..CloneArgs::default()
+        };
+        let pid = {
+            // The helper inherits the full mask and keeps it: no handler of the daemon ever
+            // runs on its side.
+            let _blocked = SignalsBlocked::new()?;
+            // SAFETY: the helper runs `helper_main` on `stack` with `plan`, both owned by the
+            // returned spawner, which outlives the helper (Drop waits for it to exit).
+            unsafe {
+                clone3_run(
+                    &args,
+                    helper_main,
+                    &*plan as *const HelperPlan as *mut c_void,
+                )
+            }
+            .map_err(|e| SysError::syscall("clone3 (lease spawner)", Errno::from_raw(e)))?
+        };
+        // SAFETY: CLONE_PIDFD gave us this fd for `pid`; nothing else owns it.
+        let helper = unsafe { PidFd::from_raw(pidfd, pid) };
+        let mut spawner = CgroupSpawner {
+            helper,
+            chan: Mutex::new(Some((req_w, resp_r))),
+            _helper_ends: (req_r, resp_w),
+            _procs: procs,
+            plan,
+            stack: Some(stack),
+        };
+        match spawner.read_status() {
+            Ok(0) => Ok(spawner),
+            Ok(e) => {
+                spawner.shutdown();
+                Err(SysError::process(
+                    "write cgroup.procs (lease spawner)",
+                    pid,
+                    Errno::from_raw(e),
+                ))
+            }
+            Err(e) => {
+                spawner.shutdown();
+                Err(e)
+            }
+        }
+    }
+
+    /// The helper's pid.
+    pub fn pid(&self) -> i32 {
+        self.helper.pid()
+    }
+
+    fn gone(&self) -> SysError {
+        SysError::ProcessGone {
+            pid: self.helper.pid(),
+        }
+    }
+
+    /// Reads one 4-byte answer, or fails if the helper is gone.
+    fn read_status(&self) -> Result<i32> {
+        let guard = self.chan.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, resp) = guard.as_ref().ok_or_else(|| self.gone())?;
+        self.read_answer(resp)
+    }
+
+    fn read_answer(&self, resp: &OwnedFd) -> Result<i32> {
+        let mut buf = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            let mut fds = [
+                libc::pollfd {
+                    fd: resp.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.helper.as_fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two live pollfds, no timeout.
+            if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+                match Errno::last() {
+                    Errno::EINTR => continue,
+                    e => return Err(SysError::syscall("poll (lease spawner)", e)),
+                }
+            }
+            if fds[0].revents == 0 {
+                return Err(self.gone()); // only the helper's pidfd is ready: it exited
+            }
+            match nix::unistd::read(resp, &mut buf[got..]) {
+                Ok(0) => return Err(self.gone()),
+                Ok(n) => got += n,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(SysError::syscall("read (lease spawner)", e)),
+            }
+        }
+        Ok(i32::from_ne_bytes(buf))
+    }
+
+    /// Has the helper clone a child for `req`; returns once the child has exec'd or exited.
+    fn run(&self, req: &mut HelperRequest) -> Result<()> {
+        let guard = self.chan.lock().unwrap_or_else(|e| e.into_inner());
+        let (reqw, resp) = guard.as_ref().ok_or_else(|| self.gone())?;
+        let ptr = (req as *mut HelperRequest as usize).to_ne_bytes();
+        match nix::unistd::write(reqw, &ptr) {
+            Ok(8) => {}
+            Ok(_) => return Err(SysError::syscall("write (lease spawner)", Errno::EIO)),
+            Err(Errno::EPIPE) => return Err(self.gone()),
+            Err(e) => return Err(SysError::syscall("write (lease spawner)", e)),
+        }
+        self.read_answer(resp).map(|_| ())
+    }
+
+    /// Closes the request pipe (the helper exits at EOF) and reaps the helper; only then is
+    /// its stack unmapped. If it cannot be reaped, the stack and plan are leaked rather than
+    /// freed under a process that may still use them.
+    fn shutdown(&mut self) {
+        let chan = self
+            .chan
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(chan);
+        let reaped = self.helper.wait().is_ok()
+            || (self.helper.send_signal(libc::SIGKILL).is_ok() && self.helper.wait().is_ok());
+        if !reaped {
+            std::mem::forget(self.stack.take());
+            let plan = std::mem::replace(
+                &mut self.plan,
+                Box::new(HelperPlan {
+                    procs_fd: -1,
+                    req_rd: -1,
+                    resp_wr: -1,
+                }),
+            );
+            std::mem::forget(plan);
+        }
+    }
+}
+
+impl Drop for CgroupSpawner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Entry of the lease spawner; returns (to `clone3_run`, which exits) at EOF or daemon exit.
+extern "C" fn helper_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the spawner's `HelperPlan`, alive until this process has exited.
+    let p = unsafe { &*(arg as *const HelperPlan) };
+    let answer = |v: i32| {
+        let b = v.to_ne_bytes();
+        // SAFETY: writes 4 bytes of a live local to our pipe.
+        let _ = unsafe {
+            sys(
+                libc::SYS_write,
+                [p.resp_wr as usize, b.as_ptr() as usize, 4, 0, 0, 0],
+            )
+        };
+    };
+    // SAFETY: raw write of a live local.
+    if let Err((_, e)) = unsafe { join_cgroup(p.procs_fd, ChildStep::JoinCgroup) } {
+        answer(e);
+        return 1;
+    }
+    // SAFETY: no arguments.
+    let ppid = unsafe { sys(libc::SYS_getppid, [0; 6]) }.unwrap_or(0);
+    // SAFETY: integer arguments; a pidfd of the daemon, readable once it has exited.
+    let daemon = match unsafe { sys(libc::SYS_pidfd_open, [ppid, 0, 0, 0, 0, 0]) } {
+        Ok(fd) => fd as c_int,
+        Err(e) => {
+            answer(e);
+            return 1;
+        }
+    };
+    answer(0);
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: p.req_rd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: daemon,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two live pollfds, no timeout, no signal mask change.
+        match unsafe { sys(libc::SYS_ppoll, [fds.as_mut_ptr() as usize, 2, 0, 0, 8, 0]) } {
+            Ok(_) => {}
+            Err(libc::EINTR) => continue,
+            Err(_) => break,
+        }
+        if fds[1].revents != 0 || fds[0].revents == 0 {
+            break; // the daemon has exited
+        }
+        let mut ptr = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live local.
+        match unsafe {
+            sys(
+                libc::SYS_read,
+                [p.req_rd as usize, ptr.as_mut_ptr() as usize, 8, 0, 0, 0],
+            )
+        } {
+            Ok(8) => {}
+            Err(libc::EINTR) => continue,
+            _ => break, // EOF: the spawner was dropped
+        }
+        // SAFETY: the daemon wrote the address of a live `HelperRequest`, which it keeps
+        // unchanged until our answer.
+        let req = unsafe { &mut *(usize::from_ne_bytes(ptr) as *mut HelperRequest) };
+        let args = CloneArgs {
+            flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::CLONE_PIDFD)
+                as u64,
+            pidfd: &mut req.pidfd as *mut c_int as u64,
+            // With CLONE_PARENT the child takes our exit signal (SIGCHLD); clone3 wants 0.
+            exit_signal: 0,
+            stack: req.stack_lo as u64,
+            stack_size: req.stack_size as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: the child runs `child_main` on the request's stack with its plan, both alive
+        // until we answer, which is after the child has exec'd or exited (CLONE_VFORK).
+        match unsafe { clone3_run(&args, child_main, req.plan as *mut c_void) } {
+            Ok(pid) => req.pid = pid,
+            Err(e) => req.errno = e,
+        }
+        answer(0);
+    }
+    // SAFETY: our own fd.
+    let _ = unsafe { sys(libc::SYS_close, [daemon as usize, 0, 0, 0, 0, 0]) };
+    0
+}
+
+/// A join through the lease's spawner (cgroup v1): as [`spawn_join`], but the helper clones.
+fn spawn_join_via(spawner: &CgroupSpawner, prep: &Prepared, ns: &LeaseNs) -> Result<PidFd> {
+    let (err_r, err_w) = pipe()?;
+    let mut plan = ChildPlan::new(Some(prep), err_w.as_raw_fd());
+    let all = std::iter::once((NsKind::User, ns.user())).chain(ns.extra());
+    for (i, (kind, fd)) in all.enumerate().take(plan.join_fds.len()) {
+        plan.join_fds[i] = fd.as_raw_fd();
+        plan.join_types[i] = kind.clone_flag();
+        plan.njoin = i + 1;
+    }
+    let stack = Stack::new()?;
+    let (stack_lo, stack_size) = stack.range();
+    let mut req = HelperRequest {
+        plan: &plan,
+        stack_lo,
+        stack_size,
+        pidfd: -1,
+        pid: -1,
+        errno: 0,
+    };
+    let sent = spawner.run(&mut req);
+    // SAFETY: the helper wrote these before answering (or died); read as memory another task
+    // changed.
+    let (pidfd, pid, errno) = unsafe {
+        (
+            ptr::read_volatile(&req.pidfd),
+            ptr::read_volatile(&req.pid),
+            ptr::read_volatile(&req.errno),
+        )
+    };
+    if let Err(e) = sent {
+        // The helper died mid-request. A child it may have made could still use `plan` and
+        // `stack`: kill and reap it before they go (its pidfd is written before it runs).
+        if pidfd >= 0 {
+            // SAFETY: CLONE_PIDFD installed this fd for the child; nothing else owns it.
+            let child = unsafe { PidFd::from_raw(pidfd, pid) };
+            let _ = child.send_signal(libc::SIGKILL);
+            let _ = child.wait();
+        }
+        return Err(e);
+    }
+    drop(stack);
+    if errno != 0 || pid <= 0 || pidfd < 0 {
+        let errno = if errno != 0 { errno } else { libc::EIO };
+        return Err(SysError::syscall(
+            "clone3 (lease spawner)",
+            Errno::from_raw(errno),
+        ));
+    }
+    // SAFETY: CLONE_PIDFD gave us this fd for `pid`; nothing else owns it.
+    let child = unsafe { PidFd::from_raw(pidfd, pid) };
+    drop(err_w);
+    finish(child, &err_r, prep)
 }

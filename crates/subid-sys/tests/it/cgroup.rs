@@ -451,3 +451,95 @@ fn failed_spawns_leave_nothing_in_the_pids_cgroup() {
 fn failed_spawns_leave_nothing_in_a_cgroup2_cgroup() {
     failed_spawns_leave_nothing(&unified_hierarchy(), "fail2", 0x7105_0000);
 }
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn lease_spawner_clones_joins_inside_the_cgroup() {
+    let h = pids_hierarchy();
+    let parent = TestParent::new(&h, "spawner");
+    let cg = LeaseCgroup::create(&parent.0, "l", Some(10)).unwrap();
+    let handle = cg.start_spawner().unwrap();
+    let helper = handle.spawner().map(|s| s.pid());
+    if h.version == CgroupVersion::V1 {
+        eprintln!("v1: lease spawner {helper:?} clones the joins");
+        let helper = helper.expect("a spawner on v1");
+        assert_eq!(cg.procs().unwrap(), vec![helper]);
+    } else {
+        eprintln!("v2: no spawner needed (clone3 CLONE_INTO_CGROUP)");
+        assert!(helper.is_none());
+    }
+    let mut lease = Lease::new(0x7106_0000);
+    let mut first_cmd = Command::new("/bin/sleep", ["sleep", "60"]);
+    first_cmd.cgroup(handle.try_clone().unwrap());
+    let first = lease.spawn(&first_cmd).unwrap(); // creates the namespace; not via the helper
+
+    // A join through the helper: in the cgroup, our child (CLONE_PARENT), reaped by us.
+    let mut truth = Command::new("/bin/true", ["true"]);
+    truth.cgroup(handle.try_clone().unwrap());
+    let t = lease.spawn(&truth).unwrap();
+    let status = lease.child(t).wait().unwrap();
+    assert!(status.success(), "{status:?}");
+
+    let (out, path) = lease.output("gc");
+    let mut cmd = sh("sleep 60 & echo $!; wait");
+    cmd.cgroup(handle.try_clone().unwrap()).stdout(out);
+    let second = lease.spawn(&cmd).unwrap();
+    let grandchild: i32 = wait_for_lines(&path, 1).trim().parse().unwrap();
+    let status = fs::read_to_string(format!("/proc/{second}/status")).unwrap();
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .unwrap();
+    assert_eq!(ppid.trim(), std::process::id().to_string());
+    for pid in [first, second, grandchild] {
+        assert!(cg.contains_pid(pid).unwrap(), "pid {pid}");
+    }
+
+    // A failed join through the helper leaves nothing.
+    let mut missing = Command::new("/nonexistent/binary", ["binary"]);
+    missing.cgroup(handle.try_clone().unwrap());
+    let before = cg.procs().unwrap().len();
+    let err = lease.spawn(&missing).unwrap_err();
+    assert_eq!(err.errno(), Some(Errno::ENOENT), "{err}");
+    assert_eq!(cg.procs().unwrap().len(), before);
+
+    // Dropping every handle ends the helper.
+    drop((first_cmd, truth, cmd, missing, handle));
+    if let Some(helper) = helper {
+        wait_until("the helper to exit", || {
+            !cg.procs().unwrap().contains(&helper)
+        });
+    }
+    let dir = cg.path().to_path_buf();
+    let members = members(&cg);
+    cg.kill_all_and_remove().unwrap();
+    assert!(!dir.exists());
+    assert_all_exited(&members);
+}
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn a_join_into_a_full_lease_is_refused_when_forked_inside() {
+    let h = pids_hierarchy();
+    let parent = TestParent::new(&h, "full");
+    let cg = LeaseCgroup::create(&parent.0, "l", Some(3)).unwrap();
+    let handle = cg.start_spawner().unwrap();
+    let mut lease = Lease::new(0x7107_0000);
+    let mut cmd = Command::new("/bin/sleep", ["sleep", "60"]);
+    cmd.cgroup(handle.try_clone().unwrap());
+    lease.spawn(&cmd).unwrap(); // creates the namespace
+    lease.spawn(&cmd).unwrap(); // joins
+    let full = cg.pids_current().unwrap();
+    assert_eq!(full, 3, "helper (v1) or creator's child + join");
+    if h.version == CgroupVersion::V2 {
+        lease.spawn(&cmd).unwrap_err(); // clone3 charged in the cgroup: EAGAIN
+    } else {
+        // The helper forks inside the cgroup, so the fork is charged and refused.
+        let err = lease.spawn(&cmd).unwrap_err();
+        assert_eq!(err.errno(), Some(Errno::EAGAIN), "{err}");
+    }
+    assert_eq!(cg.pids_current().unwrap(), full);
+    assert!(cg.pids_events_max().unwrap() > 0);
+    drop((cmd, handle));
+    cg.kill_all_and_remove().unwrap();
+}
