@@ -2,6 +2,7 @@
 
 mod access;
 mod bad_input;
+mod caps;
 mod concurrency;
 mod config;
 mod idmap;

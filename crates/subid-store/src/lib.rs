@@ -40,7 +40,7 @@ const PROCESS_COLUMNS: &str = "id, lease_id, lease_name, pid, start_ticks, boot_
 
 /// The columns of `lease`, in the order [`LeaseRecord::from_row`] reads them.
 const LEASE_COLUMNS: &str = "id, name, uid_base, gid_base, size, state, labels, ttl_seconds, \
-     created_at, expires_at, released_at, created_by, rlimits, namespaces";
+     created_at, expires_at, released_at, created_by, rlimits, namespaces, pids_max, max_processes";
 
 /// Read access to the store; cheap to clone.
 #[derive(Clone, Debug)]
@@ -408,8 +408,8 @@ impl WriteTx<'_> {
         let namespaces = serde_json::to_string(&new.namespaces).map_err(StoreError::encode)?;
         let result = sqlx::query(
             "INSERT INTO lease (name, uid_base, gid_base, size, state, labels, ttl_seconds, \
-             created_at, expires_at, created_by, rlimits, namespaces) \
-             VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+             created_at, expires_at, created_by, rlimits, namespaces, pids_max, max_processes) \
+             VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&new.name)
         .bind(i64::from(new.uid_base))
@@ -422,6 +422,11 @@ impl WriteTx<'_> {
         .bind(new.created_by.map(i64::from))
         .bind(rlimits)
         .bind(namespaces)
+        .bind(new.pids_max.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
+        .bind(
+            new.max_processes
+                .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+        )
         .execute(&mut *self.tx)
         .await
         .map_err(StoreError::write)?;
@@ -467,6 +472,8 @@ impl WriteTx<'_> {
             created_by: new.created_by,
             rlimits: new.rlimits.clone(),
             namespaces: new.namespaces.clone(),
+            pids_max: new.pids_max,
+            max_processes: new.max_processes,
         })
     }
 

@@ -27,6 +27,10 @@ pub struct LeaseRecord {
     pub rlimits: BTreeMap<String, [u64; 2]>,
     /// Extra namespaces shared by the lease's processes (`mnt`, `uts`, `ipc`, `net`).
     pub namespaces: Vec<String>,
+    /// The cgroup cap: `pids.max` of the lease's cgroup.
+    pub pids_max: Option<u64>,
+    /// The owner cap: RLIMIT_NPROC of the namespace's creator.
+    pub max_processes: Option<u64>,
 }
 
 impl LeaseRecord {
@@ -50,8 +54,23 @@ impl LeaseRecord {
             created_by: get_opt_u32(row, "created_by")?,
             rlimits: get_json(row, "rlimits")?.unwrap_or_default(),
             namespaces: get_json(row, "namespaces")?.unwrap_or_default(),
+            pids_max: get_opt_u64(row, "pids_max")?,
+            max_processes: get_opt_u64(row, "max_processes")?,
         })
     }
+}
+
+/// Reads a nullable, non-negative integer column.
+fn get_opt_u64(row: &SqliteRow, column: &str) -> Result<Option<u64>, StoreError> {
+    let value: Option<i64> = row.try_get(column).map_err(StoreError::read)?;
+    value
+        .map(|v| {
+            u64::try_from(v).map_err(|_| StoreError::Invalid {
+                what: format!("lease.{column}"),
+                value: v.to_string(),
+            })
+        })
+        .transpose()
 }
 
 /// Decodes a nullable JSON column.
@@ -83,6 +102,8 @@ pub struct NewLease {
     pub created_by: Option<u32>,
     pub rlimits: BTreeMap<String, [u64; 2]>,
     pub namespaces: Vec<String>,
+    pub pids_max: Option<u64>,
+    pub max_processes: Option<u64>,
 }
 
 /// One row of `block`: a block that was handed out at least once.

@@ -20,6 +20,8 @@ fn new_lease(name: &str, base: u32, size: u32, at: i64) -> NewLease {
         created_by: Some(0),
         rlimits: BTreeMap::new(),
         namespaces: Vec::new(),
+        pids_max: None,
+        max_processes: None,
     }
 }
 

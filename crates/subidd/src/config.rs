@@ -24,6 +24,7 @@ pub struct Config {
     pub expiry_interval_ms: u64,
     pub kill_grace_ms: u64,
     pub log_max_bytes: u64,
+    pub cgroup_parent: Option<PathBuf>,
     pub subuid_file: PathBuf,
     pub subgid_file: PathBuf,
     pub log_format: LogFormat,
@@ -63,6 +64,7 @@ struct FileConfig {
     expiry_interval_ms: Option<u64>,
     kill_grace_ms: Option<u64>,
     log_max_bytes: Option<u64>,
+    cgroup_parent: Option<PathBuf>,
     subuid_file: Option<PathBuf>,
     subgid_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
@@ -206,6 +208,9 @@ impl Config {
             log_max_bytes: env_num(&env, "SUBIDD_LOG_MAX_BYTES")?
                 .or(file.log_max_bytes)
                 .unwrap_or(1024 * 1024),
+            cgroup_parent: env_path("SUBIDD_CGROUP_PARENT")
+                .or(file.cgroup_parent)
+                .filter(|p| !p.as_os_str().is_empty()),
             subuid_file: env_path("SUBIDD_SUBUID_FILE")
                 .or(file.subuid_file)
                 .unwrap_or_else(|| PathBuf::from("/etc/subuid")),

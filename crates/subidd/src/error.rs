@@ -34,6 +34,8 @@ pub enum ApiError {
     ExecutableNotFound(String),
     #[error("{0}")]
     ExecFailed(String),
+    #[error("{0}")]
+    PidsUnsupported(String),
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the database disk is full; free space in the state directory, then retry")]
@@ -59,6 +61,7 @@ impl ApiError {
             | ApiError::LeaseBusy(_)
             | ApiError::ProcessExited(_) => StatusCode::CONFLICT,
             ApiError::ExecutableNotFound(_) | ApiError::ExecFailed(_) => StatusCode::BAD_REQUEST,
+            ApiError::PidsUnsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -81,6 +84,7 @@ impl ApiError {
             ApiError::ProcessExited(_) => "process_exited",
             ApiError::ExecutableNotFound(_) => "executable_not_found",
             ApiError::ExecFailed(_) => "exec_failed",
+            ApiError::PidsUnsupported(_) => "pids_unsupported",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::StorageFull => "storage_full",
             ApiError::Unavailable(_) => "unavailable",

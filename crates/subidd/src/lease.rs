@@ -36,6 +36,10 @@ pub struct LeaseSpec {
     pub rlimits: BTreeMap<String, [u64; 2]>,
     /// Extra namespaces, sorted and without repeats (checked by the API).
     pub namespaces: Vec<String>,
+    /// The cgroup cap (`pids.max`).
+    pub pids_max: Option<u64>,
+    /// The owner cap (the namespace creator's RLIMIT_NPROC).
+    pub max_processes: Option<u64>,
 }
 
 /// How a create request treats an existing lease of the same name.
@@ -466,7 +470,9 @@ async fn create(
             && existing.labels == spec.labels
             && existing.ttl_seconds == ttl_seconds
             && existing.rlimits == spec.rlimits
-            && existing.namespaces == spec.namespaces;
+            && existing.namespaces == spec.namespaces
+            && existing.pids_max == spec.pids_max
+            && existing.max_processes == spec.max_processes;
         if same {
             return Ok(Ok(Created {
                 lease: existing,
@@ -475,7 +481,7 @@ async fn create(
         }
         return Ok(Err(ApiError::LeaseConflict(format!(
             "lease {name} exists with other settings (size {}, ttl_seconds {}, {} labels, \
-             rlimits or namespaces may differ too); \
+             rlimits, namespaces or process caps may differ too); \
              delete it first or ask for the same settings",
             existing.size,
             existing
@@ -542,6 +548,8 @@ async fn create(
         created_by: caller,
         rlimits: spec.rlimits.clone(),
         namespaces: spec.namespaces.clone(),
+        pids_max: spec.pids_max,
+        max_processes: spec.max_processes,
     };
     let lease = tx.insert_lease(&new, pool.block()).await?;
     Ok(Ok(Created {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use subid_store::{LeaseRecord, ProcessRecord, ProcessState};
+use subid_sys::cgroup::{CgroupHost, CgroupParent, LeaseCgroup, SpawnCgroup};
 use subid_sys::spawn::{Command, Namespace};
 use subid_sys::userns::{self, LeaseNs, UserNsSpec};
 use subid_sys::{ChildStep, Errno, ExitStatus, PidFd, SysError, members};
@@ -60,6 +61,15 @@ pub struct ProcessConfig {
     pub log_max_bytes: u64,
     /// Time between SIGTERM and SIGKILL on a forced delete or expiry.
     pub kill_grace: Duration,
+    /// Where lease cgroups are made (default `<the daemon's cgroup>/subidd` in the hierarchy
+    /// that has the pids controller).
+    pub cgroup_parent: Option<PathBuf>,
+}
+
+/// The cgroup of a capped lease, with the handle its spawns go through.
+struct LeaseCg {
+    cgroup: LeaseCgroup,
+    spawn: Option<SpawnCgroup>,
 }
 
 /// A process this daemon watches.
@@ -76,6 +86,10 @@ struct Inner {
     spaces: Mutex<HashMap<i64, Arc<LeaseNs>>>,
     locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
     live: Mutex<HashMap<String, Live>>,
+    /// What the host offers; `None` when detection itself failed.
+    cgroup_host: Option<CgroupHost>,
+    cgroup_parent: Mutex<Option<Arc<CgroupParent>>>,
+    cgroups: Mutex<HashMap<i64, LeaseCg>>,
 }
 
 /// Shared handle to the process service; cheap to clone.
@@ -95,6 +109,17 @@ impl ProcessService {
         std::fs::create_dir_all(&config.ns_dir)?;
         std::fs::create_dir_all(&config.log_dir)?;
         let boot_id = members::boot_id()?;
+        let cgroup_host = match CgroupHost::detect() {
+            Ok(host) => {
+                let summary = host.describe();
+                tracing::info!(mode = summary.mode, pids = ?summary.pids_version, mount = ?summary.pids_mount, reason = ?summary.reason, "cgroups");
+                Some(host)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the cgroup layout; pids_max is unavailable");
+                None
+            }
+        };
         let service = ProcessService {
             inner: Arc::new(Inner {
                 leases,
@@ -103,6 +128,9 @@ impl ProcessService {
                 spaces: Mutex::new(HashMap::new()),
                 locks: Mutex::new(HashMap::new()),
                 live: Mutex::new(HashMap::new()),
+                cgroup_host,
+                cgroup_parent: Mutex::new(None),
+                cgroups: Mutex::new(HashMap::new()),
             }),
         };
         for row in service.inner.leases.store().running_processes().await? {
@@ -207,6 +235,9 @@ impl ProcessService {
             let resource = crate::api::resource(rname)
                 .ok_or_else(|| ApiError::InvalidRequest(format!("unknown rlimit {rname:?}")))?;
             command.rlimit(resource, *soft, *hard);
+        }
+        if let Some(handle) = self.spawn_cgroup(&lease)? {
+            command.cgroup(handle);
         }
         let ns_spec = ns_spec(&lease);
         let created = existing.is_none();
@@ -406,11 +437,22 @@ impl ProcessService {
     ) -> Result<crate::lease::Created, ApiError> {
         let lock = self.lease_lock(&name);
         let _guard = lock.write().await;
+        if spec.pids_max.is_some() {
+            // Refuse before anything is made: a lease never runs without the cap it asked for.
+            self.cgroup_parent()?;
+        }
         let done = self
             .inner
             .leases
             .create(name.clone(), spec, mode, caller)
             .await?;
+        if done.created
+            && done.lease.pids_max.is_some()
+            && let Err(error) = self.lease_cgroup(&done.lease)
+        {
+            self.undo_lease(&name, caller).await;
+            return Err(error);
+        }
         if done.created && !done.lease.namespaces.is_empty() {
             let pin = self.pin_path(&name);
             let spec = ns_spec(&done.lease);
@@ -429,18 +471,153 @@ impl ProcessService {
                     }),
             };
             if let Err(error) = made {
-                if let Err(undo) = self
-                    .inner
-                    .leases
-                    .release(name.clone(), true, caller, ReleaseKind::Delete)
-                    .await
-                {
-                    tracing::error!(lease = %name, error = %undo, "cannot undo a lease whose namespaces failed");
-                }
+                self.remove_cgroup(&done.lease).await;
+                self.undo_lease(&name, caller).await;
                 return Err(error);
             }
         }
         Ok(done)
+    }
+
+    /// Releases (and purges) a lease whose set-up failed half-way.
+    async fn undo_lease(&self, name: &str, caller: Caller) {
+        if let Err(undo) = self
+            .inner
+            .leases
+            .release(name.to_string(), true, caller, ReleaseKind::Delete)
+            .await
+        {
+            tracing::error!(lease = %name, error = %undo, "cannot undo a half-made lease");
+        }
+    }
+
+    /// The prepared cgroup parent; `pids_unsupported` when the host has no usable pids
+    /// controller.
+    fn cgroup_parent(&self) -> Result<Arc<CgroupParent>, ApiError> {
+        let mut parent = lock_map(&self.inner.cgroup_parent);
+        if let Some(p) = parent.as_ref() {
+            return Ok(Arc::clone(p));
+        }
+        let host = self.inner.cgroup_host.as_ref().ok_or_else(|| {
+            ApiError::PidsUnsupported(
+                "pids_max needs the cgroup pids controller, and the cgroup layout could not be read; \
+                 use max_processes (the owner cap) instead"
+                    .into(),
+            )
+        })?;
+        let hierarchy = host.require_pids().map_err(|e| {
+            ApiError::PidsUnsupported(format!(
+                "pids_max cannot be honoured on this host: {e}; use max_processes (the owner cap) instead"
+            ))
+        })?;
+        let prepared = CgroupParent::prepare(hierarchy, self.inner.config.cgroup_parent.as_deref())
+            .map_err(|e| {
+                ApiError::PidsUnsupported(format!(
+                    "pids_max cannot be honoured: preparing the cgroup parent failed: {e}; \
+                     fix cgroup_parent, or use max_processes (the owner cap) instead"
+                ))
+            })?;
+        tracing::info!(parent = %prepared.dir().display(), "lease cgroups go here");
+        let prepared = Arc::new(prepared);
+        *parent = Some(Arc::clone(&prepared));
+        Ok(prepared)
+    }
+
+    /// Makes sure the capped lease's cgroup exists (after a restart, or a reboot that emptied
+    /// cgroupfs, it is opened or made again with its cap).
+    fn lease_cgroup(&self, lease: &LeaseRecord) -> Result<(), ApiError> {
+        if lock_map(&self.inner.cgroups).contains_key(&lease.id) {
+            return Ok(());
+        }
+        let parent = self.cgroup_parent()?;
+        let cgroup = match LeaseCgroup::open(&parent, &lease.name) {
+            Ok(cgroup) => {
+                cgroup
+                    .set_pids_max(lease.pids_max)
+                    .map_err(|e| ApiError::Internal(format!("pids.max of {}: {e}", lease.name)))?;
+                cgroup
+            }
+            Err(_) => LeaseCgroup::create(&parent, &lease.name, lease.pids_max)
+                .map_err(|e| ApiError::Internal(format!("cgroup of {}: {e}", lease.name)))?,
+        };
+        lock_map(&self.inner.cgroups).insert(
+            lease.id,
+            LeaseCg {
+                cgroup,
+                spawn: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// The handle a spawn of this lease goes through, if the lease is capped.
+    fn spawn_cgroup(&self, lease: &LeaseRecord) -> Result<Option<SpawnCgroup>, ApiError> {
+        if lease.pids_max.is_none() {
+            return Ok(None);
+        }
+        self.lease_cgroup(lease)?;
+        let mut cgroups = lock_map(&self.inner.cgroups);
+        let Some(entry) = cgroups.get_mut(&lease.id) else {
+            return Err(ApiError::Internal(format!(
+                "cgroup of {} vanished",
+                lease.name
+            )));
+        };
+        if entry.spawn.is_none() {
+            // On v1 a helper inside the cgroup clones the joins (no cgroup.procs write per
+            // spawn); on cgroup2 clone3(CLONE_INTO_CGROUP) needs none.
+            entry.spawn = Some(
+                entry
+                    .cgroup
+                    .start_spawner()
+                    .map_err(|e| ApiError::Internal(format!("cgroup spawner: {e}")))?,
+            );
+        }
+        let handle = entry
+            .spawn
+            .as_ref()
+            .map(SpawnCgroup::try_clone)
+            .transpose()
+            .map_err(|e| ApiError::Internal(format!("cgroup handle: {e}")))?;
+        Ok(handle)
+    }
+
+    /// `pids.current` and the refused forks of a capped, active lease.
+    pub fn pids_usage(&self, lease: &LeaseRecord) -> Option<(u64, u64)> {
+        let cgroups = lock_map(&self.inner.cgroups);
+        let entry = cgroups.get(&lease.id)?;
+        let spawner = u64::from(entry.spawn.as_ref().is_some_and(|s| s.spawner().is_some()));
+        let current = entry.cgroup.pids_current().ok()?;
+        let denied = entry.cgroup.pids_events_max().ok()?;
+        // The spawner helper sits in the cgroup but is not the lease's.
+        Some((current.saturating_sub(spawner), denied))
+    }
+
+    /// What the host offers, for `GET /v1/pool`.
+    pub fn cgroup_summary(&self) -> Option<subid_sys::cgroup::CgroupSummary> {
+        self.inner.cgroup_host.as_ref().map(CgroupHost::describe)
+    }
+
+    /// Kills what is left in the lease's cgroup and removes it.
+    async fn remove_cgroup(&self, lease: &LeaseRecord) -> Option<String> {
+        let entry = lock_map(&self.inner.cgroups).remove(&lease.id);
+        let cgroup = match entry {
+            Some(LeaseCg { cgroup, spawn }) => {
+                // The spawner is a member too: let it go first.
+                drop(spawn);
+                cgroup
+            }
+            None if lease.pids_max.is_some() => {
+                let parent = self.cgroup_parent().ok()?;
+                LeaseCgroup::open(&parent, &lease.name).ok()?
+            }
+            None => return None,
+        };
+        match tokio::task::spawn_blocking(move || cgroup.kill_all_and_remove()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(error) => Some(error.to_string()),
+        }
     }
 
     /// Releases a lease. With live processes: `lease_busy`, unless `force`, which sends SIGTERM to
@@ -519,6 +696,13 @@ impl ProcessService {
         }
         if let Some(dir) = pin.parent() {
             let _ = std::fs::remove_dir(dir);
+        }
+        if let Some(error) = self.remove_cgroup(lease).await {
+            tracing::error!(lease = %lease.name, %error, "cannot remove the lease's cgroup");
+            return Err(ApiError::Internal(format!(
+                "cgroup of {} cannot be removed: {error}",
+                lease.name
+            )));
         }
         Ok(())
     }
@@ -668,6 +852,7 @@ impl ProcessService {
 fn ns_spec(lease: &LeaseRecord) -> UserNsSpec {
     let mut spec = UserNsSpec::new(lease.uid_base, lease.size);
     spec.gid_base = lease.gid_base;
+    spec.nproc_limit = lease.max_processes;
     for ns in &lease.namespaces {
         match ns.as_str() {
             "mnt" => spec.extra.mnt = true,
@@ -709,6 +894,13 @@ async fn wait_exit(pidfd: &Arc<PidFd>, own_child: bool) -> Option<ExitStatus> {
 
 /// Maps a spawn failure to what the client should hear.
 fn spawn_error(spec: &SpawnSpec, error: SysError) -> ApiError {
+    if error.errno() == Some(Errno::EAGAIN) {
+        // fork, clone or execve (RLIMIT_NPROC) refused: the lease's cap, or a system limit.
+        return ApiError::Unavailable(
+            "the kernel refused a new process: the lease is at its process cap (pids_max or \
+             max_processes) or a system limit was reached; retry when some of its processes exit",
+        );
+    }
     match &error {
         SysError::ChildSetup { step, source, .. } => {
             let client_fault = matches!(
@@ -736,9 +928,6 @@ fn spawn_error(spec: &SpawnSpec, error: SysError) -> ApiError {
             ApiError::Internal(format!("spawn: {error}"))
         }
         SysError::InvalidInput { reason, .. } => ApiError::InvalidRequest(reason.clone()),
-        _ if error.errno() == Some(Errno::EAGAIN) => {
-            ApiError::Unavailable("the kernel refused a new process (resource limit); retry later")
-        }
         _ => ApiError::Internal(format!("spawn: {error}")),
     }
 }

@@ -79,6 +79,7 @@ impl Daemon {
                 log_dir: config.state_dir.join("logs"),
                 log_max_bytes: config.log_max_bytes,
                 kill_grace: Duration::from_millis(config.kill_grace_ms),
+                cgroup_parent: config.cgroup_parent.clone(),
             },
         )
         .await

@@ -29,6 +29,7 @@ pub async fn pool(State(state): St, query: QueryParams) -> ApiResult {
         source: state.pool_source.as_str(),
         quarantine_seconds: state.quarantine_seconds,
         blocks: counts.into(),
+        cgroup: state.processes.cgroup_summary().map(Into::into),
     };
     Ok(json(StatusCode::OK, &view))
 }
@@ -62,7 +63,11 @@ pub async fn list(State(state): St, query: QueryParams) -> ApiResult {
     Ok(json(StatusCode::OK, &view))
 }
 
-/// `GET /v1/leases/{name}`: the active lease, else the most recently released one.
+/// The largest process cap accepted (the kernel's PID_MAX_LIMIT).
+pub const PROCESS_CAP_MAX: u64 = 4_194_304;
+
+/// `GET /v1/leases/{name}`: the active lease (with its cgroup's use), else the most recently
+/// released one.
 pub async fn get_one(
     State(state): St,
     LeaseName(name): LeaseName,
@@ -70,7 +75,12 @@ pub async fn get_one(
 ) -> ApiResult {
     query.check(&[], &[])?;
     let lease = find(&state, &name).await?;
-    Ok(json(StatusCode::OK, &LeaseView::from(&lease)))
+    let mut view = LeaseView::from(&lease);
+    if let Some((current, denied)) = state.processes.pids_usage(&lease) {
+        view.limits.pids_current = Some(current);
+        view.limits.pids_denied = Some(denied);
+    }
+    Ok(json(StatusCode::OK, &view))
 }
 
 /// `PUT /v1/leases/{name}`: 201 created, 200 identical one exists, 409 `lease_conflict`.
@@ -90,6 +100,7 @@ pub async fn put(
         body.ttl_seconds,
         body.rlimits,
         body.namespaces,
+        (body.pids_max, body.max_processes),
     )?;
     let done = state
         .processes
@@ -125,6 +136,7 @@ pub async fn post(
         body.ttl_seconds,
         body.rlimits,
         body.namespaces,
+        (body.pids_max, body.max_processes),
     )?;
     let done = state
         .processes
@@ -280,7 +292,17 @@ fn spec(
     ttl_seconds: Option<u32>,
     rlimits: Option<std::collections::BTreeMap<String, [u64; 2]>>,
     namespaces: Option<Vec<String>>,
+    (pids_max, max_processes): (Option<u64>, Option<u64>),
 ) -> Result<LeaseSpec, ApiError> {
+    for (key, value) in [("pids_max", pids_max), ("max_processes", max_processes)] {
+        if let Some(v) = value
+            && !(1..=PROCESS_CAP_MAX).contains(&v)
+        {
+            return Err(ApiError::InvalidRequest(format!(
+                "{key} {v} must be between 1 and {PROCESS_CAP_MAX}"
+            )));
+        }
+    }
     let (pool, _) = state.leases.pool_status();
     if let Some(size) = size {
         if size == 0 || size % pool.block() != 0 {
@@ -327,5 +349,7 @@ fn spec(
         ttl_seconds,
         rlimits,
         namespaces,
+        pids_max,
+        max_processes,
     })
 }

@@ -19,6 +19,8 @@ pub struct LeaseBody {
     pub ttl_seconds: Option<u32>,
     pub rlimits: Option<BTreeMap<String, [u64; 2]>>,
     pub namespaces: Option<Vec<String>>,
+    pub pids_max: Option<u64>,
+    pub max_processes: Option<u64>,
 }
 
 /// `POST /v1/leases` body.
@@ -31,6 +33,18 @@ pub struct CreateBody {
     pub ttl_seconds: Option<u32>,
     pub rlimits: Option<BTreeMap<String, [u64; 2]>>,
     pub namespaces: Option<Vec<String>>,
+    pub pids_max: Option<u64>,
+    pub max_processes: Option<u64>,
+}
+
+/// The process caps of a lease and their use (use only while the lease is active and capped).
+#[derive(Debug, Default, Serialize)]
+pub struct LimitsView {
+    pub pids_max: Option<u64>,
+    pub max_processes: Option<u64>,
+    pub pids_current: Option<u64>,
+    /// Forks the cgroup refused (`max` in `pids.events`).
+    pub pids_denied: Option<u64>,
 }
 
 /// A lease as the API shows it.
@@ -50,6 +64,8 @@ pub struct LeaseView {
     pub rlimits: BTreeMap<String, [u64; 2]>,
     /// Extra namespaces its processes share.
     pub namespaces: Vec<String>,
+    /// Process caps and their use.
+    pub limits: LimitsView,
     /// The kernel's `uid_map` line for this lease (`0 <uid_base> <size>`), without newline.
     pub uid_map: String,
     pub gid_map: String,
@@ -70,6 +86,12 @@ impl From<&LeaseRecord> for LeaseView {
             released_at: lease.released_at.map(rfc3339),
             rlimits: lease.rlimits.clone(),
             namespaces: lease.namespaces.clone(),
+            limits: LimitsView {
+                pids_max: lease.pids_max,
+                max_processes: lease.max_processes,
+                pids_current: None,
+                pids_denied: None,
+            },
             uid_map: map_line(lease.uid_base, lease.size),
             gid_map: map_line(lease.gid_base, lease.size),
         }
@@ -98,6 +120,39 @@ pub struct PoolView {
     pub source: &'static str,
     pub quarantine_seconds: u64,
     pub blocks: BlockCounts,
+    /// The host's cgroups, as detected at start: whether `pids_max` can be honoured.
+    pub cgroup: Option<CgroupView>,
+}
+
+/// `GET /v1/pool` `cgroup`.
+#[derive(Debug, Serialize)]
+pub struct CgroupView {
+    /// `v2`, `v1`, `hybrid` or `none`.
+    pub mode: &'static str,
+    /// Whether leases may ask for `pids_max` here.
+    pub pids_max_supported: bool,
+    /// Version of the hierarchy that holds the pids controller.
+    pub pids_version: Option<&'static str>,
+    pub pids_mount: Option<String>,
+    pub own_cgroup: Option<String>,
+    pub unified_mount: Option<String>,
+    /// Why `pids_max` cannot be used, when it cannot.
+    pub reason: Option<String>,
+}
+
+impl From<subid_sys::cgroup::CgroupSummary> for CgroupView {
+    fn from(s: subid_sys::cgroup::CgroupSummary) -> CgroupView {
+        let path = |p: Option<std::path::PathBuf>| p.map(|p| p.display().to_string());
+        CgroupView {
+            mode: s.mode,
+            pids_max_supported: s.pids_version.is_some(),
+            pids_version: s.pids_version,
+            pids_mount: path(s.pids_mount),
+            own_cgroup: path(s.own_cgroup),
+            unified_mount: path(s.unified_mount),
+            reason: s.reason,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -34,6 +34,7 @@ async fn app(blocks: u32, quarantine: Duration) -> (tempfile::TempDir, Router, L
             log_dir: dir.path().join("logs"),
             log_max_bytes: 4096,
             kill_grace: Duration::from_millis(200),
+            cgroup_parent: None,
         },
     )
     .await

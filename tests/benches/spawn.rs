@@ -1,0 +1,604 @@
+//! Spawn benchmark: `/bin/true` started through the real daemon over its unix socket, beside
+//! the kernel floors (`subid_sys::floor`) measured in the same run. Writes its tables into
+//! docs/BENCHMARKS.md.
+//!
+//! Run: `cargo build --release -p subidd --bin subidd && cargo bench -p subidd-tests --bench spawn`
+//! (`SUBIDD_BENCH_NO_WRITE=1` prints without touching the docs). Needs root.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use hyper::{Method, StatusCode};
+use subid_sys::floor;
+use subid_sys::userns::{self, UserNsSpec};
+use subid_sys::{Command, LeaseNs, Namespace};
+use subidd_tests::{Client, Conn, Daemon, rss_kib};
+
+/// Samples of every latency row (rows take turns). Bounds the first-spawn leases too: each is
+/// force-deleted after its sample and, with no quarantine, its block is reused.
+const SAMPLES: usize = 300;
+/// Samples of the join rows measured again after the concurrent phase.
+const LATE_SAMPLES: usize = 200;
+/// Memory this process touches before the last rows, and their samples.
+const BALLAST_MIB: usize = 256;
+const BALLAST_SAMPLES: usize = 100;
+/// Concurrent clients of the throughput phase, all joining one lease.
+const CLIENTS: usize = 8;
+/// The throughput phase stops after this long or this many spawns, whichever comes first.
+const BURST_TIME: Duration = Duration::from_secs(3);
+const BURST_MAX: usize = 2_000;
+/// Ranges of the in-process floors, outside the daemon's default pool.
+const FLOOR_BASE: u32 = 0x6000_0000;
+const SPAWN: &str = r#"{"argv":["/bin/true"]}"#;
+
+fn main() -> anyhow::Result<()> {
+    // One thread: the floors fork this process, and a small one copies few page tables.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run())?;
+    println!("{report}");
+    if std::env::var_os("SUBIDD_BENCH_NO_WRITE").is_none() {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
+        splice(&docs, "spawn", &report)?;
+        println!("written to {}", docs.display());
+    }
+    Ok(())
+}
+
+struct Stats {
+    n: usize,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples.get(idx).copied().unwrap_or_default()
+    };
+    Stats {
+        n: samples.len(),
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// The latency rows, in the order they take turns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Row {
+    Fork,
+    Clone,
+    Setns,
+    Unshare,
+    Ping,
+    LibJoin,
+    LibFirst,
+    ApiJoin,
+    ApiFirst,
+}
+
+const ROWS: [Row; 9] = [
+    Row::Fork,
+    Row::Clone,
+    Row::Setns,
+    Row::Unshare,
+    Row::Ping,
+    Row::LibJoin,
+    Row::LibFirst,
+    Row::ApiJoin,
+    Row::ApiFirst,
+];
+
+impl Row {
+    fn label(self) -> &'static str {
+        match self {
+            Row::Fork => "floor: fork + exec `/bin/true`, waited",
+            Row::Clone => "floor: raw clone(NEWUSER) + uid/gid maps + exec",
+            Row::Setns => "floor: fork + setns into an existing user ns + exec",
+            Row::Unshare => "floor: `unshare --user --map-root-user /bin/true` as a command",
+            Row::Ping => "HTTP round trip on the socket (`GET /_ping`, keep-alive)",
+            Row::LibJoin => "subid-sys join in this process (no HTTP, no database)",
+            Row::LibFirst => "subid-sys first spawn in this process (create + pin + exec)",
+            Row::ApiJoin => "API join: `POST` spawn + `POST` wait, lease has its namespace",
+            Row::ApiFirst => "API first spawn of a lease: `POST` spawn + `POST` wait",
+        }
+    }
+}
+
+/// What the rows need: the daemon's connection, and this process's own namespaces.
+struct Bench {
+    client: Client,
+    conn: Conn,
+    floor_ns: std::os::fd::OwnedFd,
+    lib_ns: LeaseNs,
+    lib_first_spec: UserNsSpec,
+    lib_first_pin: std::path::PathBuf,
+    truth: Command,
+    first_seq: usize,
+    /// Time until the `POST` spawn answered, of the API join and first-spawn samples.
+    join_post: Vec<Duration>,
+    first_post: Vec<Duration>,
+}
+
+impl Bench {
+    /// One sample of `row`: the timed part only (set-up and teardown are outside it).
+    async fn sample(&mut self, row: Row) -> anyhow::Result<Duration> {
+        Ok(match row {
+            Row::Fork => timed(floor::fork_exec_true)?,
+            Row::Clone => timed(|| floor::clone_newuser_maps_exec_true(FLOOR_BASE + 0x1_0000))?,
+            Row::Setns => timed(|| floor::setns_exec_true(self.floor_ns.as_fd()))?,
+            Row::Unshare => timed(floor::unshare_command_true)?,
+            Row::Ping => {
+                let t = Instant::now();
+                let r = self.conn.request(Method::GET, "/_ping", None).await?;
+                let took = t.elapsed();
+                ensure!(r.status == StatusCode::OK, "ping: {}", r.status);
+                took
+            }
+            Row::LibJoin => timed(|| {
+                let child = self.truth.spawn(Namespace::Join(&self.lib_ns))?;
+                ensure_true(child.wait()?)
+            })?,
+            Row::LibFirst => {
+                let took = timed(|| {
+                    let child = self.truth.spawn(Namespace::Create {
+                        spec: &self.lib_first_spec,
+                        pin: &self.lib_first_pin,
+                    })?;
+                    ensure_true(child.wait()?)
+                })?;
+                userns::unpin(&self.lib_first_pin)?;
+                took
+            }
+            Row::ApiJoin => {
+                let t = Instant::now();
+                let post = spawn_and_wait(&mut self.conn, "join").await?;
+                let took = t.elapsed();
+                self.join_post.push(post);
+                took
+            }
+            Row::ApiFirst => {
+                let name = format!("first-{}", self.first_seq);
+                self.first_seq += 1;
+                let path = format!("/v1/leases/{name}");
+                let r = self.conn.request(Method::PUT, &path, None).await?;
+                ensure!(r.status == StatusCode::CREATED, "PUT {path}: {}", r.text());
+                let t = Instant::now();
+                let post = spawn_and_wait(&mut self.conn, &name).await?;
+                let took = t.elapsed();
+                self.first_post.push(post);
+                let r = self
+                    .conn
+                    .request(Method::DELETE, &format!("{path}?force=true"), None)
+                    .await?;
+                ensure!(r.status.is_success(), "DELETE {path}: {}", r.text());
+                took
+            }
+        })
+    }
+
+    /// One warm-up turn, then `n` turns of `rows`: noise hits every row alike.
+    async fn turns(&mut self, rows: &[Row], n: usize) -> anyhow::Result<Vec<Stats>> {
+        for &row in rows {
+            self.sample(row)
+                .await
+                .with_context(|| format!("warm-up: {}", row.label()))?;
+        }
+        let mut samples = vec![Vec::with_capacity(n); rows.len()];
+        for _ in 0..n {
+            for (&row, s) in rows.iter().zip(samples.iter_mut()) {
+                s.push(self.sample(row).await.with_context(|| row.label())?);
+            }
+        }
+        Ok(samples.into_iter().map(stats).collect())
+    }
+
+    /// One warm-up sample, then `n` samples of each row, row after row: a forked child of a
+    /// large parent tears its page tables down while the next sample would run.
+    async fn in_sequence(&mut self, rows: &[Row], n: usize) -> anyhow::Result<Vec<Stats>> {
+        let mut out = Vec::with_capacity(rows.len());
+        for &row in rows {
+            self.sample(row)
+                .await
+                .with_context(|| format!("warm-up: {}", row.label()))?;
+            let mut samples = Vec::with_capacity(n);
+            for _ in 0..n {
+                samples.push(self.sample(row).await.with_context(|| row.label())?);
+            }
+            out.push(stats(samples));
+        }
+        Ok(out)
+    }
+}
+
+async fn run() -> anyhow::Result<String> {
+    let machine_start = machine_jiffies()?;
+    let mut daemon = Daemon::start("quarantine_seconds = 0\nkill_grace_ms = 500")?;
+    let client = daemon.client();
+    let pid = daemon.pid().context("daemon pid")?;
+    let rss_start = rss_kib(pid)?;
+
+    // This process's own namespaces, for the floors and the in-process library rows.
+    let dir = tempfile::tempdir()?;
+    let floor_pin = dir.path().join("ns/floor/user");
+    let lib_pin = dir.path().join("ns/lib/user");
+    let lib_first_pin = dir.path().join("ns/lib-first/user");
+    let _pins = Pins(vec![
+        floor_pin.clone(),
+        lib_pin.clone(),
+        lib_first_pin.clone(),
+    ]);
+    userns::create_pinned(&UserNsSpec::new(FLOOR_BASE, 65536), &floor_pin)?;
+    userns::create_pinned(&UserNsSpec::new(FLOOR_BASE + 0x2_0000, 65536), &lib_pin)?;
+    let mut bench = Bench {
+        conn: client.connect().await?,
+        client: client.clone(),
+        floor_ns: userns::open_pinned(&floor_pin)?,
+        lib_ns: LeaseNs::open(&lib_pin)?,
+        lib_first_spec: UserNsSpec::new(FLOOR_BASE + 0x3_0000, 65536),
+        lib_first_pin,
+        truth: Command::new("/bin/true", ["true"]),
+        first_seq: 0,
+        join_post: Vec::new(),
+        first_post: Vec::new(),
+    };
+
+    // The joined lease: its namespace is made (and pinned) by this untimed first spawn.
+    let r = bench
+        .conn
+        .request(Method::PUT, "/v1/leases/join", None)
+        .await?;
+    ensure!(r.status == StatusCode::CREATED, "PUT join: {}", r.text());
+    spawn_and_wait(&mut bench.conn, "join").await?;
+
+    let table = bench.turns(&ROWS, SAMPLES).await?;
+    // Without the warm-up turn's.
+    let join_post = stats(bench.join_post.split_off(1));
+    let first_post = stats(bench.first_post.split_off(1));
+    let rss_mid = rss_kib(pid)?;
+
+    let started = Instant::now();
+    let (burst_n, burst) = concurrent(&bench.client, CLIENTS).await?;
+    let burst_time = started.elapsed();
+    let rate = burst_n as f64 / burst_time.as_secs_f64();
+    let rss_end = rss_kib(pid)?;
+
+    // The join again, after the daemon has served thousands of spawns.
+    let late = bench
+        .turns(&[Row::Setns, Row::ApiJoin], LATE_SAMPLES)
+        .await?;
+    let rss_late = rss_kib(pid)?;
+    let self_anon = self_rss_anon_kib().unwrap_or(0);
+
+    // The daemon's spawn path against a plain fork, with this process grown by 256 MiB of
+    // touched memory: which cost grows with the parent's size.
+    let ballast = vec![1u8; BALLAST_MIB << 20];
+    std::hint::black_box(&ballast);
+    let big = bench
+        .in_sequence(&[Row::LibJoin, Row::Fork], BALLAST_SAMPLES)
+        .await?;
+    drop(ballast);
+
+    // Teardown: the leases released (unpinning their namespaces), ours unpinned.
+    let r = client.delete("/v1/leases/join?force=true").await?;
+    ensure!(r.status.is_success(), "DELETE join: {}", r.text());
+    let first_left = bench.first_seq;
+    drop(bench);
+    for pin in [&floor_pin, &lib_pin] {
+        userns::unpin(pin)?;
+    }
+    daemon.stop()?;
+    // CPU time the machine spent on anything but this benchmark, the daemon and their children.
+    let (busy, total) = machine_jiffies()?;
+    let others = (busy - machine_start.0).saturating_sub(own_jiffies()?);
+    let others_pct = 100.0 * others as f64 / (total - machine_start.1).max(1) as f64;
+
+    let row = |r: Row| &table[ROWS.iter().position(|&x| x == r).unwrap_or(0)];
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Run {} on {} ({} cores), release build. `/bin/true`, started and waited for; \
+         {SAMPLES} samples per row, rows taking turns so noise hits them alike; \
+         every floor forks this benchmark (RssAnon {:.1} MiB), the daemon spawns the vfork way. \
+         Other work on the machine took {others_pct:.0}% of its CPU time during the run.\n\n",
+        humantime_now(),
+        kernel(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        self_anon as f64 / 1024.0,
+    ));
+    out.push_str("| path | n | p50 | p99 |\n|---|---|---|---|\n");
+    let line = |out: &mut String, label: &str, s: &Stats| {
+        out.push_str(&format!(
+            "| {label} | {} | {:.0} us | {:.0} us |\n",
+            s.n,
+            us(s.p50),
+            us(s.p99)
+        ));
+    };
+    for (r, s) in ROWS.iter().zip(&table) {
+        line(&mut out, r.label(), s);
+        match r {
+            Row::ApiJoin => line(
+                &mut out,
+                "... of which until `POST` spawn answered",
+                &join_post,
+            ),
+            Row::ApiFirst => line(
+                &mut out,
+                "... of which until `POST` spawn answered",
+                &first_post,
+            ),
+            _ => {}
+        }
+    }
+    let burst_s = stats(burst);
+    line(
+        &mut out,
+        &format!("API join, {CLIENTS} clients on one lease, each its own connection"),
+        &burst_s,
+    );
+    line(
+        &mut out,
+        "floor: fork + setns + exec, again after the concurrent phase",
+        &late[0],
+    );
+    line(
+        &mut out,
+        "API join, again after the concurrent phase",
+        &late[1],
+    );
+    line(
+        &mut out,
+        &format!("subid-sys join, this process holding {BALLAST_MIB} MiB more"),
+        &big[0],
+    );
+    line(
+        &mut out,
+        &format!("fork + exec, this process holding {BALLAST_MIB} MiB more"),
+        &big[1],
+    );
+    out.push_str(&format!(
+        "\nDaemon RSS: {:.1} MiB at start, {:.1} MiB after the latency rows ({first_left} leases \
+         created, spawned in and force-deleted), {:.1} MiB after the concurrent phase, \
+         {:.1} MiB at the end.\n\n",
+        rss_start as f64 / 1024.0,
+        rss_mid as f64 / 1024.0,
+        rss_end as f64 / 1024.0,
+        rss_late as f64 / 1024.0,
+    ));
+
+    out.push_str("| target | measured | ratio | target met |\n|---|---|---|---|\n");
+    let target = |out: &mut String, name: &str, measured: String, ratio: f64, ok: bool| {
+        out.push_str(&format!(
+            "| {name} | {measured} | {ratio:.2} | {} |\n",
+            if ok { "yes" } else { "no" }
+        ));
+    };
+    let ratio = |a: &Stats, b: &Stats| a.p50.as_secs_f64() / b.p50.as_secs_f64();
+    let vs = |a: &Stats, b: &Stats| format!("{:.0} us vs {:.0} us", us(a.p50), us(b.p50));
+    let (join, first) = (row(Row::ApiJoin), row(Row::ApiFirst));
+    let (setns, clone, unshare) = (row(Row::Setns), row(Row::Clone), row(Row::Unshare));
+    let r = ratio(join, setns);
+    target(
+        &mut out,
+        "API join p50 <= 1.5x setns + exec floor",
+        vs(join, setns),
+        r,
+        r <= 1.5,
+    );
+    let r = ratio(first, clone);
+    target(
+        &mut out,
+        "API first spawn p50 <= 1.5x raw clone(NEWUSER) + maps + exec",
+        vs(first, clone),
+        r,
+        r <= 1.5,
+    );
+    let r = ratio(join, unshare);
+    target(
+        &mut out,
+        "API join p50 < `unshare --user --map-root-user /bin/true`",
+        vs(join, unshare),
+        r,
+        r < 1.0,
+    );
+    let r = ratio(first, unshare);
+    target(
+        &mut out,
+        "API first spawn p50 < `unshare --user --map-root-user /bin/true`",
+        vs(first, unshare),
+        r,
+        r < 1.0,
+    );
+    let r = ratio(&big[0], row(Row::LibJoin));
+    target(
+        &mut out,
+        &format!(
+            "spawn cost does not grow with memory: the daemon's spawn path (subid-sys join) with \
+             {BALLAST_MIB} MiB more in the parent <= 1.2x without"
+        ),
+        format!(
+            "{:.0} us vs {:.0} us (plain fork + exec: {:.0} us vs {:.0} us)",
+            us(big[0].p50),
+            us(row(Row::LibJoin).p50),
+            us(big[1].p50),
+            us(row(Row::Fork).p50)
+        ),
+        r,
+        r <= 1.2,
+    );
+    let r = ratio(&late[1], &late[0]) / ratio(join, setns);
+    target(
+        &mut out,
+        "API join/floor ratio after the concurrent phase <= 1.2x the ratio before (the daemon \
+         does not slow down as it serves)",
+        format!(
+            "{:.2} vs {:.2}, RSS {:.1} -> {:.1} MiB",
+            ratio(&late[1], &late[0]),
+            ratio(join, setns),
+            rss_start as f64 / 1024.0,
+            rss_late as f64 / 1024.0
+        ),
+        r,
+        r <= 1.2,
+    );
+    out.push_str(&format!(
+        "| spawns/s, {CLIENTS} clients joining one lease (report only) | {rate:.0} spawns/s \
+         ({burst_n} in {:.2} s) | - | - |\n",
+        burst_time.as_secs_f64()
+    ));
+    Ok(out)
+}
+
+/// Namespaces this process pinned, unpinned on the way out even when the run fails.
+struct Pins(Vec<std::path::PathBuf>);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        for pin in &self.0 {
+            if userns::is_pinned(pin) {
+                let _ = userns::unpin(pin);
+            }
+        }
+    }
+}
+
+/// `POST` spawn of `/bin/true` in `lease`, then `POST` wait: Ok when it exited 0, with the time
+/// the spawn took to answer.
+async fn spawn_and_wait(conn: &mut Conn, lease: &str) -> anyhow::Result<Duration> {
+    let path = format!("/v1/leases/{lease}/processes");
+    let t = Instant::now();
+    let r = conn.request(Method::POST, &path, Some(SPAWN)).await?;
+    let post = t.elapsed();
+    if r.status != StatusCode::CREATED {
+        bail!("POST {path}: {} {}", r.status, r.text());
+    }
+    let body = r.json();
+    let id = body["id"].as_str().context("spawn answer without id")?;
+    let path = format!("/v1/processes/{id}/wait?timeout_seconds=10");
+    let r = conn.request(Method::POST, &path, None).await?;
+    let body = r.json();
+    ensure!(
+        r.status == StatusCode::OK && body["state"] == "exited" && body["exit_code"] == 0,
+        "POST {path}: {} {body}",
+        r.status
+    );
+    Ok(post)
+}
+
+/// `clients` clients, each on its own kept-alive connection, spawning in the lease `join` until
+/// [`BURST_TIME`] has passed or [`BURST_MAX`] spawns were made; their latencies.
+async fn concurrent(client: &Client, clients: usize) -> anyhow::Result<(usize, Vec<Duration>)> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + BURST_TIME;
+    let mut tasks = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let client = client.clone();
+        let done = Arc::clone(&done);
+        tasks.push(tokio::spawn(async move {
+            let mut conn = client.connect().await?;
+            let mut samples = Vec::new();
+            while Instant::now() < deadline && done.fetch_add(1, Ordering::Relaxed) < BURST_MAX {
+                let t = Instant::now();
+                spawn_and_wait(&mut conn, "join").await?;
+                samples.push(t.elapsed());
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok((all.len(), all))
+}
+
+fn timed<E: Into<anyhow::Error>>(f: impl FnOnce() -> Result<(), E>) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    f().map_err(Into::into)?;
+    Ok(t.elapsed())
+}
+
+fn ensure_true(status: subid_sys::ExitStatus) -> anyhow::Result<()> {
+    ensure!(status.success(), "/bin/true: {status:?}");
+    Ok(())
+}
+
+/// This process's anonymous resident memory (what a plain fork copies page tables for).
+fn self_rss_anon_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rest = status.lines().find_map(|l| l.strip_prefix("RssAnon:"))?;
+    rest.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Busy and total CPU time of the whole machine so far, in clock ticks (`/proc/stat`).
+fn machine_jiffies() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    ensure!(v.len() == 8, "short cpu line in /proc/stat");
+    // user nice system idle iowait irq softirq steal
+    let idle = v[3] + v[4];
+    let total: u64 = v.iter().sum();
+    Ok((total - idle, total))
+}
+
+/// CPU time of this process and of its reaped children (the daemon and what it reaped, the
+/// floors' children), in clock ticks (`/proc/self/stat` utime, stime, cutime, cstime).
+fn own_jiffies() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name, which ends at the last ')': state is field 3.
+    let rest = &stat[stat.rfind(')').context("no ) in /proc/self/stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime is field 14, i.e. index 11 after the state (field 3).
+    let sum = f
+        .get(11..15)
+        .context("short /proc/self/stat")?
+        .iter()
+        .map(|x| x.parse::<u64>())
+        .sum::<Result<u64, _>>()?;
+    Ok(sum)
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("Linux {}", s.trim()))
+        .unwrap_or_else(|_| "Linux".into())
+}
+
+fn humantime_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `file`
+/// (appending a new section when the markers are absent).
+pub fn splice(file: &Path, name: &str, body: &str) -> anyhow::Result<()> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let text = std::fs::read_to_string(file).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let new = match (text.find(&begin), text.find(&end)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{begin}\n{body}{}", &text[..b], &text[e..])
+        }
+        _ => format!("{text}\n{begin}\n{body}{end}\n"),
+    };
+    std::fs::write(file, new).with_context(|| format!("writing {}", file.display()))
+}

@@ -1,0 +1,250 @@
+//! Per-lease process caps through the API: cgroup `pids.max` (on whatever pids hierarchy this
+//! host has) and the owner cap `max_processes` (the namespace creator's RLIMIT_NPROC).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use serde_json::Value;
+use subidd_tests::{Client, Daemon};
+
+use crate::util::assert_error;
+
+/// Base of the pool the owner-cap test uses (0x78000000), apart from every other test's.
+const OWN_BASE: u32 = 0x7800_0000;
+
+/// Spawns `script` with `/bin/sh -c` in `lease`; returns the process JSON.
+async fn sh(client: &Client, lease: &str, script: &str) -> Value {
+    let body = serde_json::json!({ "argv": ["/bin/sh", "-c", script] }).to_string();
+    let reply = client
+        .post(&format!("/v1/leases/{lease}/processes"), Some(&body))
+        .await
+        .expect("spawn");
+    assert_eq!(reply.status, StatusCode::CREATED, "spawn: {}", reply.text());
+    reply.json()
+}
+
+/// The lease's cgroup directory, from what `GET /v1/pool` says about the host.
+async fn cgroup_dir(client: &Client, lease: &str) -> PathBuf {
+    let pool = client.get("/v1/pool").await.expect("pool").json();
+    let cgroup = &pool["cgroup"];
+    println!(
+        "cgroup path under test: mode {}, pids on {} at {}",
+        cgroup["mode"], cgroup["pids_version"], cgroup["pids_mount"]
+    );
+    let own = cgroup["own_cgroup"].as_str().expect("own cgroup");
+    PathBuf::from(own).join("subidd").join(lease)
+}
+
+/// Polls the lease's `limits` until `done` says so (bounded), returning the last answer.
+async fn limits_until(client: &Client, lease: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let limits = client
+            .get(&format!("/v1/leases/{lease}"))
+            .await
+            .expect("get")
+            .json()["limits"]
+            .clone();
+        if done(&limits) || Instant::now() > deadline {
+            return limits;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn members(dir: &std::path::Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn pids_max_caps_children_and_grandchildren_and_spares_other_leases() {
+    let daemon = Daemon::start("kill_grace_ms = 500\nquarantine_seconds = 0").expect("start");
+    let client = daemon.client();
+    let a = client
+        .put("/v1/leases/capped", Some(r#"{"pids_max": 10}"#))
+        .await
+        .expect("put");
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text());
+    let b = client
+        .put("/v1/leases/roomy", Some(r#"{"pids_max": 100}"#))
+        .await
+        .expect("put");
+    assert_eq!(b.status, StatusCode::CREATED, "{}", b.text());
+    let dir = cgroup_dir(&client, "capped").await;
+    assert!(dir.is_dir(), "{} made at lease creation", dir.display());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("pids.max"))
+            .expect("pids.max")
+            .trim(),
+        "10"
+    );
+
+    // Children fork grandchildren: each child is a subshell that forks a sleep.
+    let script = "for i in $(seq 30); do (sleep 30 & wait) & done; sleep 30";
+    sh(&client, "capped", script).await;
+    sh(&client, "roomy", script).await;
+    let capped = limits_until(&client, "capped", |l| l["pids_denied"].as_u64() > Some(0)).await;
+    assert!(
+        capped["pids_denied"].as_u64() > Some(0),
+        "forks past the cap were refused: {capped}"
+    );
+    assert!(
+        capped["pids_current"].as_u64() <= Some(10),
+        "never more than the cap: {capped}"
+    );
+    assert!(members(&dir).len() <= 10, "cgroup.procs holds at most 10");
+    // Every member, grandchildren included, runs with the lease's ids.
+    let base = a.json()["uid_base"].as_u64().expect("base");
+    let roots = members(&dir)
+        .into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|u| u.parse::<u64>().ok())
+                .is_some_and(|uid| uid == base)
+        })
+        .count();
+    assert!(roots >= 1, "members run as the lease's base uid");
+
+    // The other lease got all of its 61 processes (sh + 30 subshells + 30 sleeps).
+    let roomy = limits_until(&client, "roomy", |l| l["pids_current"].as_u64() >= Some(61)).await;
+    assert_eq!(roomy["pids_denied"], 0, "second lease untouched: {roomy}");
+    assert!(roomy["pids_current"].as_u64() >= Some(61), "{roomy}");
+
+    // Teardown leaves no cgroup directory.
+    for lease in ["capped", "roomy"] {
+        let gone = client
+            .delete(&format!("/v1/leases/{lease}?force=true"))
+            .await
+            .expect("delete");
+        assert_eq!(gone.status, StatusCode::NO_CONTENT, "{}", gone.text());
+    }
+    assert!(!dir.exists(), "{} removed at release", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_cap_that_cannot_be_honoured_is_refused_with_its_reason() {
+    // A parent outside any pids hierarchy: the daemon cannot make lease cgroups there.
+    let daemon = Daemon::start("cgroup_parent = \"/tmp/not-a-cgroup-subidd-test\"").expect("start");
+    let client = daemon.client();
+    let reply = client
+        .put("/v1/leases/nocap", Some(r#"{"pids_max": 10}"#))
+        .await
+        .expect("put");
+    assert_error(
+        &reply,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "pids_unsupported",
+        "pids_max without a usable pids controller",
+    );
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_processes")),
+        "the message names the alternative: {}",
+        reply.text()
+    );
+    let get = client.get("/v1/leases/nocap").await.expect("get");
+    assert_eq!(get.status, StatusCode::NOT_FOUND, "no lease was made");
+    // The owner cap needs no cgroup and is accepted on the same daemon.
+    let owner = client
+        .put("/v1/leases/nocap", Some(r#"{"max_processes": 10}"#))
+        .await
+        .expect("put");
+    assert_eq!(owner.status, StatusCode::CREATED, "{}", owner.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn the_owner_cap_holds_without_any_cgroup() {
+    // A pool of its own: RLIMIT_NPROC counts per host uid, and other tests' daemons hand out the
+    // default pool's first ranges at the same time.
+    let daemon = Daemon::start(&format!(
+        "kill_grace_ms = 500\n[pool]\nbase = {OWN_BASE}\nsize = 655360\n"
+    ))
+    .expect("start");
+    let client = daemon.client();
+    let lease = client
+        .put("/v1/leases/owner", Some(r#"{"max_processes": 10}"#))
+        .await
+        .expect("put");
+    assert_eq!(lease.status, StatusCode::CREATED, "{}", lease.text());
+    assert_eq!(lease.json()["limits"]["max_processes"], 10);
+    // In-namespace root forks 30 sleepers, counting the forks that worked.
+    let script = "import os, time\nn = 0\nfor _ in range(30):\n    try:\n        pid = os.fork()\n    except OSError:\n        continue\n    if pid == 0:\n        time.sleep(3)\n        os._exit(0)\n    n += 1\nprint(n, flush=True)\n";
+    let body = serde_json::json!({ "argv": ["/usr/bin/python3", "-c", script] }).to_string();
+    let reply = client
+        .post("/v1/leases/owner/processes", Some(&body))
+        .await
+        .expect("spawn");
+    assert_eq!(reply.status, StatusCode::CREATED, "spawn: {}", reply.text());
+    let p = reply.json();
+    let id = p["id"].as_str().expect("id");
+    let done = client
+        .post(&format!("/v1/processes/{id}/wait?timeout_seconds=20"), None)
+        .await
+        .expect("wait")
+        .json();
+    assert_eq!(done["state"], "exited", "{done}");
+    let out = client
+        .get(&format!("/v1/processes/{id}/logs"))
+        .await
+        .expect("logs")
+        .text();
+    let started: u32 = out.trim().parse().unwrap_or(u32::MAX);
+    println!("owner cap 10: {started} of 30 forks succeeded");
+    assert!(
+        started < 10,
+        "fewer than the cap (python itself counts): {out:?}"
+    );
+    assert!(started > 0, "the lease can still run something: {out:?}");
+    let pool = client.get("/v1/pool").await.expect("pool").json();
+    let own = pool["cgroup"]["own_cgroup"]
+        .as_str()
+        .unwrap_or("/nonexistent");
+    assert!(
+        !PathBuf::from(own).join("subidd/owner").exists(),
+        "no cgroup was made for the owner cap"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn caps_are_checked_and_part_of_the_lease_identity() {
+    let daemon = Daemon::start("").expect("start");
+    let client = daemon.client();
+    for body in [
+        r#"{"pids_max": 0}"#,
+        r#"{"pids_max": 4194305}"#,
+        r#"{"max_processes": 0}"#,
+        r#"{"pids_max": -1}"#,
+    ] {
+        let reply = client.put("/v1/leases/bad", Some(body)).await.expect("put");
+        assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request", body);
+    }
+    let first = client
+        .put("/v1/leases/same", Some(r#"{"pids_max": 20}"#))
+        .await
+        .expect("put");
+    assert_eq!(first.status, StatusCode::CREATED);
+    let again = client
+        .put("/v1/leases/same", Some(r#"{"pids_max": 20}"#))
+        .await
+        .expect("put");
+    assert_eq!(again.status, StatusCode::OK);
+    let other = client
+        .put("/v1/leases/same", Some(r#"{"pids_max": 21}"#))
+        .await
+        .expect("put");
+    assert_error(&other, StatusCode::CONFLICT, "lease_conflict", "other cap");
+}
