@@ -85,9 +85,11 @@ enum Row {
     LibFirst,
     ApiJoin,
     ApiFirst,
+    ApiJoinTwo,
+    ApiJoinCapped,
 }
 
-const ROWS: [Row; 9] = [
+const ROWS: [Row; 11] = [
     Row::Fork,
     Row::Clone,
     Row::Setns,
@@ -97,6 +99,8 @@ const ROWS: [Row; 9] = [
     Row::LibFirst,
     Row::ApiJoin,
     Row::ApiFirst,
+    Row::ApiJoinTwo,
+    Row::ApiJoinCapped,
 ];
 
 impl Row {
@@ -109,8 +113,12 @@ impl Row {
             Row::Ping => "HTTP round trip on the socket (`GET /_ping`, keep-alive)",
             Row::LibJoin => "subid-sys join in this process (no HTTP, no database)",
             Row::LibFirst => "subid-sys first spawn in this process (create + pin + exec)",
-            Row::ApiJoin => "API join: `POST` spawn + `POST` wait, lease has its namespace",
-            Row::ApiFirst => "API first spawn of a lease: `POST` spawn + `POST` wait",
+            Row::ApiJoin => "API join: one `POST ...?wait=true`, lease has its namespace",
+            Row::ApiFirst => "API first spawn of a lease: one `POST ...?wait=true`",
+            Row::ApiJoinTwo => "API join as two requests: `POST` spawn, then `POST` wait",
+            Row::ApiJoinCapped => {
+                "API join, lease with `pids_max` (its cgroup): one `POST ...?wait=true`"
+            }
         }
     }
 }
@@ -125,9 +133,8 @@ struct Bench {
     lib_first_pin: std::path::PathBuf,
     truth: Command,
     first_seq: usize,
-    /// Time until the `POST` spawn answered, of the API join and first-spawn samples.
+    /// Time until the `POST` spawn answered, of the two-request API join samples.
     join_post: Vec<Duration>,
-    first_post: Vec<Duration>,
 }
 
 impl Bench {
@@ -160,7 +167,9 @@ impl Bench {
                 userns::unpin(&self.lib_first_pin)?;
                 took
             }
-            Row::ApiJoin => {
+            Row::ApiJoin => spawn_waiting(&mut self.conn, "join").await?,
+            Row::ApiJoinCapped => spawn_waiting(&mut self.conn, "capped").await?,
+            Row::ApiJoinTwo => {
                 let t = Instant::now();
                 let post = spawn_and_wait(&mut self.conn, "join").await?;
                 let took = t.elapsed();
@@ -173,10 +182,7 @@ impl Bench {
                 let path = format!("/v1/leases/{name}");
                 let r = self.conn.request(Method::PUT, &path, None).await?;
                 ensure!(r.status == StatusCode::CREATED, "PUT {path}: {}", r.text());
-                let t = Instant::now();
-                let post = spawn_and_wait(&mut self.conn, &name).await?;
-                let took = t.elapsed();
-                self.first_post.push(post);
+                let took = spawn_waiting(&mut self.conn, &name).await?;
                 let r = self
                     .conn
                     .request(Method::DELETE, &format!("{path}?force=true"), None)
@@ -250,7 +256,6 @@ async fn run() -> anyhow::Result<String> {
         truth: Command::new("/bin/true", ["true"]),
         first_seq: 0,
         join_post: Vec::new(),
-        first_post: Vec::new(),
     };
 
     // The joined lease: its namespace is made (and pinned) by this untimed first spawn.
@@ -260,11 +265,21 @@ async fn run() -> anyhow::Result<String> {
         .await?;
     ensure!(r.status == StatusCode::CREATED, "PUT join: {}", r.text());
     spawn_and_wait(&mut bench.conn, "join").await?;
+    // The capped lease: a cgroup with pids.max on whatever pids hierarchy the host has.
+    let r = bench
+        .conn
+        .request(
+            Method::PUT,
+            "/v1/leases/capped",
+            Some(r#"{"pids_max": 1000}"#),
+        )
+        .await?;
+    ensure!(r.status == StatusCode::CREATED, "PUT capped: {}", r.text());
+    spawn_and_wait(&mut bench.conn, "capped").await?;
 
     let table = bench.turns(&ROWS, SAMPLES).await?;
     // Without the warm-up turn's.
     let join_post = stats(bench.join_post.split_off(1));
-    let first_post = stats(bench.first_post.split_off(1));
     let rss_mid = rss_kib(pid)?;
 
     let started = Instant::now();
@@ -290,8 +305,12 @@ async fn run() -> anyhow::Result<String> {
     drop(ballast);
 
     // Teardown: the leases released (unpinning their namespaces), ours unpinned.
-    let r = client.delete("/v1/leases/join?force=true").await?;
-    ensure!(r.status.is_success(), "DELETE join: {}", r.text());
+    for lease in ["join", "capped"] {
+        let r = client
+            .delete(&format!("/v1/leases/{lease}?force=true"))
+            .await?;
+        ensure!(r.status.is_success(), "DELETE {lease}: {}", r.text());
+    }
     let first_left = bench.first_seq;
     drop(bench);
     for pin in [&floor_pin, &lib_pin] {
@@ -326,18 +345,12 @@ async fn run() -> anyhow::Result<String> {
     };
     for (r, s) in ROWS.iter().zip(&table) {
         line(&mut out, r.label(), s);
-        match r {
-            Row::ApiJoin => line(
+        if *r == Row::ApiJoinTwo {
+            line(
                 &mut out,
                 "... of which until `POST` spawn answered",
                 &join_post,
-            ),
-            Row::ApiFirst => line(
-                &mut out,
-                "... of which until `POST` spawn answered",
-                &first_post,
-            ),
-            _ => {}
+            );
         }
     }
     let burst_s = stats(burst);
@@ -451,6 +464,15 @@ async fn run() -> anyhow::Result<String> {
         r,
         r <= 1.2,
     );
+    let capped = row(Row::ApiJoinCapped);
+    let r = capped.p99.as_secs_f64() / join.p99.as_secs_f64();
+    target(
+        &mut out,
+        "API join p99 with a cap (`pids_max`) <= 1.5x without",
+        format!("{:.0} us vs {:.0} us", us(capped.p99), us(join.p99)),
+        r,
+        r <= 1.5,
+    );
     out.push_str(&format!(
         "| spawns/s, {CLIENTS} clients joining one lease (report only) | {rate:.0} spawns/s \
          ({burst_n} in {:.2} s) | - | - |\n",
@@ -470,6 +492,22 @@ impl Drop for Pins {
             }
         }
     }
+}
+
+/// One `POST ...?wait=true` of `/bin/true` in `lease`: the time until it answered that the
+/// process exited 0 (and its status is recorded).
+async fn spawn_waiting(conn: &mut Conn, lease: &str) -> anyhow::Result<Duration> {
+    let path = format!("/v1/leases/{lease}/processes?wait=true&timeout_seconds=10");
+    let t = Instant::now();
+    let r = conn.request(Method::POST, &path, Some(SPAWN)).await?;
+    let took = t.elapsed();
+    let body = r.json();
+    ensure!(
+        r.status == StatusCode::CREATED && body["state"] == "exited" && body["exit_code"] == 0,
+        "POST {path}: {} {body}",
+        r.status
+    );
+    Ok(took)
 }
 
 /// `POST` spawn of `/bin/true` in `lease`, then `POST` wait: Ok when it exited 0, with the time

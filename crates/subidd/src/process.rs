@@ -76,7 +76,8 @@ struct LeaseCg {
 struct Live {
     lease_id: i64,
     pidfd: Arc<PidFd>,
-    done: watch::Receiver<bool>,
+    /// The final record, once the exit is committed.
+    done: watch::Receiver<Option<ProcessRecord>>,
 }
 
 struct Inner {
@@ -137,7 +138,7 @@ impl ProcessService {
             match service.adoptable(&row) {
                 Some(pidfd) => {
                     tracing::info!(id = %row.id, pid = row.pid, lease = %row.lease_name, "re-adopted process");
-                    service.supervise(row.id.clone(), row.lease_id, Arc::new(pidfd), false);
+                    service.supervise(row.clone(), Arc::new(pidfd), false);
                 }
                 None => {
                     tracing::warn!(id = %row.id, pid = row.pid, lease = %row.lease_name, "process vanished while the daemon was away");
@@ -245,21 +246,24 @@ impl ProcessService {
             self.private_ns_dir()?;
         }
         let spawn_pin = pin.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let result = match &existing {
-                Some(ns) => command.spawn(Namespace::Join(ns)),
-                None => command.spawn(Namespace::Create {
-                    spec: &ns_spec,
-                    pin: &spawn_pin,
-                }),
-            };
-            // The write ends close here, in the daemon, so the pipes see EOF when the process
-            // (and whatever it forked) is done with them.
-            drop(command);
-            result
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("spawn thread failed: {e}")))?;
+        let run = move || match &existing {
+            Some(ns) => command.spawn(Namespace::Join(ns)),
+            None => command.spawn(Namespace::Create {
+                spec: &ns_spec,
+                pin: &spawn_pin,
+            }),
+        };
+        // The clone-to-exec handshake blocks for about a millisecond: on the multi-threaded
+        // runtime it runs in place (no hop to another thread), elsewhere on the blocking pool.
+        let result = if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(run)
+        } else {
+            tokio::task::spawn_blocking(run)
+                .await
+                .map_err(|e| ApiError::Internal(format!("spawn thread failed: {e}")))?
+        };
         let pidfd = Arc::new(result.map_err(|e| spawn_error(&spec, e))?);
         if created {
             match LeaseNs::open(&pin) {
@@ -302,14 +306,16 @@ impl ProcessService {
             return Err(error);
         }
         tracing::info!(id = %id, pid = record.pid, lease = %name, host_uid = record.host_uid, "process started");
-        self.supervise(id, lease.id, pidfd, true);
+        self.supervise(record.clone(), pidfd, true);
         drop(guard);
         Ok(record)
     }
 
     /// Watches a process until it ends and records how.
-    fn supervise(&self, id: String, lease_id: i64, pidfd: Arc<PidFd>, own_child: bool) {
-        let (done_tx, done_rx) = watch::channel(false);
+    fn supervise(&self, record: ProcessRecord, pidfd: Arc<PidFd>, own_child: bool) {
+        let id = record.id.clone();
+        let lease_id = record.lease_id;
+        let (done_tx, done_rx) = watch::channel(None);
         lock_map(&self.inner.live).insert(
             id.clone(),
             Live {
@@ -332,18 +338,19 @@ impl ProcessService {
                     }
                 }
             };
-            this.trim_logs(&id).await;
+            this.trim_logs_if_over(&id).await;
             let (exit_code, signal) = match status {
                 Some(ExitStatus::Exited(code)) => (Some(code), None),
                 Some(ExitStatus::Signaled { signal, .. }) => (None, Some(signal)),
                 None => (None, None),
             };
+            let ended_at = now_ms();
             let op = ProcessOp::Finish {
                 id: id.clone(),
                 state: ProcessState::Exited,
                 exit_code,
                 signal,
-                ended_at: now_ms(),
+                ended_at,
             };
             // Retry a failed write a few times: the status is worth keeping.
             for attempt in 0..5u32 {
@@ -356,8 +363,25 @@ impl ProcessService {
                 }
             }
             lock_map(&this.inner.live).remove(&id);
-            let _ = done_tx.send(true);
+            let _ = done_tx.send(Some(ProcessRecord {
+                state: ProcessState::Exited,
+                exit_code,
+                signal,
+                ended_at: Some(ended_at),
+                ..record
+            }));
         });
+    }
+
+    /// Trims the logs only when one is over the limit (a stat each, no thread hop otherwise).
+    async fn trim_logs_if_over(&self, id: &str) {
+        let max = self.inner.config.log_max_bytes;
+        let over = ["stdout", "stderr"]
+            .iter()
+            .any(|s| std::fs::metadata(self.log_path(id, s)).is_ok_and(|m| m.len() > max));
+        if over {
+            self.trim_logs(id).await;
+        }
     }
 
     /// Trims both log files of a process to their last `log_max_bytes`.
@@ -400,7 +424,12 @@ impl ProcessService {
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<ProcessRecord, ApiError> {
         let done = lock_map(&self.inner.live).get(id).map(|l| l.done.clone());
         if let Some(mut done) = done {
-            let _ = tokio::time::timeout(timeout, done.wait_for(|d| *d)).await;
+            if let Ok(Ok(finished)) =
+                tokio::time::timeout(timeout, done.wait_for(Option::is_some)).await
+                && let Some(record) = finished.clone()
+            {
+                return Ok(record);
+            }
         }
         self.get(id).await
     }
@@ -711,7 +740,7 @@ impl ProcessService {
     async fn members_or_live(&self, lease_id: i64, ns_ino: Option<u64>) -> usize {
         let live = lock_map(&self.inner.live)
             .values()
-            .filter(|l| l.lease_id == lease_id && !*l.done.borrow())
+            .filter(|l| l.lease_id == lease_id && l.done.borrow().is_none())
             .count();
         let members = match ns_ino {
             Some(ino) => tokio::task::spawn_blocking(move || members::userns_members(ino))
@@ -884,6 +913,10 @@ async fn wait_exit(pidfd: &Arc<PidFd>, own_child: bool) -> Option<ExitStatus> {
     }
     if !own_child {
         return None;
+    }
+    // It has exited, so reaping does not block.
+    if let Ok(Some(status)) = pidfd.try_wait() {
+        return Some(status);
     }
     let p = Arc::clone(pidfd);
     tokio::task::spawn_blocking(move || p.wait().ok())

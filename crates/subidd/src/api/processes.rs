@@ -87,21 +87,36 @@ impl From<&ProcessRecord> for ProcessView {
     }
 }
 
-/// `POST /v1/leases/{name}/processes`: 201 with the process.
+/// `POST /v1/leases/{name}/processes[?wait=true&timeout_seconds=N]`: 201 with the process;
+/// with `wait`, answered once it has exited (or the timeout, default 30 s, passed), as
+/// `docker run` without `-d` does.
 pub async fn spawn(
     State(state): St,
     LeaseName(name): LeaseName,
     query: QueryParams,
     JsonBody(body): JsonBody<SpawnBody>,
 ) -> ApiResult {
-    query.check(&[], &[])?;
+    let single = query.check(&["wait", "timeout_seconds"], &[])?;
+    let wait = match single.get("wait") {
+        Some(v) => super::parse_bool("wait", v)?,
+        None => false,
+    };
+    let timeout = wait_timeout(single.get("timeout_seconds").copied())?;
+    if !wait && single.contains_key("timeout_seconds") {
+        return Err(ApiError::InvalidRequest(
+            "timeout_seconds goes with wait=true".into(),
+        ));
+    }
     let Some(body) = body else {
         return Err(ApiError::InvalidRequest(
             "a JSON body with at least \"argv\" is required".into(),
         ));
     };
     let spec = spawn_spec(body)?;
-    let record = state.processes.spawn(name, spec).await?;
+    let mut record = state.processes.spawn(name, spec).await?;
+    if wait {
+        record = state.processes.wait(&record.id, timeout).await?;
+    }
     Ok(json(StatusCode::CREATED, &ProcessView::from(&record)))
 }
 
@@ -126,7 +141,14 @@ pub async fn get_one(State(state): St, ProcessId(id): ProcessId, query: QueryPar
 /// `POST /v1/processes/{id}/wait?timeout_seconds=N` (default 30, at most 3600).
 pub async fn wait(State(state): St, ProcessId(id): ProcessId, query: QueryParams) -> ApiResult {
     let single = query.check(&["timeout_seconds"], &[])?;
-    let timeout = match single.get("timeout_seconds") {
+    let timeout = wait_timeout(single.get("timeout_seconds").copied())?;
+    let record = state.processes.wait(&id, timeout).await?;
+    Ok(json(StatusCode::OK, &ProcessView::from(&record)))
+}
+
+/// `timeout_seconds` of a wait: default 30, at most [`WAIT_MAX_SECONDS`].
+fn wait_timeout(value: Option<&str>) -> Result<Duration, ApiError> {
+    let seconds = match value {
         None => 30,
         Some(v) => v
             .parse::<u64>()
@@ -138,11 +160,7 @@ pub async fn wait(State(state): St, ProcessId(id): ProcessId, query: QueryParams
                 ))
             })?,
     };
-    let record = state
-        .processes
-        .wait(&id, Duration::from_secs(timeout))
-        .await?;
-    Ok(json(StatusCode::OK, &ProcessView::from(&record)))
+    Ok(Duration::from_secs(seconds))
 }
 
 /// `POST /v1/processes/{id}/signal` body `{"signal": "TERM"}` (a name, with or without `SIG`,
