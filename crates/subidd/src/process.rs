@@ -423,13 +423,12 @@ impl ProcessService {
     /// Waits until the process ends or `timeout` passes, then returns its record.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<ProcessRecord, ApiError> {
         let done = lock_map(&self.inner.live).get(id).map(|l| l.done.clone());
-        if let Some(mut done) = done {
-            if let Ok(Ok(finished)) =
+        if let Some(mut done) = done
+            && let Ok(Ok(finished)) =
                 tokio::time::timeout(timeout, done.wait_for(Option::is_some)).await
-                && let Some(record) = finished.clone()
-            {
-                return Ok(record);
-            }
+            && let Some(record) = finished.clone()
+        {
+            return Ok(record);
         }
         self.get(id).await
     }
