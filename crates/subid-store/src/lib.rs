@@ -299,8 +299,28 @@ impl Writer {
         Ok(settled)
     }
 
-    /// Starts a `BEGIN IMMEDIATE` transaction with the given durability.
-    pub async fn begin_with(&mut self, durability: Durability) -> Result<WriteTx<'_>, StoreError> {
+    /// Records a running process in a statement of its own (autocommit, process durability):
+    /// one round trip instead of three when nothing else is waiting to be committed.
+    pub async fn insert_process_alone(&mut self, p: &ProcessRecord) -> Result<(), StoreError> {
+        self.set_durability(Durability::Process).await?;
+        insert_process_on(&mut self.conn, p).await
+    }
+
+    /// As [`WriteTx::finish_process`], in a statement of its own (see
+    /// [`Writer::insert_process_alone`]).
+    pub async fn finish_process_alone(
+        &mut self,
+        id: &str,
+        state: ProcessState,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        ended_at: i64,
+    ) -> Result<(), StoreError> {
+        self.set_durability(Durability::Process).await?;
+        finish_process_on(&mut self.conn, id, state, exit_code, signal, ended_at).await
+    }
+
+    async fn set_durability(&mut self, durability: Durability) -> Result<(), StoreError> {
         if durability != self.durability {
             let pragma = match durability {
                 Durability::Full => "PRAGMA synchronous = FULL",
@@ -312,6 +332,12 @@ impl Writer {
                 .map_err(StoreError::write)?;
             self.durability = durability;
         }
+        Ok(())
+    }
+
+    /// Starts a `BEGIN IMMEDIATE` transaction with the given durability.
+    pub async fn begin_with(&mut self, durability: Durability) -> Result<WriteTx<'_>, StoreError> {
+        self.set_durability(durability).await?;
         self.begin_immediate().await
     }
 
@@ -584,30 +610,7 @@ impl WriteTx<'_> {
 
     /// Records a process that is now running.
     pub async fn insert_process(&mut self, p: &ProcessRecord) -> Result<(), StoreError> {
-        let argv = serde_json::to_string(&p.argv).map_err(StoreError::encode)?;
-        sqlx::query(
-            "INSERT INTO process (id, lease_id, lease_name, pid, start_ticks, boot_id, host_uid, \
-             host_gid, argv, state, exit_code, signal, started_at, ended_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&p.id)
-        .bind(p.lease_id)
-        .bind(&p.lease_name)
-        .bind(i64::from(p.pid))
-        .bind(i64::try_from(p.start_ticks).unwrap_or(i64::MAX))
-        .bind(&p.boot_id)
-        .bind(i64::from(p.host_uid))
-        .bind(i64::from(p.host_gid))
-        .bind(argv)
-        .bind(p.state.as_str())
-        .bind(p.exit_code.map(i64::from))
-        .bind(p.signal.map(i64::from))
-        .bind(p.started_at)
-        .bind(p.ended_at)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::write)?;
-        Ok(())
+        insert_process_on(&mut self.tx, p).await
     }
 
     /// Records how a running process ended (`Exited` or `Lost`). A process already ended is
@@ -620,19 +623,7 @@ impl WriteTx<'_> {
         signal: Option<i32>,
         ended_at: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE process SET state = ?, exit_code = ?, signal = ?, ended_at = ? \
-             WHERE id = ? AND state = 'running'",
-        )
-        .bind(state.as_str())
-        .bind(exit_code.map(i64::from))
-        .bind(signal.map(i64::from))
-        .bind(ended_at)
-        .bind(id)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::write)?;
-        Ok(())
+        finish_process_on(&mut self.tx, id, state, exit_code, signal, ended_at).await
     }
 
     async fn event(
@@ -664,6 +655,61 @@ impl WriteTx<'_> {
     pub async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await.map_err(StoreError::write)
     }
+}
+
+/// `INSERT` of a process row on any connection or transaction.
+async fn insert_process_on(
+    conn: &mut SqliteConnection,
+    p: &ProcessRecord,
+) -> Result<(), StoreError> {
+    let argv = serde_json::to_string(&p.argv).map_err(StoreError::encode)?;
+    sqlx::query(
+        "INSERT INTO process (id, lease_id, lease_name, pid, start_ticks, boot_id, host_uid, \
+         host_gid, argv, state, exit_code, signal, started_at, ended_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&p.id)
+    .bind(p.lease_id)
+    .bind(&p.lease_name)
+    .bind(i64::from(p.pid))
+    .bind(i64::try_from(p.start_ticks).unwrap_or(i64::MAX))
+    .bind(&p.boot_id)
+    .bind(i64::from(p.host_uid))
+    .bind(i64::from(p.host_gid))
+    .bind(argv)
+    .bind(p.state.as_str())
+    .bind(p.exit_code.map(i64::from))
+    .bind(p.signal.map(i64::from))
+    .bind(p.started_at)
+    .bind(p.ended_at)
+    .execute(conn)
+    .await
+    .map_err(StoreError::write)?;
+    Ok(())
+}
+
+/// `UPDATE` of a running process row to how it ended, on any connection or transaction.
+async fn finish_process_on(
+    conn: &mut SqliteConnection,
+    id: &str,
+    state: ProcessState,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    ended_at: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE process SET state = ?, exit_code = ?, signal = ?, ended_at = ? \
+         WHERE id = ? AND state = 'running'",
+    )
+    .bind(state.as_str())
+    .bind(exit_code.map(i64::from))
+    .bind(signal.map(i64::from))
+    .bind(ended_at)
+    .bind(id)
+    .execute(conn)
+    .await
+    .map_err(StoreError::write)?;
+    Ok(())
 }
 
 /// Reads an integer column that must fit a `u32`.

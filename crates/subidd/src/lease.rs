@@ -316,6 +316,29 @@ impl WriterTask {
         } else {
             Durability::Full
         };
+        // A lone process row: one autocommit statement, no BEGIN/COMMIT round trips.
+        if durability == Durability::Process
+            && batch.len() == 1
+            && let Some(Command::Process { op, reply }) = batch.pop()
+        {
+            let result = match &op {
+                ProcessOp::Insert(record) => self.writer.insert_process_alone(record).await,
+                ProcessOp::Finish {
+                    id,
+                    state,
+                    exit_code,
+                    signal,
+                    ended_at,
+                } => {
+                    self.writer
+                        .finish_process_alone(id, *state, *exit_code, *signal, *ended_at)
+                        .await
+                }
+            };
+            // The answer is all there is to do: process rows do not touch the allocator.
+            let _ = reply.send(result.map_err(ApiError::from));
+            return;
+        }
         let failure = match self.writer.begin_with(durability).await {
             Err(error) => Some(error),
             Ok(mut tx) => {

@@ -91,6 +91,8 @@ struct Inner {
     cgroup_host: Option<CgroupHost>,
     cgroup_parent: Mutex<Option<Arc<CgroupParent>>>,
     cgroups: Mutex<HashMap<i64, LeaseCg>>,
+    /// Active leases by name, as last read (see `active_lease`).
+    lease_cache: Mutex<HashMap<String, LeaseRecord>>,
 }
 
 /// Shared handle to the process service; cheap to clone.
@@ -132,6 +134,7 @@ impl ProcessService {
                 cgroup_host,
                 cgroup_parent: Mutex::new(None),
                 cgroups: Mutex::new(HashMap::new()),
+                lease_cache: Mutex::new(HashMap::new()),
             }),
         };
         for row in service.inner.leases.store().running_processes().await? {
@@ -469,6 +472,7 @@ impl ProcessService {
             // Refuse before anything is made: a lease never runs without the cap it asked for.
             self.cgroup_parent()?;
         }
+        self.forget_lease(&name);
         let done = self
             .inner
             .leases
@@ -509,6 +513,7 @@ impl ProcessService {
 
     /// Releases (and purges) a lease whose set-up failed half-way.
     async fn undo_lease(&self, name: &str, caller: Caller) {
+        self.forget_lease(name);
         if let Err(undo) = self
             .inner
             .leases
@@ -660,6 +665,7 @@ impl ProcessService {
     ) -> Result<(), ApiError> {
         let lock = self.lease_lock(&name);
         let guard = lock.write().await;
+        self.forget_lease(&name);
         let lease = self.inner.leases.store().get_lease(&name).await?;
         let mut logs = Vec::new();
         if let Some(lease) = lease.filter(|l| l.state == subid_core::LeaseState::Active) {
@@ -671,6 +677,7 @@ impl ProcessService {
             .leases
             .release(name.clone(), purge, caller, kind)
             .await;
+        self.forget_lease(&name);
         if result.is_ok() {
             // The process rows went with the lease; so do their logs.
             for process in logs {
@@ -794,16 +801,30 @@ impl ProcessService {
     }
 
     /// The active, unexpired lease of that name.
+    ///
+    /// Active leases are cached (a spawn then needs no database read): every path that changes
+    /// a lease (create, renew, release, expiry) goes through [`ProcessService::forget_lease`].
     async fn active_lease(&self, name: &str) -> Result<LeaseRecord, ApiError> {
+        let now = now_ms();
+        if let Some(lease) = lock_map(&self.inner.lease_cache).get(name)
+            && !is_expired(lease, now)
+        {
+            return Ok(lease.clone());
+        }
         match self.inner.leases.store().get_lease(name).await? {
             Some(lease)
-                if lease.state == subid_core::LeaseState::Active
-                    && !is_expired(&lease, now_ms()) =>
+                if lease.state == subid_core::LeaseState::Active && !is_expired(&lease, now) =>
             {
+                lock_map(&self.inner.lease_cache).insert(name.to_string(), lease.clone());
                 Ok(lease)
             }
             _ => Err(ApiError::NotFound(format!("no active lease {name}"))),
         }
+    }
+
+    /// Drops the cached record of a lease that is about to change.
+    pub fn forget_lease(&self, name: &str) {
+        lock_map(&self.inner.lease_cache).remove(name);
     }
 
     /// Mount-namespace pins cannot sit in a shared mount (EINVAL): the first lease that asks for

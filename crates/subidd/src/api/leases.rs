@@ -164,7 +164,10 @@ pub async fn renew(
             "renew takes no body; the lease's own ttl_seconds is applied again".into(),
         ));
     }
-    let lease = state.leases.renew(name, caller_uid(caller)).await?;
+    state.processes.forget_lease(&name);
+    let lease = state.leases.renew(name.clone(), caller_uid(caller)).await;
+    state.processes.forget_lease(&name);
+    let lease = lease?;
     Ok(json(StatusCode::OK, &LeaseView::from(&lease)))
 }
 
