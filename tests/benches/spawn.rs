@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
     println!("{report}");
     if std::env::var_os("SUBIDD_BENCH_NO_WRITE").is_none() {
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
-        splice(&docs, "spawn", &report)?;
+        subidd_tests::splice(&docs, "spawn", &report)?;
         println!("written to {}", docs.display());
     }
     Ok(())
@@ -624,19 +624,4 @@ fn humantime_now() -> String {
         .output();
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
-}
-
-/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `file`
-/// (appending a new section when the markers are absent).
-pub fn splice(file: &Path, name: &str, body: &str) -> anyhow::Result<()> {
-    let begin = format!("<!-- {name}:begin -->");
-    let end = format!("<!-- {name}:end -->");
-    let text = std::fs::read_to_string(file).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let new = match (text.find(&begin), text.find(&end)) {
-        (Some(b), Some(e)) if b < e => {
-            format!("{}{begin}\n{body}{}", &text[..b], &text[e..])
-        }
-        _ => format!("{text}\n{begin}\n{body}{end}\n"),
-    };
-    std::fs::write(file, new).with_context(|| format!("writing {}", file.display()))
 }

@@ -454,3 +454,18 @@ pub async fn tcp_request(
         body,
     })
 }
+
+/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `file` (appending
+/// a new section when the markers are absent): how the benchmarks write docs/BENCHMARKS.md.
+pub fn splice(file: &Path, name: &str, body: &str) -> anyhow::Result<()> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let text = std::fs::read_to_string(file).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let new = match (text.find(&begin), text.find(&end)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{begin}\n{body}{}", &text[..b], &text[e..])
+        }
+        _ => format!("{text}\n{begin}\n{body}{end}\n"),
+    };
+    std::fs::write(file, new).with_context(|| format!("writing {}", file.display()))
+}
