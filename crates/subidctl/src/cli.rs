@@ -1,0 +1,311 @@
+//! The command line, as clap definitions: the one source of `--help`, the man pages and the
+//! shell completions (`subidctl generate`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Where the daemon listens unless `--socket` or `SUBIDD_SOCKET` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/subidd/subidd.sock";
+
+/// Command-line client of subidd: lease host uid/gid ranges and run processes in them.
+///
+/// Exit status: 0 success, 1 an error from the daemon (printed as `subidctl: CODE: MESSAGE`) or
+/// no connection to it, 2 a usage error. `run --wait` exits with the process's own status.
+#[derive(Debug, Parser)]
+#[command(name = "subidctl", version, propagate_version = true)]
+pub struct Cli {
+    /// The daemon's unix socket.
+    #[arg(long, global = true, env = "SUBIDD_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// Print the daemon's JSON answer (pretty) instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, inspect and release leases.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Start a process in a lease's user namespace.
+    Run(RunArgs),
+    /// List the processes of a lease.
+    Ps {
+        /// The lease's name.
+        lease: String,
+    },
+    /// Wait for a process to exit (or the timeout to pass) and show it.
+    Wait {
+        /// The process id (16 hex digits, as `run` and `ps` print it).
+        id: String,
+        /// Seconds to wait at most (the daemon's default is 30, its maximum 3600).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// Send a signal to a process.
+    Kill {
+        /// The process id.
+        id: String,
+        /// A signal name (TERM, SIGKILL, ...) or number.
+        #[arg(long, short, default_value = "TERM")]
+        signal: String,
+    },
+    /// Print what a process wrote to stdout or stderr.
+    Logs {
+        /// The process id.
+        id: String,
+        /// Which stream.
+        #[arg(long, value_enum, default_value_t = Stream::Stdout)]
+        stream: Stream,
+    },
+    /// Show the pool of ids and how much of it is leased.
+    Pool,
+    /// Show this client's version and the daemon's.
+    Version,
+    /// Write man pages or shell completions (for packaging).
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Create a lease, or confirm that an identical one exists (idempotent).
+    Put(PutArgs),
+    /// Show a lease (the active one, else the last released).
+    Get {
+        /// The lease's name.
+        name: String,
+    },
+    /// List leases.
+    #[command(visible_alias = "list")]
+    Ls {
+        /// Which leases.
+        #[arg(long, value_enum, default_value_t = StateFilter::Active)]
+        state: StateFilter,
+        /// Only leases carrying this label (repeatable; all must match).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = key_value)]
+        labels: Vec<(String, String)>,
+    },
+    /// Release a lease; its range is quarantined before reuse.
+    #[command(visible_alias = "delete")]
+    Rm {
+        /// The lease's name.
+        name: String,
+        /// Skip the quarantine: the range is free for any name at once (on a released lease,
+        /// ends its quarantine).
+        #[arg(long)]
+        purge: bool,
+        /// Stop its running processes instead of refusing while they run.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Restart a lease's ttl from now.
+    Renew {
+        /// The lease's name.
+        name: String,
+    },
+    /// Print a lease's id mapping in the form a tool wants.
+    Idmap {
+        /// The lease's name.
+        name: String,
+        /// The rendering; without it, a summary of all of them.
+        #[arg(long, value_enum)]
+        format: Option<IdmapFormat>,
+    },
+    /// Find the active lease that holds a host uid or gid.
+    Lookup(LookupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// The lease's name ([A-Za-z0-9_.-]).
+    pub name: String,
+    /// Number of ids, a multiple of the pool's block size (default: one block).
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// A label (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Release the lease automatically after this many seconds unless renewed.
+    #[arg(long, value_name = "SECONDS")]
+    pub ttl: Option<u32>,
+    /// A default rlimit of its processes (repeatable); `unlimited` for no limit.
+    #[arg(long = "rlimit", value_name = "NAME=SOFT:HARD", value_parser = rlimit)]
+    pub rlimits: Vec<(String, [u64; 2])>,
+    /// An extra namespace its processes share (repeatable).
+    #[arg(long = "namespace", value_enum, value_name = "NS")]
+    pub namespaces: Vec<Namespace>,
+    /// Cap on the processes in its cgroup (pids.max).
+    #[arg(long)]
+    pub pids_max: Option<u64>,
+    /// Cap on the processes the daemon starts in it at once.
+    #[arg(long)]
+    pub max_processes: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct LookupArgs {
+    /// A host uid.
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// A host gid.
+    #[arg(long)]
+    pub gid: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The lease to run in.
+    pub lease: String,
+    /// The uid inside the namespace (default 0).
+    #[arg(long, short)]
+    pub user: Option<u32>,
+    /// The gid inside the namespace (default 0).
+    #[arg(long, short)]
+    pub group: Option<u32>,
+    /// An environment variable (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = key_value)]
+    pub env: Vec<(String, String)>,
+    /// The working directory.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// Wait for it to exit, print its output and exit with its status (128+N if killed by
+    /// signal N).
+    #[arg(long)]
+    pub wait: bool,
+    /// The program and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "ARGV")]
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// Write one man page per command into DIR.
+    Man {
+        /// The directory (created if missing).
+        dir: PathBuf,
+    },
+    /// Print a completion script for a shell to stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StateFilter {
+    Active,
+    Released,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Namespace {
+    Mnt,
+    Uts,
+    Ipc,
+    Net,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdmapFormat {
+    Json,
+    #[value(name = "uid_map")]
+    UidMap,
+    #[value(name = "gid_map")]
+    GidMap,
+    Oci,
+    Podman,
+    Subuid,
+    Subgid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// The name clap gives a value (what the daemon expects too).
+pub fn value_name<T: ValueEnum>(value: &T) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// `KEY=VALUE`, split at the first `=`.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
+}
+
+/// `NAME=SOFT:HARD`, each limit a number or `unlimited`.
+fn rlimit(s: &str) -> Result<(String, [u64; 2]), String> {
+    let bad = || format!("{s:?}: expected NAME=SOFT:HARD, e.g. nofile=1024:4096");
+    let (name, limits) = s.split_once('=').ok_or_else(bad)?;
+    let (soft, hard) = limits.split_once(':').ok_or_else(bad)?;
+    let limit = |v: &str| match v {
+        "unlimited" | "infinity" => Ok(u64::MAX),
+        v => v.parse::<u64>().map_err(|_| bad()),
+    };
+    if name.is_empty() {
+        return Err(bad());
+    }
+    Ok((name.to_string(), [limit(soft)?, limit(hard)?]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_pairs_and_rlimits() {
+        assert_eq!(key_value("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(key_value("=x").is_err());
+        assert!(key_value("x").is_err());
+        assert_eq!(rlimit("nofile=1:2"), Ok(("nofile".into(), [1, 2])));
+        assert_eq!(
+            rlimit("core=0:unlimited"),
+            Ok(("core".into(), [0, u64::MAX]))
+        );
+        assert!(rlimit("nofile=1").is_err());
+        assert!(rlimit("nofile").is_err());
+        assert!(rlimit("nofile=a:1").is_err());
+    }
+
+    #[test]
+    fn run_takes_argv_after_dashes() {
+        let cli = Cli::try_parse_from([
+            "subidctl", "run", "box", "--wait", "-e", "A=1", "--", "/bin/sh", "-c", "exit 3",
+        ])
+        .expect("parses");
+        let Command::Run(run) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(run.argv, ["/bin/sh", "-c", "exit 3"]);
+        assert!(run.wait);
+        assert_eq!(run.env, [("A".to_string(), "1".to_string())]);
+    }
+
+    #[test]
+    fn idmap_formats_use_the_daemons_names() {
+        assert_eq!(value_name(&IdmapFormat::UidMap), "uid_map");
+        assert_eq!(value_name(&IdmapFormat::Subgid), "subgid");
+    }
+}

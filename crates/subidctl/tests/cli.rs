@@ -1,0 +1,557 @@
+//! The `subidctl` binary against the real `subidd` binary on a temp socket, state and runtime
+//! dir: output in table and `--json` form, and the exit codes scripts rely on.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The pool's first id and block size when no subuid entry and no pool config say otherwise.
+const BASE: u64 = 1_879_048_192;
+const BLOCK: u64 = 65_536;
+
+/// A running `subidd` with its own temp dir; killed on drop.
+struct Daemon {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    child: Child,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = |name: &str| dir.path().join(name);
+        // Empty subuid/subgid files keep the host's own from deciding the test's pool.
+        std::fs::write(path("subuid"), "").expect("write subuid");
+        std::fs::write(path("subgid"), "").expect("write subgid");
+        let config = path("subidd.toml");
+        let text = format!(
+            "state_dir = {:?}\nruntime_dir = {:?}\nsubuid_file = {:?}\nsubgid_file = {:?}\n",
+            path("state"),
+            path("run"),
+            path("subuid"),
+            path("subgid"),
+        );
+        std::fs::write(&config, text).expect("write config");
+        let log = std::fs::File::create(path("subidd.log")).expect("create log");
+        let child = Command::new(subidd_bin())
+            .arg("--config")
+            .arg(&config)
+            .env_remove("SUBIDD_CONFIG")
+            .env("SUBIDD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn subidd");
+        let mut daemon = Daemon {
+            socket: path("run").join("subidd.sock"),
+            dir,
+            child,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("subidd exited early with {status}: {}", self.log());
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "subidd did not start in 30s: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("subidd.log")).unwrap_or_default()
+    }
+
+    /// Runs `subidctl --socket <ours> ARGS`.
+    fn ctl(&self, args: &[&str]) -> Run {
+        let mut all = vec!["--socket", self.socket.to_str().expect("utf-8 socket path")];
+        all.extend_from_slice(args);
+        ctl(&all)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `target/<profile>/subidd`, beside this test's `target/<profile>/deps/` (or `$SUBIDD_BIN`).
+fn subidd_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SUBIDD_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary has a target/<profile> parent")
+        .join("subidd");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p subidd --bin subidd` first",
+        bin.display()
+    );
+    bin
+}
+
+/// What one `subidctl` run did.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn ok(self) -> Run {
+        assert_eq!(self.code, Some(0), "subidctl failed: {self:?}");
+        self
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+}
+
+fn ctl(args: &[&str]) -> Run {
+    ctl_with(args, &[])
+}
+
+fn ctl_with(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_subidctl"));
+    cmd.args(args)
+        .env_remove("SUBIDD_SOCKET")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("run subidctl");
+    Run {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+/// The whitespace-split cells of the table row whose first cell is `first`.
+fn row<'a>(table: &'a str, first: &str) -> Option<Vec<&'a str>> {
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cells| cells.first() == Some(&first))
+}
+
+#[test]
+fn lease_round_trip_in_tables() {
+    let daemon = Daemon::start();
+    let put = daemon
+        .ctl(&["lease", "put", "web-1", "--label", "team=a", "--ttl", "600"])
+        .ok();
+    assert!(put.stdout.contains("name:"), "{put:?}");
+    assert!(
+        put.stdout
+            .contains(&format!("uid_map:       0 {BASE} {BLOCK}")),
+        "{put:?}"
+    );
+
+    let get = daemon.ctl(&["lease", "get", "web-1"]).ok();
+    assert_eq!(
+        row(&get.stdout, "state:"),
+        Some(vec!["state:", "active"]),
+        "{get:?}"
+    );
+    assert_eq!(
+        row(&get.stdout, "labels:"),
+        Some(vec!["labels:", "team=a"]),
+        "{get:?}"
+    );
+
+    let ls = daemon.ctl(&["lease", "ls"]).ok();
+    let mut lines = ls.stdout.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "STATE", "UID_BASE", "SIZE", "EXPIRES", "LABELS"],
+        "{ls:?}"
+    );
+    let cells = row(&ls.stdout, "web-1").expect("web-1 listed");
+    assert_eq!(cells[1], "active", "{ls:?}");
+    assert_eq!(cells[2], BASE.to_string(), "{ls:?}");
+    assert_eq!(cells[3], BLOCK.to_string(), "{ls:?}");
+    assert!(
+        cells[4].ends_with('Z'),
+        "expiry is an RFC 3339 time: {ls:?}"
+    );
+    assert_eq!(cells[5], "team=a", "{ls:?}");
+    // Columns are aligned: every line has STATE where the header has it.
+    let at = ls.stdout.find("STATE").expect("STATE column");
+    assert_eq!(
+        ls.stdout.lines().nth(1).map(|l| &l[at..at + 6]),
+        Some("active"),
+        "{ls:?}"
+    );
+
+    let filtered = daemon.ctl(&["lease", "ls", "--label", "team=b"]).ok();
+    assert!(row(&filtered.stdout, "web-1").is_none(), "{filtered:?}");
+
+    let rm = daemon.ctl(&["lease", "rm", "web-1"]).ok();
+    assert_eq!(rm.stdout, "lease web-1 released\n");
+    let after = daemon.ctl(&["lease", "ls"]).ok();
+    assert!(row(&after.stdout, "web-1").is_none(), "{after:?}");
+    let all = daemon.ctl(&["lease", "ls", "--state", "all"]).ok();
+    assert_eq!(
+        row(&all.stdout, "web-1").map(|c| c[1]),
+        Some("released"),
+        "{all:?}"
+    );
+}
+
+#[test]
+fn lease_round_trip_in_json() {
+    let daemon = Daemon::start();
+    let put = daemon
+        .ctl(&[
+            "--json",
+            "lease",
+            "put",
+            "db",
+            "--size",
+            &(2 * BLOCK).to_string(),
+            "--label",
+            "team=b",
+            "--rlimit",
+            "nofile=64:128",
+            "--namespace",
+            "net",
+        ])
+        .ok();
+    let lease = put.json();
+    assert_eq!(lease["name"], "db");
+    assert_eq!(lease["size"], 2 * BLOCK);
+    assert_eq!(lease["labels"]["team"], "b");
+    assert_eq!(lease["rlimits"]["nofile"], serde_json::json!([64, 128]));
+    assert_eq!(lease["namespaces"], serde_json::json!(["net"]));
+
+    // The same put again is idempotent.
+    let again = daemon
+        .ctl(&[
+            "lease",
+            "put",
+            "db",
+            "--json",
+            "--size",
+            &(2 * BLOCK).to_string(),
+            "--label",
+            "team=b",
+            "--rlimit",
+            "nofile=64:128",
+            "--namespace",
+            "net",
+        ])
+        .ok();
+    assert_eq!(again.json(), lease);
+
+    let get = daemon.ctl(&["lease", "get", "db", "--json"]).ok();
+    assert_eq!(get.json(), lease, "get shows what put answered");
+
+    let ls = daemon.ctl(&["--json", "lease", "ls"]).ok();
+    assert_eq!(ls.json()["leases"][0]["name"], "db", "{ls:?}");
+
+    let rm = daemon.ctl(&["--json", "lease", "rm", "db", "--purge"]).ok();
+    assert_eq!(rm.stdout, "", "204 has no body to print");
+    let all = daemon
+        .ctl(&["--json", "lease", "ls", "--state", "all"])
+        .ok();
+    assert_eq!(all.json()["leases"][0]["state"], "released", "{all:?}");
+    // Purged: the range is free at once, so the pool shows no quarantined block.
+    let pool = daemon.ctl(&["--json", "pool"]).ok();
+    assert_eq!(pool.json()["blocks"]["quarantined"], 0, "{pool:?}");
+}
+
+#[test]
+fn idmap_lookup_pool_and_version() {
+    let daemon = Daemon::start();
+    daemon.ctl(&["lease", "put", "box"]).ok();
+    let uid_map = daemon
+        .ctl(&["lease", "idmap", "box", "--format", "uid_map"])
+        .ok();
+    assert_eq!(uid_map.stdout, format!("0 {BASE} {BLOCK}\n"));
+    let podman = daemon
+        .ctl(&["lease", "idmap", "box", "--format", "podman"])
+        .ok();
+    assert_eq!(
+        podman.stdout,
+        format!("--uidmap=0:{BASE}:{BLOCK} --gidmap=0:{BASE}:{BLOCK}\n")
+    );
+    let oci = daemon
+        .ctl(&["lease", "idmap", "box", "--format", "oci"])
+        .ok();
+    assert_eq!(oci.json()["uidMappings"][0]["hostID"], BASE);
+    let summary = daemon.ctl(&["lease", "idmap", "box"]).ok();
+    assert!(
+        summary
+            .stdout
+            .contains(&format!("subuid:  box:{BASE}:{BLOCK}")),
+        "{summary:?}"
+    );
+
+    let lookup = daemon
+        .ctl(&[
+            "--json",
+            "lease",
+            "lookup",
+            "--gid",
+            &(BASE + 7).to_string(),
+        ])
+        .ok();
+    let found = lookup.json();
+    assert_eq!(found["lease"]["name"], "box");
+    assert_eq!(found["inner_id"], 7);
+
+    let pool = daemon.ctl(&["pool"]).ok();
+    assert_eq!(
+        row(&pool.stdout, "base:"),
+        Some(vec!["base:", &BASE.to_string()]),
+        "{pool:?}"
+    );
+    assert!(pool.stdout.contains("1 active"), "{pool:?}");
+
+    let version = daemon.ctl(&["version", "--json"]).ok();
+    let v = version.json();
+    assert_eq!(v["client"], concat!("subidctl/", env!("CARGO_PKG_VERSION")));
+    assert!(
+        v["server"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("subidd/")),
+        "{version:?}"
+    );
+}
+
+#[test]
+fn socket_comes_from_the_environment() {
+    let daemon = Daemon::start();
+    let socket = daemon.socket.to_str().expect("utf-8");
+    let run = ctl_with(&["lease", "ls"], &[("SUBIDD_SOCKET", socket)]).ok();
+    assert!(run.stdout.starts_with("NAME"), "{run:?}");
+}
+
+#[test]
+fn daemon_errors_exit_1_with_code_and_message() {
+    let daemon = Daemon::start();
+    daemon.ctl(&["lease", "put", "app"]).ok();
+    // PUT of the same name with another size: 409. The daemon's code for PUT is
+    // `lease_conflict` (`lease_exists` is POST /v1/leases's).
+    let conflict = daemon.ctl(&["lease", "put", "app", "--size", &(2 * BLOCK).to_string()]);
+    assert_eq!(conflict.code, Some(1), "{conflict:?}");
+    assert!(
+        conflict
+            .stderr
+            .starts_with("subidctl: lease_conflict: lease app exists"),
+        "{conflict:?}"
+    );
+    assert_eq!(conflict.stdout, "", "{conflict:?}");
+
+    let missing = daemon.ctl(&["lease", "get", "nope"]);
+    assert_eq!(missing.code, Some(1), "{missing:?}");
+    assert_eq!(missing.stderr, "subidctl: not_found: no lease named nope\n");
+
+    let missing = daemon.ctl(&["--json", "logs", "0123456789abcdef"]);
+    assert_eq!(missing.code, Some(1), "{missing:?}");
+    assert!(
+        missing.stderr.starts_with("subidctl: not_found: "),
+        "{missing:?}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["lease", "put"][..],
+        &["lease", "bogus"],
+        &["lease", "lookup"],
+        &["lease", "lookup", "--uid", "1", "--gid", "1"],
+        &["lease", "idmap", "x", "--format", "yaml"],
+        &["lease", "put", "x", "--label", "novalue"],
+        &["lease", "put", "x", "--rlimit", "nofile=1"],
+        &["lease", "put", "x", "--namespace", "pid"],
+        &["run", "box"],
+        &["lease", "ls", "--state", "gone"],
+    ] {
+        let run = ctl(&[&["--socket", "/nonexistent/subidd.sock"], args].concat());
+        assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
+        assert!(run.stderr.starts_with("error: "), "{args:?}: {run:?}");
+    }
+    assert_eq!(ctl(&["--help"]).code, Some(0));
+}
+
+#[test]
+fn a_missing_socket_exits_1_and_says_what_to_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("none.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let run = ctl(&["--socket", socket, "lease", "ls"]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.stdout, "");
+    assert!(
+        run.stderr
+            .starts_with(&format!("subidctl: cannot connect to subidd at {socket}: ")),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("is subidd running"), "{run:?}");
+    assert!(run.stderr.contains("SUBIDD_SOCKET"), "{run:?}");
+}
+
+#[test]
+fn generate_writes_a_man_page_per_command_and_completions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("man1");
+    ctl(&["generate", "man", out.to_str().expect("utf-8")]).ok();
+    let mut pages: Vec<String> = std::fs::read_dir(&out)
+        .expect("read man dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    for name in [
+        "subidctl",
+        "lease",
+        "lease-put",
+        "lease-get",
+        "lease-ls",
+        "lease-rm",
+        "lease-renew",
+        "lease-idmap",
+        "lease-lookup",
+        "run",
+        "ps",
+        "wait",
+        "kill",
+        "logs",
+        "pool",
+        "version",
+    ] {
+        let page = if name == "subidctl" {
+            "subidctl.1".to_string()
+        } else {
+            format!("subidctl-{name}.1")
+        };
+        assert!(pages.contains(&page), "{page} missing from {pages:?}");
+    }
+    assert!(
+        !pages.iter().any(|p| p.contains("generate")),
+        "the hidden generate command gets no page: {pages:?}"
+    );
+    let put = std::fs::read_to_string(out.join("subidctl-lease-put.1")).expect("read page");
+    assert!(put.contains(".TH"), "a roff page: {put}");
+    assert!(put.contains("rlimit"), "documents the flags: {put}");
+
+    for shell in ["bash", "zsh", "fish"] {
+        let run = ctl(&["generate", "completions", shell]).ok();
+        assert!(run.stdout.contains("subidctl"), "{shell}: {run:?}");
+        assert!(run.stdout.contains("lookup"), "{shell} knows subcommands");
+    }
+}
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn run_wait_prints_output_and_exits_with_the_process_status() {
+    let daemon = Daemon::start();
+    daemon.ctl(&["lease", "put", "box"]).ok();
+    let run = daemon.ctl(&[
+        "run",
+        "box",
+        "--wait",
+        "--env",
+        "WHO=hi",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo $WHO; echo oops >&2; exit 3",
+    ]);
+    assert_eq!(run.code, Some(3), "{run:?}\n{}", daemon.log());
+    assert_eq!(run.stdout, "hi\n");
+    assert_eq!(run.stderr, "oops\n");
+
+    let killed = daemon.ctl(&[
+        "run",
+        "box",
+        "--wait",
+        "--",
+        "/bin/sh",
+        "-c",
+        "kill -KILL $$",
+    ]);
+    assert_eq!(killed.code, Some(128 + 9), "{killed:?}");
+}
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn run_ps_kill_wait_logs() {
+    let daemon = Daemon::start();
+    daemon.ctl(&["lease", "put", "box"]).ok();
+    let started = daemon
+        .ctl(&[
+            "run",
+            "box",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo started; exec sleep 60",
+        ])
+        .ok();
+    let id = started.stdout.trim().to_string();
+    assert_eq!(id.len(), 16, "run prints the process id: {started:?}");
+
+    let ps = daemon.ctl(&["ps", "box"]).ok();
+    assert_eq!(
+        row(&ps.stdout, &id).map(|c| c[2]),
+        Some("running"),
+        "{ps:?}"
+    );
+
+    // Removing a lease with a running process is refused (exit 1 with the daemon's code).
+    let busy = daemon.ctl(&["lease", "rm", "box"]);
+    assert_eq!(busy.code, Some(1), "{busy:?}");
+    assert!(
+        busy.stderr.starts_with("subidctl: lease_busy: "),
+        "{busy:?}"
+    );
+
+    daemon.ctl(&["kill", &id, "--signal", "KILL"]).ok();
+    let waited = daemon.ctl(&["--json", "wait", &id, "--timeout", "10"]).ok();
+    let process = waited.json();
+    assert_eq!(process["state"], "exited", "{waited:?}");
+    assert_eq!(process["signal"], 9, "{waited:?}");
+
+    let logs = daemon.ctl(&["logs", &id]).ok();
+    assert_eq!(logs.stdout, "started\n");
+    let errs = daemon.ctl(&["logs", &id, "--stream", "stderr"]).ok();
+    assert_eq!(errs.stdout, "");
+    daemon.ctl(&["lease", "rm", "box"]).ok();
+}
