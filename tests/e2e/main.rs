@@ -10,5 +10,6 @@ mod leases;
 mod pool;
 mod quarantine;
 mod restart;
+mod spawn_api;
 mod ttl;
 mod util;

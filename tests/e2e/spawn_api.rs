@@ -1,0 +1,528 @@
+//! Processes in a lease's user namespace, through the API: host ids, one namespace per lease
+//! owned by its base uid, what the child inherits, per-owner kernel counters, teardown.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+use serde_json::{Value, json};
+use subidd_tests::{Client, Daemon};
+
+use crate::util::assert_error;
+
+/// Spawns `body` in `lease`; panics unless 201. Returns the process JSON.
+async fn spawn(client: &Client, lease: &str, body: Value) -> Value {
+    let reply = client
+        .post(
+            &format!("/v1/leases/{lease}/processes"),
+            Some(&body.to_string()),
+        )
+        .await
+        .expect("spawn");
+    assert_eq!(
+        reply.status,
+        StatusCode::CREATED,
+        "spawn in {lease}: {}",
+        reply.text()
+    );
+    reply.json()
+}
+
+/// Waits for a process to end (bounded) and returns its record.
+async fn wait(client: &Client, id: &str) -> Value {
+    client
+        .post(&format!("/v1/processes/{id}/wait?timeout_seconds=20"), None)
+        .await
+        .expect("wait")
+        .json()
+}
+
+async fn logs(client: &Client, id: &str, stream: &str) -> String {
+    client
+        .get(&format!("/v1/processes/{id}/logs?stream={stream}"))
+        .await
+        .expect("logs")
+        .text()
+}
+
+/// Creates a lease and returns its uid_base.
+async fn lease(client: &Client, name: &str) -> u32 {
+    let reply = client
+        .put(&format!("/v1/leases/{name}"), None)
+        .await
+        .expect("put");
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    u32::try_from(reply.json()["uid_base"].as_u64().expect("base")).expect("u32")
+}
+
+/// `[real, effective, saved, fs]` of a `/proc/<pid>/status` line (`Uid:` or `Gid:`).
+fn ids(pid: i64, key: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .expect("line")
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
+fn ns_ino(path: impl AsRef<Path>) -> u64 {
+    std::fs::metadata(path).expect("ns").ino()
+}
+
+fn pin(daemon: &Daemon, lease: &str) -> PathBuf {
+    daemon.path("run").join("ns").join(lease).join("user")
+}
+
+/// Polls until `/proc/<pid>` is gone or 10 s passed.
+async fn gone(pid: i64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let alive =
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        if !alive {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn host_ids_namespaces_owner_and_inheritance() {
+    let daemon = Daemon::start("kill_grace_ms = 500").expect("start");
+    let client = daemon.client();
+    let (a, b) = (lease(&client, "a").await, lease(&client, "b").await);
+    let sleeper = json!({"argv": ["/bin/sh", "-c", "sleep 30"], "user": 999, "group": 999});
+    let pa = spawn(&client, "a", sleeper.clone()).await;
+    let pb = spawn(&client, "b", sleeper).await;
+    for (p, base) in [(&pa, a), (&pb, b)] {
+        assert_eq!(p["host_uid"], base + 999);
+        assert_eq!(p["host_gid"], base + 999);
+        let pid = p["pid"].as_i64().expect("pid");
+        assert_eq!(
+            ids(pid, "Uid:"),
+            vec![base + 999; 4],
+            "real/effective/saved/fs uid"
+        );
+        assert_eq!(ids(pid, "Gid:"), vec![base + 999; 4]);
+    }
+    assert_ne!(
+        pa["host_uid"], pb["host_uid"],
+        "same image user, different host uids"
+    );
+    let (ia, ib) = (
+        ns_ino(format!("/proc/{}/ns/user", pa["pid"])),
+        ns_ino(format!("/proc/{}/ns/user", pb["pid"])),
+    );
+    assert_ne!(ia, ib, "one namespace per lease");
+    assert_eq!(
+        ia,
+        ns_ino(pin(&daemon, "a")),
+        "pinned at <runtime>/ns/a/user"
+    );
+    // The namespace's owner is the lease's base uid, not root.
+    let fd = subid_sys::userns::open_pinned(&pin(&daemon, "a")).expect("open pin");
+    assert_eq!(
+        subid_sys::userns::owner_uid(std::os::fd::AsFd::as_fd(&fd)).expect("owner"),
+        a
+    );
+    // A second process joins; its grandchild inherits.
+    let second = spawn(
+        &client,
+        "a",
+        json!({"argv": ["/bin/sh", "-c", "sleep 30 & echo $!; wait"]}),
+    )
+    .await;
+    assert_eq!(ns_ino(format!("/proc/{}/ns/user", second["pid"])), ia);
+    let id = second["id"].as_str().expect("id");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let grandchild: i64 = loop {
+        if let Ok(pid) = logs(&client, id, "stdout").await.trim().parse() {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the grandchild's pid never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(ns_ino(format!("/proc/{grandchild}/ns/user")), ia);
+    assert_eq!(ids(grandchild, "Uid:")[0], a, "in-namespace root = base");
+    // Teardown: the lease is busy; force kills everything, grandchild included, and unpins.
+    let busy = client.delete("/v1/leases/a").await.expect("delete");
+    assert_error(
+        &busy,
+        StatusCode::CONFLICT,
+        "lease_busy",
+        "DELETE with live processes",
+    );
+    let forced = client
+        .delete("/v1/leases/a?force=true")
+        .await
+        .expect("delete");
+    assert_eq!(forced.status, StatusCode::NO_CONTENT, "{}", forced.text());
+    for pid in [pa["pid"].as_i64(), second["pid"].as_i64(), Some(grandchild)]
+        .into_iter()
+        .flatten()
+    {
+        assert!(
+            gone(pid).await,
+            "process {pid} of the released lease is gone"
+        );
+    }
+    assert!(!pin(&daemon, "a").exists(), "pin removed");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(&pin(&daemon, "a").display().to_string()),
+        "nothing pinned"
+    );
+    let record = client
+        .get(&format!("/v1/processes/{}", pa["id"].as_str().expect("id")))
+        .await
+        .expect("get");
+    assert_eq!(
+        record.status,
+        StatusCode::NOT_FOUND,
+        "rows go with the lease"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn the_child_gets_nothing_of_the_daemon() {
+    let daemon = Daemon::start_with("", &[], &[("SECRET_DAEMON_ENV", "leak")]).expect("start");
+    let client = daemon.client();
+    lease(&client, "probe").await;
+    let script = "ls /proc/self/fd; echo ---; env; echo ---; \
+                  grep -E '^(Groups|CapInh|CapAmb|SigIgn|SigBlk):' /proc/self/status";
+    let p = spawn(
+        &client,
+        "probe",
+        json!({"argv": ["/bin/sh", "-c", script], "env": {"FOO": "bar"}}),
+    )
+    .await;
+    let id = p["id"].as_str().expect("id");
+    assert_eq!(wait(&client, id).await["exit_code"], 0);
+    let out = logs(&client, id, "stdout").await;
+    let parts: Vec<&str> = out.split("---\n").collect();
+    assert_eq!(parts.len(), 3, "{out}");
+    let fds: Vec<&str> = parts[0].split_whitespace().collect();
+    assert_eq!(
+        fds,
+        vec!["0", "1", "2", "3"],
+        "0-2 and the fd ls opens: {out}"
+    );
+    let mut names: Vec<&str> = parts[1]
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    names.sort_unstable();
+    // What the request gave, the documented defaults, and what sh sets itself.
+    assert_eq!(names, vec!["FOO", "HOME", "PATH", "PWD", "TERM"], "{out}");
+    assert!(
+        !out.contains("SECRET_DAEMON_ENV"),
+        "daemon env leaked: {out}"
+    );
+    for line in parts[2].lines() {
+        let (key, value) = line.split_once(':').expect("status line");
+        let value = value.trim();
+        match key {
+            "Groups" => assert!(value.is_empty(), "no supplementary groups: {line}"),
+            _ => assert!(
+                value.chars().all(|c| c == '0'),
+                "{key} must be zero (default dispositions, empty mask, no caps): {line}"
+            ),
+        }
+    }
+    assert_eq!(parts[2].lines().count(), 5, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn three_leases_each_get_their_own_inotify_budget() {
+    let limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .expect("limit")
+        .trim()
+        .to_string();
+    println!("fs.inotify.max_user_instances = {limit} (per namespace owner)");
+    // A pool of its own, so no other test's processes share these owners.
+    let daemon = Daemon::start("[pool]\nbase = 2030043136\nsize = 262144\n").expect("start");
+    let client = daemon.client();
+    let script = "import ctypes, time\nl = ctypes.CDLL(None)\n\
+                  fds = [l.inotify_init1(0) for _ in range(100)]\n\
+                  print(sum(1 for f in fds if f >= 0), flush=True)\ntime.sleep(2)\n";
+    let mut ids = Vec::new();
+    for name in ["i1", "i2", "i3"] {
+        lease(&client, name).await;
+        let p = spawn(
+            &client,
+            name,
+            json!({"argv": ["/usr/bin/python3", "-c", script]}),
+        )
+        .await;
+        ids.push(p["id"].as_str().expect("id").to_string());
+    }
+    for id in &ids {
+        assert_eq!(wait(&client, id).await["exit_code"], 0);
+        assert_eq!(
+            logs(&client, id, "stdout").await.trim(),
+            "100",
+            "all 100 instances, while the other leases hold theirs"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn exit_status_signals_wait_logs_and_rlimits() {
+    let daemon = Daemon::start("").expect("start");
+    let client = daemon.client();
+    lease(&client, "s").await;
+    let p = spawn(
+        &client,
+        "s",
+        json!({"argv": ["/bin/sh", "-c", "echo out; echo err >&2; exit 7"]}),
+    )
+    .await;
+    let id = p["id"].as_str().expect("id");
+    let done = wait(&client, id).await;
+    assert_eq!(
+        (done["state"].as_str(), done["exit_code"].as_i64()),
+        (Some("exited"), Some(7))
+    );
+    assert_eq!(logs(&client, id, "stdout").await, "out\n");
+    assert_eq!(logs(&client, id, "stderr").await, "err\n");
+    let listed = client
+        .get("/v1/leases/s/processes")
+        .await
+        .expect("list")
+        .json();
+    assert_eq!(listed["processes"].as_array().map(Vec::len), Some(1));
+
+    let sleeper = spawn(&client, "s", json!({"argv": ["sleep", "30"]})).await;
+    let sid = sleeper["id"].as_str().expect("id");
+    let t = Instant::now();
+    let still = client
+        .post(&format!("/v1/processes/{sid}/wait?timeout_seconds=1"), None)
+        .await
+        .expect("wait")
+        .json();
+    assert_eq!(still["state"], "running");
+    assert!(t.elapsed() >= Duration::from_millis(900));
+    let sent = client
+        .post(
+            &format!("/v1/processes/{sid}/signal"),
+            Some(r#"{"signal":"TERM"}"#),
+        )
+        .await
+        .expect("signal");
+    assert_eq!(sent.status, StatusCode::ACCEPTED);
+    assert_eq!(wait(&client, sid).await["signal"], 15);
+    let again = client
+        .post(
+            &format!("/v1/processes/{sid}/signal"),
+            Some(r#"{"signal":9}"#),
+        )
+        .await
+        .expect("signal");
+    assert_error(
+        &again,
+        StatusCode::CONFLICT,
+        "process_exited",
+        "signal after exit",
+    );
+    let unknown = client
+        .get("/v1/processes/0123456789abcdef")
+        .await
+        .expect("get");
+    assert_error(
+        &unknown,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "unknown process",
+    );
+
+    let limited = spawn(
+        &client,
+        "s",
+        json!({"argv": ["/bin/sh", "-c", "grep -E '^Max (open files|processes)' /proc/self/limits"],
+               "rlimits": {"nofile": [1024, 4096], "nproc": [512, 512]}}),
+    )
+    .await;
+    let lid = limited["id"].as_str().expect("id");
+    wait(&client, lid).await;
+    let limits = logs(&client, lid, "stdout").await;
+    let values: Vec<Vec<&str>> = limits
+        .lines()
+        .map(|l| l.split_whitespace().rev().skip(1).take(2).collect())
+        .collect();
+    // `Max processes  512  512  processes` and `Max open files  1024  4096  files`, reversed.
+    assert!(values.contains(&vec!["512", "512"]), "{limits}");
+    assert!(values.contains(&vec!["4096", "1024"]), "{limits}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn bad_spawns_are_refused_before_anything_runs() {
+    let daemon = Daemon::start("").expect("start");
+    let client = daemon.client();
+    lease(&client, "bad").await;
+    let cases = [
+        (
+            json!({"argv": ["no-such-program-xyz"]}),
+            "executable_not_found",
+        ),
+        (json!({"argv": ["/etc/passwd"]}), "executable_not_found"),
+        (
+            json!({"argv": ["/bin/true"], "cwd": "/no/such/dir"}),
+            "invalid_request",
+        ),
+        (
+            json!({"argv": ["/bin/true"], "user": 70000}),
+            "invalid_request",
+        ),
+        (json!({"argv": ["/bin/true", "a\u{0}b"]}), "invalid_request"),
+        (json!({"argv": []}), "invalid_request"),
+        (
+            json!({"argv": ["/bin/true"], "env": {"A=B": "c"}}),
+            "invalid_request",
+        ),
+        (
+            json!({"argv": ["/bin/true"], "rlimits": {"nofile": [10, 5]}}),
+            "invalid_request",
+        ),
+        (
+            json!({"argv": ["/bin/true"], "bogus": 1}),
+            "invalid_request",
+        ),
+    ];
+    for (body, code) in cases {
+        let reply = client
+            .post("/v1/leases/bad/processes", Some(&body.to_string()))
+            .await
+            .expect("post");
+        assert_error(&reply, StatusCode::BAD_REQUEST, code, &body.to_string());
+    }
+    let listed = client
+        .get("/v1/leases/bad/processes")
+        .await
+        .expect("list")
+        .json();
+    assert_eq!(
+        listed["processes"],
+        json!([]),
+        "nothing was started or recorded"
+    );
+    assert!(
+        !pin(&daemon, "bad").exists(),
+        "no namespace was made either"
+    );
+    let unknown = client
+        .post(
+            "/v1/leases/nope/processes",
+            Some(r#"{"argv":["/bin/true"]}"#),
+        )
+        .await
+        .expect("post");
+    assert_error(
+        &unknown,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "unknown lease",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn namespaces_and_output_survive_a_daemon_restart() {
+    let mut daemon = Daemon::start("").expect("start");
+    let client = daemon.client();
+    lease(&client, "r").await;
+    let p = spawn(
+        &client,
+        "r",
+        json!({"argv": ["/bin/sh", "-c", "echo before; sleep 2; echo after; sleep 30"]}),
+    )
+    .await;
+    let id = p["id"].as_str().expect("id").to_string();
+    let ino = ns_ino(pin(&daemon, "r"));
+    daemon.restart().expect("restart");
+    assert_eq!(ns_ino(pin(&daemon, "r")), ino, "the pin survived");
+    let again = client
+        .get(&format!("/v1/processes/{id}"))
+        .await
+        .expect("get")
+        .json();
+    assert_eq!(again["state"], "running", "re-adopted: {again}");
+    let joined = spawn(&client, "r", json!({"argv": ["sleep", "30"]})).await;
+    assert_eq!(
+        ns_ino(format!("/proc/{}/ns/user", joined["pid"])),
+        ino,
+        "joins the old namespace"
+    );
+    // It keeps writing its log across the restart.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !logs(&client, &id, "stdout").await.contains("after") {
+        assert!(
+            Instant::now() < deadline,
+            "output after the restart never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(logs(&client, &id, "stdout").await, "before\nafter\n");
+    let forced = client
+        .delete("/v1/leases/r?force=true")
+        .await
+        .expect("delete");
+    assert_eq!(forced.status, StatusCode::NO_CONTENT, "{}", forced.text());
+    assert!(gone(p["pid"].as_i64().expect("pid")).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn ttl_expiry_stops_the_leases_processes() {
+    let daemon = Daemon::start("expiry_interval_ms = 100\nkill_grace_ms = 500").expect("start");
+    let client = daemon.client();
+    let reply = client
+        .put("/v1/leases/t", Some(r#"{"ttl_seconds": 1}"#))
+        .await
+        .expect("put");
+    assert_eq!(reply.status, StatusCode::CREATED);
+    let p = spawn(&client, "t", json!({"argv": ["sleep", "30"]})).await;
+    assert!(
+        gone(p["pid"].as_i64().expect("pid")).await,
+        "expiry killed it"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.get("/v1/leases/t").await.expect("get").json()["state"] != "released" {
+        assert!(
+            Instant::now() < deadline,
+            "the expired lease was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!pin(&daemon, "t").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn log_files_keep_their_last_bytes_and_never_block() {
+    let daemon = Daemon::start("log_max_bytes = 1000").expect("start");
+    let client = daemon.client();
+    lease(&client, "l").await;
+    let p = spawn(
+        &client,
+        "l",
+        json!({"argv": ["/bin/sh", "-c", "i=0; while [ $i -lt 2000 ]; do echo $i; i=$((i+1)); done"]}),
+    )
+    .await;
+    let id = p["id"].as_str().expect("id");
+    assert_eq!(wait(&client, id).await["exit_code"], 0, "never blocked");
+    let out = logs(&client, id, "stdout").await;
+    assert_eq!(out.len(), 1000, "capped");
+    assert!(out.ends_with("1999\n"), "the newest output is kept");
+}
