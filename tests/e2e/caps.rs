@@ -13,17 +13,6 @@ use crate::util::assert_error;
 /// Base of the pool the owner-cap test uses (0x78000000), apart from every other test's.
 const OWN_BASE: u32 = 0x7800_0000;
 
-/// Spawns `script` with `/bin/sh -c` in `lease`; returns the process JSON.
-async fn sh(client: &Client, lease: &str, script: &str) -> Value {
-    let body = serde_json::json!({ "argv": ["/bin/sh", "-c", script] }).to_string();
-    let reply = client
-        .post(&format!("/v1/leases/{lease}/processes"), Some(&body))
-        .await
-        .expect("spawn");
-    assert_eq!(reply.status, StatusCode::CREATED, "spawn: {}", reply.text());
-    reply.json()
-}
-
 /// The lease's cgroup directory, from what `GET /v1/pool` says about the host.
 async fn cgroup_dir(client: &Client, lease: &str) -> PathBuf {
     let pool = client.get("/v1/pool").await.expect("pool").json();
@@ -51,6 +40,22 @@ async fn limits_until(client: &Client, lease: &str, done: impl Fn(&Value) -> boo
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The real uid of a live (non-zombie) process.
+fn real_uid(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    if status
+        .lines()
+        .any(|l| l.starts_with("State:") && l.contains("zombie"))
+    {
+        return None;
+    }
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
 }
 
 fn members(dir: &std::path::Path) -> Vec<i32> {
@@ -85,10 +90,16 @@ async fn pids_max_caps_children_and_grandchildren_and_spares_other_leases() {
         "10"
     );
 
-    // Children fork grandchildren: each child is a subshell that forks a sleep.
-    let script = "for i in $(seq 30); do (sleep 30 & wait) & done; sleep 30";
-    sh(&client, "capped", script).await;
-    sh(&client, "roomy", script).await;
+    // Children fork grandchildren; python goes on when a fork is refused (a shell would stop).
+    let script = "import os, time\ndef fork(depth):\n    try:\n        pid = os.fork()\n    except OSError:\n        return False\n    if pid == 0:\n        if depth == 0:\n            fork(1)\n        time.sleep(30)\n        os._exit(0)\n    return True\nprint(sum(1 for _ in range(30) if fork(0)), flush=True)\ntime.sleep(30)\n";
+    for lease in ["capped", "roomy"] {
+        let body = serde_json::json!({ "argv": ["/usr/bin/python3", "-c", script] }).to_string();
+        let reply = client
+            .post(&format!("/v1/leases/{lease}/processes"), Some(&body))
+            .await
+            .expect("spawn");
+        assert_eq!(reply.status, StatusCode::CREATED, "spawn: {}", reply.text());
+    }
     let capped = limits_until(&client, "capped", |l| l["pids_denied"].as_u64() > Some(0)).await;
     assert!(
         capped["pids_denied"].as_u64() > Some(0),
@@ -99,23 +110,30 @@ async fn pids_max_caps_children_and_grandchildren_and_spares_other_leases() {
         "never more than the cap: {capped}"
     );
     assert!(members(&dir).len() <= 10, "cgroup.procs holds at most 10");
-    // Every member, grandchildren included, runs with the lease's ids.
+    // Every member, grandchildren included, runs with the lease's ids; the one exception is
+    // the daemon's v1 spawner helper (root), which sits in the cgroup to clone the joins.
     let base = a.json()["uid_base"].as_u64().expect("base");
-    let roots = members(&dir)
-        .into_iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .filter(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().next())
-                .and_then(|u| u.parse::<u64>().ok())
-                .is_some_and(|uid| uid == base)
-        })
-        .count();
-    assert!(roots >= 1, "members run as the lease's base uid");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let uids = loop {
+        let uids: Vec<(i32, u64)> = members(&dir)
+            .into_iter()
+            .filter_map(|pid| Some((pid, real_uid(pid)?)))
+            .collect();
+        if uids.iter().any(|&(_, uid)| uid == base) || Instant::now() > deadline {
+            break uids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        uids.iter().any(|&(_, uid)| uid == base),
+        "members run as the lease's base uid {base}: {uids:?}"
+    );
+    assert!(
+        uids.iter().all(|&(_, uid)| uid == base || uid == 0),
+        "nothing else is in the lease's cgroup: {uids:?}"
+    );
 
-    // The other lease got all of its 61 processes (sh + 30 subshells + 30 sleeps).
+    // The other lease got all of its 61 processes (python + 30 children + 30 grandchildren).
     let roomy = limits_until(&client, "roomy", |l| l["pids_current"].as_u64() >= Some(61)).await;
     assert_eq!(roomy["pids_denied"], 0, "second lease untouched: {roomy}");
     assert!(roomy["pids_current"].as_u64() >= Some(61), "{roomy}");
@@ -181,7 +199,7 @@ async fn the_owner_cap_holds_without_any_cgroup() {
     assert_eq!(lease.status, StatusCode::CREATED, "{}", lease.text());
     assert_eq!(lease.json()["limits"]["max_processes"], 10);
     // In-namespace root forks 30 sleepers, counting the forks that worked.
-    let script = "import os, time\nn = 0\nfor _ in range(30):\n    try:\n        pid = os.fork()\n    except OSError:\n        continue\n    if pid == 0:\n        time.sleep(3)\n        os._exit(0)\n    n += 1\nprint(n, flush=True)\n";
+    let script = "import os, signal, time\nkids = []\nfor _ in range(30):\n    try:\n        pid = os.fork()\n    except OSError:\n        continue\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    kids.append(pid)\nprint(len(kids), flush=True)\nfor pid in kids:\n    os.kill(pid, signal.SIGKILL)\n    os.waitpid(pid, 0)\n";
     let body = serde_json::json!({ "argv": ["/usr/bin/python3", "-c", script] }).to_string();
     let reply = client
         .post("/v1/leases/owner/processes", Some(&body))
