@@ -152,6 +152,12 @@ async fn host_ids_namespaces_owner_and_inheritance() {
     };
     assert_eq!(ns_ino(format!("/proc/{grandchild}/ns/user")), ia);
     assert_eq!(ids(grandchild, "Uid:")[0], a, "in-namespace root = base");
+    let pinned = pin(&daemon, "a").display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        mounts.contains(&pinned),
+        "the pin is a mount while the lease lives"
+    );
     // Teardown: the lease is busy; force kills everything, grandchild included, and unpins.
     let busy = client.delete("/v1/leases/a").await.expect("delete");
     assert_error(
