@@ -68,6 +68,10 @@ fn members(dir: &std::path::Path) -> Vec<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
+#[cfg_attr(
+    not(subidd_pids),
+    ignore = "needs a pids cgroup controller on this host"
+)]
 async fn pids_max_caps_children_and_grandchildren_and_spares_other_leases() {
     let daemon = Daemon::start("kill_grace_ms = 500\nquarantine_seconds = 0").expect("start");
     let client = daemon.client();
@@ -238,6 +242,10 @@ async fn the_owner_cap_holds_without_any_cgroup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
+#[cfg_attr(
+    not(subidd_pids),
+    ignore = "needs a pids cgroup controller on this host"
+)]
 async fn caps_are_checked_and_part_of_the_lease_identity() {
     let daemon = Daemon::start("").expect("start");
     let client = daemon.client();
