@@ -34,30 +34,13 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let report = runtime.block_on(run())?;
-    println!("{report}");
-    if std::env::var_os("SUBIDD_BENCH_NO_WRITE").is_none() {
-        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
-        subidd_tests::splice(&docs, "leases", &report)?;
-        println!("written to {}", docs.display());
-    }
-    Ok(())
+    subidd_tests::publish("leases", &report)
 }
 
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-}
+use subidd_tests::LatencyStats as Stats;
 
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort_unstable();
-    let at = |q: f64| {
-        let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
-        samples.get(idx).copied().unwrap_or_default()
-    };
-    Stats {
-        p50: at(0.50),
-        p99: at(0.99),
-    }
+fn stats(samples: Vec<Duration>) -> Stats {
+    subidd_tests::latency_stats(samples)
 }
 
 fn us(d: Duration) -> f64 {

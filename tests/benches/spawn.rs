@@ -6,7 +6,6 @@
 //! (`SUBIDD_BENCH_NO_WRITE=1` prints without touching the docs). Needs root.
 
 use std::os::fd::AsFd;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -41,32 +40,13 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let report = runtime.block_on(run())?;
-    println!("{report}");
-    if std::env::var_os("SUBIDD_BENCH_NO_WRITE").is_none() {
-        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
-        subidd_tests::splice(&docs, "spawn", &report)?;
-        println!("written to {}", docs.display());
-    }
-    Ok(())
+    subidd_tests::publish("spawn", &report)
 }
 
-struct Stats {
-    n: usize,
-    p50: Duration,
-    p99: Duration,
-}
+use subidd_tests::LatencyStats as Stats;
 
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort_unstable();
-    let at = |q: f64| {
-        let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
-        samples.get(idx).copied().unwrap_or_default()
-    };
-    Stats {
-        n: samples.len(),
-        p50: at(0.50),
-        p99: at(0.99),
-    }
+fn stats(samples: Vec<Duration>) -> Stats {
+    subidd_tests::latency_stats(samples)
 }
 
 fn us(d: Duration) -> f64 {

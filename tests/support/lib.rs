@@ -58,17 +58,35 @@ impl Daemon {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Daemon> {
+        Daemon::launch(config_toml, extra_args, env, "", "")
+    }
+
+    /// As [`Daemon::start`], with the daemon's subuid and subgid files holding `subuid_text`
+    /// and `subgid_text` (in place of empty ones) from the first start.
+    pub fn start_with_subid(
+        config_toml: &str,
+        subuid_text: &str,
+        subgid_text: &str,
+    ) -> anyhow::Result<Daemon> {
+        Daemon::launch(config_toml, &[], &[], subuid_text, subgid_text)
+    }
+
+    /// Writes the config (paths in the temp dir filled in) and the subid files, then starts.
+    fn launch(
+        config_toml: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        subuid_text: &str,
+        subgid_text: &str,
+    ) -> anyhow::Result<Daemon> {
         let dir = tempfile::tempdir().context("tempdir")?;
         let config = dir.path().join("subidd.toml");
         let socket = dir.path().join("run").join("subidd.sock");
-        // Empty subuid/subgid files keep the host's own from deciding the test's pool.
+        // Subid files of the test's own keep the host's from deciding the test's pool.
         let subuid = dir.path().join("subuid");
         let subgid = dir.path().join("subgid");
-        for file in [&subuid, &subgid] {
-            if !file.exists() {
-                std::fs::write(file, "").context("write subid file")?;
-            }
-        }
+        std::fs::write(&subuid, subuid_text).context("write subuid file")?;
+        std::fs::write(&subgid, subgid_text).context("write subgid file")?;
         let text = format!(
             "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\n{config_toml}\n",
             state = dir.path().join("state"),
@@ -357,39 +375,6 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 }
 
 impl Daemon {
-    /// As [`Daemon::start`], with the daemon's subuid and subgid files holding `subuid_text`
-    /// and `subgid_text` (in place of empty ones) from the first start.
-    pub fn start_with_subid(
-        config_toml: &str,
-        subuid_text: &str,
-        subgid_text: &str,
-    ) -> anyhow::Result<Daemon> {
-        let dir = tempfile::tempdir().context("tempdir")?;
-        let config = dir.path().join("subidd.toml");
-        let socket = dir.path().join("run").join("subidd.sock");
-        let subuid = dir.path().join("subuid");
-        let subgid = dir.path().join("subgid");
-        std::fs::write(&subuid, subuid_text).context("write subuid file")?;
-        std::fs::write(&subgid, subgid_text).context("write subgid file")?;
-        let text = format!(
-            "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\n{config_toml}\n",
-            state = dir.path().join("state"),
-            run = dir.path().join("run"),
-        );
-        std::fs::write(&config, text).context("write config")?;
-        let mut daemon = Daemon {
-            log: dir.path().join("subidd.log"),
-            dir,
-            socket,
-            config,
-            child: None,
-            extra_args: Vec::new(),
-            env: Vec::new(),
-        };
-        daemon.spawn()?;
-        Ok(daemon)
-    }
-
     /// As [`Daemon::start_failure`], with the given subuid and subgid file contents.
     pub fn start_failure_with_subid(
         config_toml: &str,
@@ -468,4 +453,38 @@ pub fn splice(file: &Path, name: &str, body: &str) -> anyhow::Result<()> {
         _ => format!("{text}\n{begin}\n{body}{end}\n"),
     };
     std::fs::write(file, new).with_context(|| format!("writing {}", file.display()))
+}
+
+/// p50 and p99 of a set of latency samples.
+#[derive(Debug, Clone, Copy)]
+pub struct LatencyStats {
+    pub n: usize,
+    pub p50: std::time::Duration,
+    pub p99: std::time::Duration,
+}
+
+/// Nearest-rank percentiles of `samples`.
+pub fn latency_stats(mut samples: Vec<std::time::Duration>) -> LatencyStats {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples.get(idx).copied().unwrap_or_default()
+    };
+    LatencyStats {
+        n: samples.len(),
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+/// Prints a benchmark's report and, unless `SUBIDD_BENCH_NO_WRITE` is set, writes it as section
+/// `name` of docs/BENCHMARKS.md.
+pub fn publish(name: &str, report: &str) -> anyhow::Result<()> {
+    println!("{report}");
+    if std::env::var_os("SUBIDD_BENCH_NO_WRITE").is_none() {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
+        splice(&docs, name, report)?;
+        println!("written to {}", docs.display());
+    }
+    Ok(())
 }
