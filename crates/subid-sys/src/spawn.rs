@@ -488,6 +488,52 @@ fn at<T>(step: ChildStep, r: std::result::Result<T, i32>) -> Step<T> {
     r.map_err(|e| (step, e))
 }
 
+/// Reads this thread's capability sets (capget), applies `edit` to both words, and writes them
+/// back (capset): raw syscalls on stack data only, safe between clone and exec.
+fn edit_caps(edit: impl Fn(&mut CapData)) -> std::result::Result<(), i32> {
+    let hdr = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut caps = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: a live v3 header and two live data words.
+    unsafe {
+        sys(
+            libc::SYS_capget,
+            [
+                &hdr as *const _ as usize,
+                caps.as_mut_ptr() as usize,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    }?;
+    for c in &mut caps {
+        edit(c);
+    }
+    // SAFETY: as above.
+    unsafe {
+        sys(
+            libc::SYS_capset,
+            [
+                &hdr as *const _ as usize,
+                caps.as_ptr() as usize,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    }?;
+    Ok(())
+}
+
 /// Entry of B and C. Never returns: `execve` or `exit_group`.
 extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` is the `ChildPlan` the daemon passed to clone; it stays alive and unchanged
@@ -589,45 +635,8 @@ unsafe fn child_steps(p: &ChildPlan, err_fd: &mut c_int) -> Step<c_int> {
     // SAFETY: no arguments.
     at(Setsid, unsafe { sys(libc::SYS_setsid, [0; 6]) })?;
 
-    let hdr = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
-    let mut caps = [CapData {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: a live v3 header and two live data words.
-    at(ClearInheritable, unsafe {
-        sys(
-            libc::SYS_capget,
-            [
-                &hdr as *const _ as usize,
-                caps.as_mut_ptr() as usize,
-                0,
-                0,
-                0,
-                0,
-            ],
-        )
-    })?;
-    caps[0].inheritable = 0;
-    caps[1].inheritable = 0;
-    // SAFETY: as above.
-    at(ClearInheritable, unsafe {
-        sys(
-            libc::SYS_capset,
-            [
-                &hdr as *const _ as usize,
-                caps.as_ptr() as usize,
-                0,
-                0,
-                0,
-                0,
-            ],
-        )
-    })?;
+    // Clear the inheritable set (the ambient set goes next).
+    at(ClearInheritable, edit_caps(|c| c.inheritable = 0))?;
     // SAFETY: integer arguments.
     at(ClearAmbient, unsafe {
         sys(
@@ -929,46 +938,7 @@ unsafe fn creator_steps(p: &mut CreatorPlan) -> Step<()> {
     at(CreatorSetresuid, unsafe {
         sys(libc::SYS_setresuid, [u, u, u, 0, 0, 0])
     })?;
-    let hdr = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
-    let mut caps = [CapData {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: a live v3 header and two live data words.
-    at(CreatorCapset, unsafe {
-        sys(
-            libc::SYS_capget,
-            [
-                &hdr as *const _ as usize,
-                caps.as_mut_ptr() as usize,
-                0,
-                0,
-                0,
-                0,
-            ],
-        )
-    })?;
-    for c in &mut caps {
-        c.effective = c.permitted;
-    }
-    // SAFETY: as above.
-    at(CreatorCapset, unsafe {
-        sys(
-            libc::SYS_capset,
-            [
-                &hdr as *const _ as usize,
-                caps.as_ptr() as usize,
-                0,
-                0,
-                0,
-                0,
-            ],
-        )
-    })?;
+    at(CreatorCapset, edit_caps(|c| c.effective = c.permitted))?;
     // The optional namespaces are created after the user namespace in the same clone, so the
     // new user namespace owns them (clone(2)); none of them conflicts with CLONE_VM.
     let flags = libc::CLONE_VM
