@@ -532,3 +532,68 @@ async fn log_files_keep_their_last_bytes_and_never_block() {
     assert_eq!(out.len(), 1000, "capped");
     assert!(out.ends_with("1999\n"), "the newest output is kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn spawn_can_wait_in_one_request() {
+    let daemon = Daemon::start("").expect("start");
+    let client = daemon.client();
+    lease(&client, "w").await;
+    let body = json!({"argv": ["/bin/sh", "-c", "exit 4"]}).to_string();
+    let reply = client
+        .post("/v1/leases/w/processes?wait=true", Some(&body))
+        .await
+        .expect("spawn");
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let done = reply.json();
+    assert_eq!(
+        (done["state"].as_str(), done["exit_code"].as_i64()),
+        (Some("exited"), Some(4))
+    );
+    let stuck = json!({"argv": ["sleep", "30"]}).to_string();
+    let reply = client
+        .post(
+            "/v1/leases/w/processes?wait=true&timeout_seconds=1",
+            Some(&stuck),
+        )
+        .await
+        .expect("spawn");
+    assert_eq!(
+        reply.json()["state"],
+        "running",
+        "the timeout answers with the live state"
+    );
+    let reply = client
+        .post("/v1/leases/w/processes?timeout_seconds=1", Some(&body))
+        .await
+        .expect("spawn");
+    assert_error(
+        &reply,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "timeout without wait",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_renewed_lease_keeps_spawning_after_its_first_expiry() {
+    // Spawns read leases from a cache; a renew must reach it.
+    let daemon = Daemon::start("expiry_interval_ms = 60000").expect("start");
+    let client = daemon.client();
+    let reply = client
+        .put("/v1/leases/renewed", Some(r#"{"ttl_seconds": 1}"#))
+        .await
+        .expect("put");
+    assert_eq!(reply.status, StatusCode::CREATED);
+    spawn(&client, "renewed", json!({"argv": ["/bin/true"]})).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let renewed = client
+        .post("/v1/leases/renewed/renew", None)
+        .await
+        .expect("renew");
+    assert_eq!(renewed.status, StatusCode::OK, "{}", renewed.text());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Past the first expires_at, before the second.
+    spawn(&client, "renewed", json!({"argv": ["/bin/true"]})).await;
+}
