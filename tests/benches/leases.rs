@@ -81,8 +81,8 @@ async fn run() -> anyhow::Result<String> {
     let mut out = String::new();
     out.push_str(&format!(
         "Run {} on {} ({} cores), release build, default pool (4,094 blocks).\n\n",
-        humantime_now(),
-        kernel(),
+        subidd_tests::run_date(),
+        subidd_tests::kernel(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
     out.push_str("| measurement | p50 | p99 |\n|---|---|---|\n");
@@ -236,18 +236,4 @@ async fn concurrent(
         all.extend(task.await??);
     }
     Ok(all)
-}
-
-fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| format!("Linux {}", s.trim()))
-        .unwrap_or_else(|_| "Linux".into())
-}
-
-fn humantime_now() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }

@@ -309,8 +309,8 @@ async fn run() -> anyhow::Result<String> {
          {SAMPLES} samples per row, rows taking turns so noise hits them alike; \
          every floor forks this benchmark (RssAnon {:.1} MiB), the daemon spawns the vfork way. \
          Other work on the machine took {others_pct:.0}% of its CPU time during the run.\n\n",
-        humantime_now(),
-        kernel(),
+        subidd_tests::run_date(),
+        subidd_tests::kernel(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         self_anon as f64 / 1024.0,
     ));
@@ -590,18 +590,4 @@ fn own_jiffies() -> anyhow::Result<u64> {
         .map(|x| x.parse::<u64>())
         .sum::<Result<u64, _>>()?;
     Ok(sum)
-}
-
-fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| format!("Linux {}", s.trim()))
-        .unwrap_or_else(|_| "Linux".into())
-}
-
-fn humantime_now() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }

@@ -488,3 +488,19 @@ pub fn publish(name: &str, report: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `Linux <release>` of this machine, for benchmark headers.
+pub fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("Linux {}", s.trim()))
+        .unwrap_or_else(|_| "Linux".into())
+}
+
+/// The date and time of a run, UTC to the minute, for benchmark headers.
+pub fn run_date() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
