@@ -152,3 +152,159 @@ fn pool_refusal_states_the_problem_once() {
         "the refusal says it once: {line}"
     );
 }
+
+/// Base of the pool of the re-check tests: above the default pool, so the host user these tests
+/// add for a moment cannot stop daemons of concurrent tests (on the default pool) from starting.
+const RECHECK_BASE: u64 = 2_147_483_648;
+const BLOCK: u64 = crate::util::BLOCK as u64;
+
+/// Polls `GET /v1/pool` until `done` holds (the re-check runs on an inotify event), for 10 s.
+async fn pool_when(
+    client: &subidd_tests::Client,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let pool = client.get("/v1/pool").await.expect("GET pool").json();
+        if done(&pool) {
+            return pool;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not seen within 10 s; pool: {pool}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Replaces a file the way shadow's tools do: write a sibling, rename it over.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp+");
+    std::fs::write(&tmp, text).expect("write replacement");
+    std::fs::rename(&tmp, path).expect("rename over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_subuid_claim_withholds_free_blocks_and_reports_active_leases() {
+    let config = format!(
+        "pool_check_interval_ms = 3600000\n[pool]\nbase = {RECHECK_BASE}\nsize = {}\n",
+        4 * BLOCK
+    );
+    let daemon = Daemon::start(&config).expect("start daemon");
+    let client = daemon.client();
+    let a = client.put("/v1/leases/a", None).await.expect("PUT a");
+    assert_status(&a, StatusCode::CREATED, "PUT a");
+    assert_eq!(a.json()["uid_base"], RECHECK_BASE, "a gets block 0");
+
+    // Another tool gives block 0 (a's) and block 2 (free) to other owners.
+    let claims = format!(
+        "other:{RECHECK_BASE}:{BLOCK}\nsomeone:{}:{BLOCK}\n",
+        RECHECK_BASE + 2 * BLOCK
+    );
+    replace_file(&daemon.path("subuid"), &claims);
+    let pool = pool_when(&client, "warning for lease a", |p| {
+        p["warnings"].as_array().is_some_and(|w| !w.is_empty())
+    })
+    .await;
+    assert_eq!(pool["blocks"]["withheld"], 1, "block 2 withheld: {pool}");
+    assert_eq!(pool["blocks"]["active"], 1, "a stays active: {pool}");
+    assert_eq!(pool["blocks"]["free"], 2, "blocks 1 and 3 free: {pool}");
+    let warning = &pool["warnings"][0];
+    assert_eq!(pool["warnings"].as_array().map(Vec::len), Some(1), "{pool}");
+    assert_eq!(warning["code"], "lease_ids_claimed", "{warning}");
+    assert_eq!(warning["lease"], "a", "{warning}");
+    let claim = warning["claim"].as_str().unwrap_or_default();
+    assert!(
+        claim.contains("line 1") && claim.contains("other"),
+        "claim names the line: {warning}"
+    );
+
+    // Allocation steps around the withheld block; a is untouched.
+    let mut bases = Vec::new();
+    for name in ["b", "c"] {
+        let reply = client
+            .put(&format!("/v1/leases/{name}"), None)
+            .await
+            .expect("PUT");
+        assert_status(&reply, StatusCode::CREATED, name);
+        bases.push(reply.json()["uid_base"].as_u64().unwrap_or_default());
+    }
+    assert_eq!(
+        bases,
+        vec![RECHECK_BASE + BLOCK, RECHECK_BASE + 3 * BLOCK],
+        "blocks 1 and 3, never the withheld 2"
+    );
+    let full = client.put("/v1/leases/d", None).await.expect("PUT d");
+    assert_eq!(
+        full.code(),
+        "pool_exhausted",
+        "only the withheld block is left: {}",
+        full.text()
+    );
+    let a_now = client.get("/v1/leases/a").await.expect("GET a").json();
+    assert_eq!(a_now["state"], "active", "never silently resolved: {a_now}");
+    assert!(
+        daemon.log_text().contains("claims ids of an active lease"),
+        "the conflict is logged:\n{}",
+        daemon.log_text()
+    );
+
+    // The claims go away: the warning clears and block 2 is handed out again.
+    replace_file(&daemon.path("subuid"), "");
+    let pool = pool_when(&client, "claims cleared", |p| {
+        p["warnings"].as_array().is_some_and(Vec::is_empty) && p["blocks"]["withheld"] == 0
+    })
+    .await;
+    assert_eq!(pool["blocks"]["free"], 1, "{pool}");
+    let d = client.put("/v1/leases/d", None).await.expect("PUT d");
+    assert_status(&d, StatusCode::CREATED, "PUT d after the claim went away");
+    assert_eq!(d.json()["uid_base"], RECHECK_BASE + 2 * BLOCK, "block 2");
+}
+
+/// Removes the host user on drop, so a failing test leaves the user database as it found it.
+struct HostUser(&'static str);
+
+impl Drop for HostUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("userdel").arg(self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root (adds a host user)")]
+async fn a_new_host_user_inside_an_active_lease_is_reported() {
+    let config = format!(
+        "pool_check_interval_ms = 3600000\n[pool]\nbase = {}\nsize = {}\n",
+        RECHECK_BASE + 16 * BLOCK,
+        2 * BLOCK
+    );
+    let daemon = Daemon::start(&config).expect("start daemon");
+    let client = daemon.client();
+    let lease = client.put("/v1/leases/u", None).await.expect("PUT u");
+    assert_status(&lease, StatusCode::CREATED, "PUT u");
+    let uid = RECHECK_BASE + 16 * BLOCK + 7;
+    let user = HostUser("subidd-e2e-recheck");
+    let added = std::process::Command::new("useradd")
+        .args(["-M", "-N", "-s", "/usr/sbin/nologin", "-u"])
+        .arg(uid.to_string())
+        .arg(user.0)
+        .status()
+        .expect("run useradd");
+    assert!(added.success(), "useradd: {added}");
+    let pool = pool_when(&client, "warning for the new user", |p| {
+        p["warnings"].as_array().is_some_and(|w| !w.is_empty())
+    })
+    .await;
+    assert_eq!(pool["warnings"][0]["lease"], "u", "{pool}");
+    let claim = pool["warnings"][0]["claim"].as_str().unwrap_or_default();
+    assert!(
+        claim.contains(&format!("uid {uid}")),
+        "claim names the uid: {pool}"
+    );
+    drop(user);
+    pool_when(&client, "warning cleared after userdel", |p| {
+        p["warnings"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+}

@@ -1,8 +1,12 @@
 //! The in-memory block allocator: which blocks of the pool are never used, active or released, and
 //! which to hand out next. The store rebuilds it from the database at start and commits its decisions.
 //!
-//! Memory is proportional to the number of active and released blocks plus the number of never-used
-//! runs, never to the pool size: with a block of 1 a pool may span billions of blocks.
+//! Memory is proportional to the number of active, released and withheld blocks plus the number of
+//! never-used runs, never to the pool size: with a block of 1 a pool may span billions of blocks.
+//!
+//! Blocks that another id owner claims (an /etc/subuid entry, a user of the host) are *foreign*: a
+//! foreign block that is not active is *withheld* and never handed out until the claim goes away; a
+//! foreign active block is a conflict the caller reports, never silently resolved.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -27,6 +31,8 @@ pub enum BlockState {
     Active,
     /// Released at this time in ms (0 for a purged release, which has no quarantine).
     Released(u64),
+    /// Not active and claimed by another id owner: never handed out while the claim lasts.
+    Withheld,
 }
 
 /// Block tallies for metrics and status output.
@@ -38,7 +44,9 @@ pub struct PoolCounts {
     pub active: u32,
     /// Released blocks still in quarantine.
     pub quarantined: u32,
-    /// Never-used blocks plus released blocks whose quarantine is over.
+    /// Blocks another id owner claims, held back from allocation.
+    pub withheld: u32,
+    /// Never-used blocks plus released blocks whose quarantine is over, minus withheld ones.
     pub free: u32,
 }
 
@@ -53,6 +61,8 @@ pub enum AllocError {
     Busy { block: u32 },
     /// A count of 0 blocks was asked for.
     ZeroCount,
+    /// `block` is withheld: another id owner claims its ids.
+    Withheld { block: u32 },
     /// `block` was expected to be active (to be released) but is not.
     NotActive { block: u32 },
 }
@@ -71,6 +81,10 @@ impl fmt::Display for AllocError {
             ),
             AllocError::Busy { block } => write!(f, "block {block} is already leased"),
             AllocError::ZeroCount => write!(f, "a lease must span at least one block"),
+            AllocError::Withheld { block } => write!(
+                f,
+                "block {block} is withheld: another id owner (/etc/subuid or a user) claims its ids"
+            ),
             AllocError::NotActive { block } => write!(f, "block {block} is not leased"),
         }
     }
@@ -83,8 +97,8 @@ impl std::error::Error for AllocError {}
 pub struct Allocator {
     pool: Pool,
     quarantine_ms: u64,
-    /// Never-used blocks as maximal disjoint runs, start -> length. Only ever shrinks: released blocks
-    /// keep their release time and never come back here.
+    /// Never-used blocks as maximal disjoint runs, start -> length. Released blocks keep their release
+    /// time and never come back here; only a withheld never-used block returns when its claim ends.
     never_used: BTreeMap<u32, u32>,
     /// Blocks of active leases.
     active: BTreeSet<u32>,
@@ -92,6 +106,11 @@ pub struct Allocator {
     released: BTreeMap<u32, RelKey>,
     /// The same blocks ordered for reuse: least recently released first.
     released_order: BTreeSet<(RelKey, u32)>,
+    /// Blocks another id owner claims, whatever their state.
+    foreign: BTreeSet<u32>,
+    /// Foreign blocks that are not active, index -> what they were: `None` never used, `Some(key)`
+    /// released with that key. They are in neither `never_used` nor `released`.
+    withheld: BTreeMap<u32, Option<RelKey>>,
 }
 
 impl Allocator {
@@ -109,6 +128,8 @@ impl Allocator {
             active: BTreeSet::new(),
             released: BTreeMap::new(),
             released_order: BTreeSet::new(),
+            foreign: BTreeSet::new(),
+            withheld: BTreeMap::new(),
         }
     }
 
@@ -142,6 +163,9 @@ impl Allocator {
         let end = self.span(first, count)?;
         if let Some(block) = self.first_active(first, end) {
             return Err(AllocError::Busy { block });
+        }
+        if let Some((&block, _)) = self.withheld.range(first..end).next() {
+            return Err(AllocError::Withheld { block });
         }
         self.carve_never_used(first, end);
         for idx in first..end {
@@ -180,10 +204,16 @@ impl Allocator {
     /// Takes exactly these blocks (sticky re-use of a released name's old range, quarantine ignored:
     /// the same tenant gets its own ids back) if none is Active; else Err(Busy{block}) naming the lowest
     /// active block.
+    ///
+    /// Rebuilding (`mark_active`) also comes here: a withheld block is refused with
+    /// Err(Withheld{block}), so apply [`Allocator::set_foreign`] after a rebuild, not before.
     pub fn claim(&mut self, first: u32, count: u32) -> Result<(), AllocError> {
         let end = self.span(first, count)?;
         if let Some(block) = self.first_active(first, end) {
             return Err(AllocError::Busy { block });
+        }
+        if let Some((&block, _)) = self.withheld.range(first..end).next() {
+            return Err(AllocError::Withheld { block });
         }
         self.take(first, end);
         Ok(())
@@ -206,7 +236,11 @@ impl Allocator {
         let key = if purge { None } else { Some(now_ms) };
         for idx in first..end {
             self.active.remove(&idx);
-            self.set_released(idx, key);
+            if self.foreign.contains(&idx) {
+                self.withheld.insert(idx, Some(key));
+            } else {
+                self.set_released(idx, key);
+            }
         }
         Ok(())
     }
@@ -223,15 +257,62 @@ impl Allocator {
             if self.released.contains_key(&idx) {
                 self.set_released(idx, None);
             }
+            if let Some(prior @ Some(_)) = self.withheld.get_mut(&idx) {
+                *prior = Some(None);
+            }
         }
         Ok(())
+    }
+
+    /// Replaces the set of foreign blocks (indices; those outside the pool are ignored). Newly
+    /// foreign blocks that are not active become withheld; blocks no longer foreign return to what
+    /// they were. Returns the foreign blocks that are active: conflicts for the caller to report.
+    /// O((old + new foreign) log n).
+    pub fn set_foreign(&mut self, blocks: &BTreeSet<u32>) -> Vec<u32> {
+        let total = self.pool.blocks();
+        let fresh: BTreeSet<u32> = blocks.range(..total).copied().collect();
+        let gone: Vec<u32> = self.foreign.difference(&fresh).copied().collect();
+        for idx in gone {
+            match self.withheld.remove(&idx) {
+                Some(None) => self.add_never_used(idx),
+                Some(Some(key)) => self.set_released(idx, key),
+                None => {}
+            }
+        }
+        for &idx in &fresh {
+            if self.active.contains(&idx) || self.withheld.contains_key(&idx) {
+                continue;
+            }
+            if let Some(key) = self.released.remove(&idx) {
+                self.released_order.remove(&(key, idx));
+                self.withheld.insert(idx, Some(key));
+            } else {
+                self.carve_never_used(idx, idx.saturating_add(1));
+                self.withheld.insert(idx, None);
+            }
+        }
+        self.foreign = fresh;
+        self.conflicts()
+    }
+
+    /// Foreign blocks that are active, lowest first.
+    pub fn conflicts(&self) -> Vec<u32> {
+        self.foreign.intersection(&self.active).copied().collect()
+    }
+
+    /// The foreign blocks, as last given to [`Allocator::set_foreign`].
+    pub fn foreign(&self) -> &BTreeSet<u32> {
+        &self.foreign
     }
 
     /// Whether `first..first+count` lies in the pool with no Active block (quarantine ignored, as for
     /// [`Allocator::claim`]). False for a count of 0.
     pub fn is_free_for(&self, first: u32, count: u32) -> bool {
         match self.span(first, count) {
-            Ok(end) => self.first_active(first, end).is_none(),
+            Ok(end) => {
+                self.first_active(first, end).is_none()
+                    && self.withheld.range(first..end).next().is_none()
+            }
             Err(_) => false,
         }
     }
@@ -248,11 +329,16 @@ impl Allocator {
                 .count(),
         )
         .unwrap_or(u32::MAX);
-        let free = total.saturating_sub(active).saturating_sub(quarantined);
+        let withheld = u32::try_from(self.withheld.len()).unwrap_or(u32::MAX);
+        let free = total
+            .saturating_sub(active)
+            .saturating_sub(quarantined)
+            .saturating_sub(withheld);
         PoolCounts {
             total,
             active,
             quarantined,
+            withheld,
             free,
         }
     }
@@ -267,6 +353,9 @@ impl Allocator {
         }
         if let Some(&key) = self.released.get(&idx) {
             return Some(BlockState::Released(key.unwrap_or(0)));
+        }
+        if self.withheld.contains_key(&idx) {
+            return Some(BlockState::Withheld);
         }
         Some(BlockState::Free)
     }
@@ -338,6 +427,25 @@ impl Allocator {
             self.never_used.remove(&start);
             self.insert_tail(end, run_end(start, len));
         }
+    }
+
+    /// Returns one block to the never-used runs, merging it with the runs on either side so runs
+    /// stay maximal.
+    fn add_never_used(&mut self, idx: u32) {
+        let mut start = idx;
+        let mut len = 1u32;
+        if let Some((&s, &l)) = self.never_used.range(..idx).next_back()
+            && run_end(s, l) == u64::from(idx)
+        {
+            start = s;
+            len = l.saturating_add(1);
+        }
+        if let Some(next) = idx.checked_add(1)
+            && let Some(l) = self.never_used.remove(&next)
+        {
+            len = len.saturating_add(l);
+        }
+        self.never_used.insert(start, len);
     }
 
     /// Re-inserts the part `end..run_end` of a carved run, if any.
@@ -524,6 +632,7 @@ mod tests {
                 total: 4,
                 active: 4,
                 quarantined: 0,
+                withheld: 0,
                 free: 0
             }
         );
@@ -543,6 +652,7 @@ mod tests {
                 total: 2,
                 active: 0,
                 quarantined: 1,
+                withheld: 0,
                 free: 1
             }
         );
@@ -630,6 +740,7 @@ mod tests {
             AllocError::Busy { block: 7 },
             AllocError::ZeroCount,
             AllocError::NotActive { block: 9 },
+            AllocError::Withheld { block: 3 },
         ] {
             assert!(!e.to_string().is_empty());
         }
@@ -714,6 +825,41 @@ mod tests {
     }
 
     #[test]
+    fn foreign_blocks_are_withheld_and_come_back() {
+        let mut a = Allocator::new(pool(5), 100);
+        assert_eq!(a.allocate(2, 0), Ok(0));
+        assert_eq!(a.release(1, 1, 10, false), Ok(()));
+        // 0 active (conflict), 1 released, 2 never used: 1 and 2 withheld.
+        let foreign = BTreeSet::from([0, 1, 2, 99]);
+        assert_eq!(a.set_foreign(&foreign), vec![0]);
+        assert_eq!(a.block_state(0), Some(BlockState::Active));
+        assert_eq!(a.block_state(1), Some(BlockState::Withheld));
+        assert_eq!(a.block_state(2), Some(BlockState::Withheld));
+        assert_eq!(a.counts(1000).withheld, 2);
+        assert_eq!(a.counts(1000).free, 2);
+        assert_eq!(
+            a.allocate(1, 1000),
+            Ok(3),
+            "withheld never-used block skipped"
+        );
+        assert_eq!(a.claim(1, 1), Err(AllocError::Withheld { block: 1 }));
+        assert!(!a.is_free_for(2, 1));
+        // Releasing the conflicting lease withholds its block instead of freeing it.
+        assert_eq!(a.release(0, 1, 20, false), Ok(()));
+        assert_eq!(a.block_state(0), Some(BlockState::Withheld));
+        assert_eq!(a.conflicts(), Vec::<u32>::new());
+        assert_eq!(a.allocate(1, 1000), Ok(4));
+        assert_eq!(a.allocate(1, 1000), Err(AllocError::Exhausted { count: 1 }));
+        // The claim goes away: each block is back as it was (2 never used, 0 and 1 released).
+        assert_eq!(a.set_foreign(&BTreeSet::new()), Vec::<u32>::new());
+        assert_eq!(a.block_state(0), Some(BlockState::Released(20)));
+        assert_eq!(a.block_state(1), Some(BlockState::Released(10)));
+        assert_eq!(a.block_state(2), Some(BlockState::Free));
+        assert_eq!(a.allocate(1, 1000), Ok(2), "never-used first");
+        assert_eq!(a.allocate(1, 1000), Ok(1), "then least recently released");
+    }
+
+    #[test]
     fn big_pool_stays_small() {
         // A block size of 1 over most of the id space: nothing may be sized by the pool.
         let p = Pool::new(PoolSpec {
@@ -752,6 +898,7 @@ mod tests {
         ReleaseAny(u32, u32),
         Advance(u64),
         Rebuild,
+        Foreign(Vec<u32>),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -763,6 +910,7 @@ mod tests {
             1 => (0u32..45, 0u32..=5).prop_map(|(f, c)| Op::ReleaseAny(f, c)),
             2 => (0u64..=60).prop_map(Op::Advance),
             1 => Just(Op::Rebuild),
+            1 => prop::collection::vec(0u32..45, 0..4).prop_map(Op::Foreign),
         ]
     }
 
@@ -788,9 +936,18 @@ mod tests {
         blocks: Vec<M>,
         leases: Vec<(u32, u32)>,
         history: Vec<(u32, u32)>,
+        foreign: BTreeSet<u32>,
     }
 
     impl Model {
+        fn withheld(&self, i: u32) -> bool {
+            self.foreign.contains(&i) && self.blocks[i as usize] != M::Active
+        }
+
+        fn clear(&self, p: u32, count: u32) -> bool {
+            (p..p + count).all(|i| !self.foreign.contains(&i))
+        }
+
         fn over(&self, m: M, now: u64) -> bool {
             match m {
                 M::Free => true,
@@ -811,14 +968,15 @@ mod tests {
                 return None;
             }
             let starts = 0..=(n - count);
-            if let Some(p) = starts
-                .clone()
-                .find(|&p| self.window(p, count).iter().all(|&m| m == M::Free))
-            {
+            if let Some(p) = starts.clone().find(|&p| {
+                self.clear(p, count) && self.window(p, count).iter().all(|&m| m == M::Free)
+            }) {
                 return Some(p);
             }
             starts
-                .filter(|&p| self.window(p, count).iter().all(|&m| self.over(m, now)))
+                .filter(|&p| {
+                    self.clear(p, count) && self.window(p, count).iter().all(|&m| self.over(m, now))
+                })
                 .map(|p| {
                     let newest = self
                         .window(p, count)
@@ -837,16 +995,19 @@ mod tests {
         fn counts(&self, now: u64) -> PoolCounts {
             let total = self.blocks.len() as u32;
             let active = self.blocks.iter().filter(|&&m| m == M::Active).count() as u32;
-            let quarantined = self
-                .blocks
-                .iter()
-                .filter(|&&m| matches!(m, M::Rel(_)) && !self.over(m, now))
+            let withheld = (0..total).filter(|&i| self.withheld(i)).count() as u32;
+            let quarantined = (0..total)
+                .filter(|&i| {
+                    let m = self.blocks[i as usize];
+                    !self.withheld(i) && matches!(m, M::Rel(_)) && !self.over(m, now)
+                })
                 .count() as u32;
             PoolCounts {
                 total,
                 active,
                 quarantined,
-                free: total - active - quarantined,
+                withheld,
+                free: total - active - quarantined - withheld,
             }
         }
 
@@ -864,8 +1025,13 @@ mod tests {
             if let Some(e) = self.span_err(first, count) {
                 return Err(e);
             }
-            match (first..first + count).find(|&i| self.blocks[i as usize] == M::Active) {
-                Some(block) => Err(AllocError::Busy { block }),
+            if let Some(block) =
+                (first..first + count).find(|&i| self.blocks[i as usize] == M::Active)
+            {
+                return Err(AllocError::Busy { block });
+            }
+            match (first..first + count).find(|&i| self.withheld(i)) {
+                Some(block) => Err(AllocError::Withheld { block }),
                 None => Ok(()),
             }
         }
@@ -881,6 +1047,7 @@ mod tests {
         let pool = a.pool();
         for (i, &want) in m.blocks.iter().enumerate() {
             let want = match want {
+                _ if m.withheld(i as u32) => BlockState::Withheld,
                 M::Free => BlockState::Free,
                 M::Active => BlockState::Active,
                 M::Rel(k) => BlockState::Released(k.unwrap_or(0)),
@@ -917,7 +1084,13 @@ mod tests {
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(pool.blocks(), blocks);
             let mut a = Allocator::new(pool, q);
-            let mut m = Model { q, blocks: vec![M::Free; blocks as usize], leases: vec![], history: vec![] };
+            let mut m = Model {
+                q,
+                blocks: vec![M::Free; blocks as usize],
+                leases: vec![],
+                history: vec![],
+                foreign: BTreeSet::new(),
+            };
             let mut now = 0u64;
             for op in ops {
                 match op {
@@ -930,8 +1103,9 @@ mod tests {
                                 prop_assert_eq!(got, Ok(p));
                                 let win = m.window(p, count).to_vec();
                                 prop_assert!(win.iter().all(|&b| m.over(b, now)), "quarantined block handed out");
+                                prop_assert!(m.clear(p, count), "withheld block handed out");
                                 let any_free_fit = (0..=blocks - count)
-                                    .any(|s| m.window(s, count).iter().all(|&b| b == M::Free));
+                                    .any(|s| m.clear(s, count) && m.window(s, count).iter().all(|&b| b == M::Free));
                                 if any_free_fit {
                                     prop_assert!(win.iter().all(|&b| b == M::Free), "released preferred over never-used");
                                 }
@@ -960,6 +1134,7 @@ mod tests {
                     }
                     Op::ClaimAny(first, count) => {
                         let want = m.expect_claim(first, count);
+                        prop_assert_eq!(a.is_free_for(first, count), want.is_ok());
                         prop_assert_eq!(a.claim(first, count), want);
                         if want.is_ok() {
                             m.set(first, count, M::Active);
@@ -993,7 +1168,23 @@ mod tests {
                         for &(first, count) in &m.leases {
                             prop_assert_eq!(b.mark_active(first, count), Ok(()));
                         }
+                        // What the lease service does after a rebuild: the watcher's claims again.
+                        b.set_foreign(&m.foreign);
                         a = b;
+                    }
+                    Op::Foreign(picks) => {
+                        let fresh: BTreeSet<u32> = picks.into_iter().filter(|&i| i < blocks).collect();
+                        m.foreign = fresh.clone();
+                        let want: Vec<u32> = fresh
+                            .iter()
+                            .copied()
+                            .filter(|&i| m.blocks[i as usize] == M::Active)
+                            .collect();
+                        // Indices past the pool are ignored.
+                        let mut given = fresh;
+                        given.insert(blocks + 3);
+                        prop_assert_eq!(a.set_foreign(&given), want);
+                        prop_assert_eq!(a.foreign(), &m.foreign);
                     }
                 }
                 check(&a, &m, now)?;

@@ -19,7 +19,8 @@ pub use lease::{
     validate_labels, validate_name,
 };
 pub use pool::{
-    DEFAULT_BASE, DEFAULT_BLOCK, DEFAULT_BLOCKS, FORBIDDEN_IDS, IdKind, Pool, PoolError, PoolSpec,
+    ClaimSource, DEFAULT_BASE, DEFAULT_BLOCK, DEFAULT_BLOCKS, FORBIDDEN_IDS, ForeignClaim, IdKind,
+    Pool, PoolError, PoolSpec,
 };
 pub use range::{IdRange, RangeError};
 pub use subid::{SubidEntry, SubidParseError, find_entry, parse_subid, render_subid_line};

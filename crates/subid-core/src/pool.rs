@@ -172,41 +172,151 @@ impl Pool {
         entries: &[SubidEntry],
         own_name: &str,
     ) -> Result<(), PoolError> {
-        for e in entries.iter().filter(|e| e.owner != own_name) {
-            // A hand-built entry may be unrepresentable; clamp it to the id space rather than ignore it,
-            // so a malformed entry still counts as a claim on the ids it names.
-            let room = (1u64 << 32).saturating_sub(u64::from(e.start));
-            let clamped_len = u64::from(e.count).min(room);
-            let Ok(len) = u32::try_from(clamped_len) else {
-                continue;
-            };
-            let Ok(range) = IdRange::new(e.start, len) else {
-                continue;
-            };
-            if range.overlaps(&self.range) {
-                return Err(PoolError::OverlapsSubid {
-                    file: file.to_owned(),
-                    line: e.line,
-                    owner: e.owner.clone(),
-                    start: e.start,
-                    count: e.count,
-                });
-            }
+        match self
+            .subid_claims(file, entries, own_name)
+            .into_iter()
+            .next()
+        {
+            Some(claim) => Err(claim.into_error()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Refuses a pool containing an id of the user (or group) database: a container root mapped onto a
     /// real account would own that account's files. Names the lowest conflicting id.
     pub fn check_id_conflicts(&self, kind: IdKind, ids: &[u32]) -> Result<(), PoolError> {
-        match ids
+        match self.id_claims(kind, ids).into_iter().next() {
+            Some(claim) => Err(claim.into_error()),
+            None => Ok(()),
+        }
+    }
+
+    /// Every entry of another owner that reaches into the pool, in file order, with the blocks it
+    /// touches.
+    pub fn subid_claims(
+        &self,
+        file: &str,
+        entries: &[SubidEntry],
+        own_name: &str,
+    ) -> Vec<ForeignClaim> {
+        entries
+            .iter()
+            .filter(|e| e.owner != own_name)
+            .filter_map(|e| {
+                // A hand-built entry may be unrepresentable; clamp it to the id space rather than
+                // ignore it, so a malformed entry still counts as a claim on the ids it names.
+                let room = (1u64 << 32).saturating_sub(u64::from(e.start));
+                let len = u32::try_from(u64::from(e.count).min(room)).ok()?;
+                let range = IdRange::new(e.start, len).ok()?;
+                let blocks = self.blocks_touching(&range)?;
+                Some(ForeignClaim {
+                    source: ClaimSource::Subid {
+                        file: file.to_owned(),
+                        line: e.line,
+                        owner: e.owner.clone(),
+                        start: e.start,
+                        count: e.count,
+                    },
+                    blocks,
+                })
+            })
+            .collect()
+    }
+
+    /// Every id of the user (or group) database inside the pool, lowest first.
+    pub fn id_claims(&self, kind: IdKind, ids: &[u32]) -> Vec<ForeignClaim> {
+        let mut inside: Vec<u32> = ids
             .iter()
             .copied()
             .filter(|&id| self.range.contains(id))
-            .min()
-        {
-            Some(id) => Err(PoolError::OverlapsUser { kind, id }),
-            None => Ok(()),
+            .collect();
+        inside.sort_unstable();
+        inside.dedup();
+        inside
+            .into_iter()
+            .filter_map(|id| {
+                Some(ForeignClaim {
+                    source: ClaimSource::Id { kind, id },
+                    blocks: (self.block_of(id)?, 1),
+                })
+            })
+            .collect()
+    }
+
+    /// The blocks `(first, count)` that `range` overlaps, `None` when it misses the pool.
+    pub fn blocks_touching(&self, range: &IdRange) -> Option<(u32, u32)> {
+        if range.is_empty() || !range.overlaps(&self.range) {
+            return None;
+        }
+        let first = self.block_of(range.start().max(self.range.start()))?;
+        let last = self.block_of(range.last().min(self.range.last()))?;
+        Some((first, last.checked_sub(first)?.checked_add(1)?))
+    }
+}
+
+/// Another id owner's claim on ids of the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignClaim {
+    pub source: ClaimSource,
+    /// The pool blocks it touches: `(first, count)`.
+    pub blocks: (u32, u32),
+}
+
+/// Who claims ids of the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimSource {
+    /// A line of /etc/subuid or /etc/subgid giving ids to another owner.
+    Subid {
+        file: String,
+        line: usize,
+        owner: String,
+        start: u32,
+        count: u32,
+    },
+    /// An id of the user or group database.
+    Id { kind: IdKind, id: u32 },
+}
+
+impl ForeignClaim {
+    /// The start-up refusal for this claim.
+    pub fn into_error(self) -> PoolError {
+        match self.source {
+            ClaimSource::Subid {
+                file,
+                line,
+                owner,
+                start,
+                count,
+            } => PoolError::OverlapsSubid {
+                file,
+                line,
+                owner,
+                start,
+                count,
+            },
+            ClaimSource::Id { kind, id } => PoolError::OverlapsUser { kind, id },
+        }
+    }
+}
+
+impl fmt::Display for ClaimSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClaimSource::Subid {
+                file,
+                line,
+                owner,
+                start,
+                count,
+            } => write!(f, "{file} line {line} ({owner}:{start}:{count})"),
+            ClaimSource::Id {
+                kind: IdKind::Uid,
+                id,
+            } => write!(f, "uid {id} (a user of the host)"),
+            ClaimSource::Id {
+                kind: IdKind::Gid,
+                id,
+            } => write!(f, "gid {id} (a group of the host)"),
         }
     }
 }
@@ -321,6 +431,55 @@ mod tests {
 
     fn spec(base: u32, size: u32, block: u32) -> PoolSpec {
         PoolSpec { base, size, block }
+    }
+
+    #[test]
+    fn foreign_claims_name_the_blocks_they_touch() {
+        // Blocks of 100 ids: 0 = 100000..100099, 1 = 100100..100199, 2 = 100200..100299.
+        let pool = Pool::new(spec(100_000, 300, 100)).expect("valid");
+        let entry = |owner: &str, start, count, line| SubidEntry {
+            owner: owner.into(),
+            start,
+            count,
+            line,
+        };
+        let entries = [
+            entry("alice", 99_950, 100, 1),   // reaches into block 0
+            entry("subidd", 100_000, 300, 2), // our own entry
+            entry("bob", 100_150, 100, 3),    // blocks 1 and 2
+            entry("carol", 100_300, 10, 4),   // just past the pool
+        ];
+        let shown = |claims: Vec<ForeignClaim>| -> Vec<(String, (u32, u32))> {
+            claims
+                .into_iter()
+                .map(|c| (c.source.to_string(), c.blocks))
+                .collect()
+        };
+        assert_eq!(
+            shown(pool.subid_claims("/etc/subuid", &entries, "subidd")),
+            vec![
+                ("/etc/subuid line 1 (alice:99950:100)".to_string(), (0, 1)),
+                ("/etc/subuid line 3 (bob:100150:100)".to_string(), (1, 2)),
+            ]
+        );
+        assert_eq!(
+            shown(pool.id_claims(IdKind::Uid, &[5, 100_299, 100_001, 100_001])),
+            vec![
+                ("uid 100001 (a user of the host)".to_string(), (0, 1)),
+                ("uid 100299 (a user of the host)".to_string(), (2, 1)),
+            ]
+        );
+        assert_eq!(
+            pool.check_id_conflicts(IdKind::Gid, &[100_250, 100_120]),
+            Err(PoolError::OverlapsUser {
+                kind: IdKind::Gid,
+                id: 100_120
+            })
+        );
+        let whole = IdRange::new(0, u32::MAX).expect("range");
+        assert_eq!(pool.blocks_touching(&whole), Some((0, 3)));
+        let outside = IdRange::new(100_300, 5).expect("range");
+        assert_eq!(pool.blocks_touching(&outside), None);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Everything subidd asks of the kernel: the user database, /proc, namespaces, spawning, cgroups.
+//! Everything subidd asks of the kernel: the user database, /proc, namespaces, spawning, cgroups,
+//! file watches.
 //!
 //! This is the only crate of the workspace that may contain `unsafe`; every block carries a
 //! `// SAFETY:` comment. Policy (who may do what, which range) lives in the daemon, not here.
@@ -13,6 +14,7 @@ pub mod pidfd;
 mod raw;
 pub mod spawn;
 pub mod userns;
+pub mod watch;
 
 pub use error::{ChildStep, Errno, SysError};
 pub use pidfd::{ExitStatus, PidFd, ProcDir, ProcIds};

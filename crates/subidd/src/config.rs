@@ -22,6 +22,7 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     pub quarantine_seconds: u64,
     pub expiry_interval_ms: u64,
+    pub pool_check_interval_ms: u64,
     pub kill_grace_ms: u64,
     pub log_max_bytes: u64,
     pub cgroup_parent: Option<PathBuf>,
@@ -62,6 +63,7 @@ struct FileConfig {
     token_file: Option<PathBuf>,
     quarantine_seconds: Option<u64>,
     expiry_interval_ms: Option<u64>,
+    pool_check_interval_ms: Option<u64>,
     kill_grace_ms: Option<u64>,
     log_max_bytes: Option<u64>,
     cgroup_parent: Option<PathBuf>,
@@ -202,6 +204,9 @@ impl Config {
             expiry_interval_ms: env_num(&env, "SUBIDD_EXPIRY_INTERVAL_MS")?
                 .or(file.expiry_interval_ms)
                 .unwrap_or(1_000),
+            pool_check_interval_ms: env_num(&env, "SUBIDD_POOL_CHECK_INTERVAL_MS")?
+                .or(file.pool_check_interval_ms)
+                .unwrap_or(60_000),
             kill_grace_ms: env_num(&env, "SUBIDD_KILL_GRACE_MS")?
                 .or(file.kill_grace_ms)
                 .unwrap_or(10_000),
@@ -223,6 +228,12 @@ impl Config {
         if config.expiry_interval_ms == 0 {
             return Err(ConfigError::Invalid {
                 key: "expiry_interval_ms",
+                reason: "at least 1".into(),
+            });
+        }
+        if config.pool_check_interval_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "pool_check_interval_ms",
                 reason: "at least 1".into(),
             });
         }

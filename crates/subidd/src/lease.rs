@@ -8,11 +8,11 @@
 //! fails, the transaction is rolled back, the allocator is rebuilt from the database, and every
 //! command of the group gets the error: memory never runs ahead of the disk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use subid_core::{AllocError, Allocator, Pool, PoolCounts};
+use subid_core::{AllocError, Allocator, ForeignClaim, Pool, PoolCounts};
 use subid_store::{
     Durability, EventKind, LeaseRecord, NewLease, ProcessRecord, ProcessState, Store, StoreError,
     WriteTx, Writer,
@@ -25,6 +25,19 @@ use crate::error::{ApiError, STORE_UNAVAILABLE};
 const MAX_BATCH: usize = 512;
 /// Depth of the queue in front of the writer; senders wait when it is full.
 const QUEUE_DEPTH: usize = 4096;
+/// Most pool blocks tracked as claimed by other id owners (a claim over more, only possible with
+/// tiny blocks, is cut here and logged).
+const MAX_FOREIGN_BLOCKS: u64 = 1 << 20;
+
+/// Another id owner claims ids of an active lease. Reported, never resolved by subidd: the
+/// operator moves the other claim or releases the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolWarning {
+    /// The lease whose ids are claimed.
+    pub lease: String,
+    /// Who claims them, e.g. "/etc/subuid line 3 (alice:1879048192:65536)".
+    pub claim: String,
+}
 
 /// The settings a client asks for; `None` means the default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -147,6 +160,7 @@ pub struct LeaseService {
     tx: mpsc::Sender<Command>,
     allocator: Arc<Mutex<Allocator>>,
     store: Store,
+    warnings: Arc<Mutex<Vec<PoolWarning>>>,
 }
 
 impl LeaseService {
@@ -193,7 +207,78 @@ impl LeaseService {
             tx,
             allocator,
             store,
+            warnings: Arc::new(Mutex::new(Vec::new())),
         })
+    }
+
+    /// Applies the claims other id owners hold on the pool now: free blocks they touch are withheld,
+    /// blocks no longer claimed come back, and claims on active leases become warnings (logged when
+    /// they appear and when they clear). Returns the warnings.
+    pub async fn apply_claims(
+        &self,
+        claims: &[ForeignClaim],
+    ) -> Result<Vec<PoolWarning>, StoreError> {
+        let mut blocks = BTreeSet::new();
+        let mut tracked = 0u64;
+        for claim in claims {
+            let (first, count) = claim.blocks;
+            tracked = tracked.saturating_add(u64::from(count));
+            if tracked > MAX_FOREIGN_BLOCKS {
+                tracing::error!(
+                    claim = %claim.source,
+                    "claims of other id owners span more than {MAX_FOREIGN_BLOCKS} blocks; \
+                     the rest is not withheld: use a larger pool block"
+                );
+                break;
+            }
+            blocks.extend(first..first.saturating_add(count));
+        }
+        let (pool, conflicts, withheld) = {
+            let mut allocator = lock(&self.allocator);
+            let conflicts = allocator.set_foreign(&blocks);
+            let withheld = allocator.counts(now_ms_u64()).withheld;
+            (*allocator.pool(), conflicts, withheld)
+        };
+        let mut warnings = Vec::new();
+        for claim in claims {
+            let (first, count) = claim.blocks;
+            let end = first.saturating_add(count);
+            let mut named = BTreeSet::new();
+            for &block in conflicts.iter().filter(|&&b| (first..end).contains(&b)) {
+                let Some(start) = pool.block_start(block) else {
+                    continue;
+                };
+                if let Some(lease) = self.store.lease_holding(start).await?
+                    && named.insert(lease.name.clone())
+                {
+                    warnings.push(PoolWarning {
+                        lease: lease.name,
+                        claim: claim.source.to_string(),
+                    });
+                }
+            }
+        }
+        let old = std::mem::replace(&mut *lock(&self.warnings), warnings.clone());
+        for w in warnings.iter().filter(|w| !old.contains(w)) {
+            tracing::error!(
+                lease = %w.lease,
+                claim = %w.claim,
+                "another id owner claims ids of an active lease; subidd does not resolve this: \
+                 remove or move the other claim, or release the lease"
+            );
+        }
+        for w in old.iter().filter(|w| !warnings.contains(w)) {
+            tracing::info!(lease = %w.lease, claim = %w.claim, "claim on lease ids is gone");
+        }
+        if withheld > 0 {
+            tracing::debug!(withheld, "pool blocks withheld for other id owners");
+        }
+        Ok(warnings)
+    }
+
+    /// The conflicts found by the last [`LeaseService::apply_claims`].
+    pub fn pool_warnings(&self) -> Vec<PoolWarning> {
+        lock(&self.warnings).clone()
     }
 
     /// Read access to the store.
@@ -366,7 +451,11 @@ impl WriterTask {
             let pool = *lock(&self.allocator).pool();
             let quarantine = lock(&self.allocator).quarantine_ms();
             match rebuild(&mut self.writer, pool, quarantine).await {
-                Ok(fresh) => *lock(&self.allocator) = fresh,
+                Ok(mut fresh) => {
+                    let mut allocator = lock(&self.allocator);
+                    fresh.set_foreign(allocator.foreign());
+                    *allocator = fresh;
+                }
                 Err(e) => tracing::error!(error = %e, "cannot rebuild the allocator"),
             }
         }
@@ -702,8 +791,10 @@ fn quarantine_of(allocator: &Mutex<Allocator>) -> i64 {
 
 /// Locks the allocator; a panic while holding it cannot leave it half-changed in a way the
 /// next rebuild would not repair, so a poisoned lock is taken over.
-fn lock(allocator: &Mutex<Allocator>) -> MutexGuard<'_, Allocator> {
-    allocator.lock().unwrap_or_else(|e| e.into_inner())
+/// Locks a mutex; a panic elsewhere while it was held leaves data that is still consistent (every
+/// critical section here is a plain read or a whole-value update), so poisoning is ignored.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn gone() -> ApiError {

@@ -1,12 +1,17 @@
-//! Choosing the pool at start and checking it against the host's other id owners.
+//! Choosing the pool at start and checking it against the host's other id owners, then and
+//! whenever /etc/subuid, /etc/subgid or the user and group databases change.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use subid_core::{
-    DEFAULT_BLOCK, IdKind, Pool, PoolError, PoolSpec, SubidEntry, find_entry, parse_subid,
+    DEFAULT_BLOCK, ForeignClaim, IdKind, Pool, PoolError, PoolSpec, SubidEntry, find_entry,
+    parse_subid,
 };
+use subid_sys::watch::FileWatch;
 
 use crate::config::Config;
+use crate::lease::LeaseService;
 
 /// The /etc/subuid owner name whose entry, when present, is the pool.
 pub const OWNER: &str = "subidd";
@@ -142,4 +147,105 @@ fn read_entries(path: &Path) -> Result<Vec<SubidEntry>, PoolSetupError> {
         tracing::warn!(file = %path.display(), %error, "skipping malformed line");
     }
     Ok(entries)
+}
+
+/// Every claim other id owners hold on ids of `pool` now: other owners' lines of the subid files
+/// and the ids of the user and group databases. Blocking (file reads and NSS enumeration).
+pub fn claims(
+    pool: &Pool,
+    subuid_file: &Path,
+    subgid_file: &Path,
+) -> Result<Vec<ForeignClaim>, PoolSetupError> {
+    let mut claims = pool.subid_claims(
+        &subuid_file.display().to_string(),
+        &read_entries(subuid_file)?,
+        OWNER,
+    );
+    claims.extend(pool.subid_claims(
+        &subgid_file.display().to_string(),
+        &read_entries(subgid_file)?,
+        OWNER,
+    ));
+    claims.extend(pool.id_claims(IdKind::Uid, &subid_sys::userdb::all_uids()));
+    claims.extend(pool.id_claims(IdKind::Gid, &subid_sys::userdb::all_gids()));
+    Ok(claims)
+}
+
+/// Where the re-check reads from and how often it runs without a change event.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    pub subuid_file: PathBuf,
+    pub subgid_file: PathBuf,
+    pub interval: Duration,
+}
+
+/// The files of the local user and group databases; NSS sources beyond files (LDAP, sssd) are only
+/// seen by the periodic check.
+const USER_FILES: [&str; 2] = ["/etc/passwd", "/etc/group"];
+/// Shadow's tools replace a file in several steps (lock, write, rename): wait for the burst to end.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Re-checks the pool now, whenever a watched file changes, and every `interval`; runs until the
+/// task is aborted. Failures to read are logged and retried at the next turn, never fatal.
+pub async fn watch(leases: LeaseService, config: WatchConfig) {
+    let files = [
+        config.subuid_file.clone(),
+        config.subgid_file.clone(),
+        PathBuf::from(USER_FILES[0]),
+        PathBuf::from(USER_FILES[1]),
+    ];
+    let watcher = match FileWatch::new(&files) {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                interval_ms = config.interval.as_millis(),
+                "cannot watch /etc/subuid and the user database for changes; re-checking on the interval only"
+            );
+            None
+        }
+    };
+    let mut last_claims = None;
+    loop {
+        recheck(&leases, &config, &mut last_claims).await;
+        match &watcher {
+            Some(watcher) => {
+                tokio::select! {
+                    () = watcher.changed() => {
+                        tokio::time::sleep(SETTLE).await;
+                        watcher.drain();
+                    }
+                    () = tokio::time::sleep(config.interval) => {}
+                }
+            }
+            None => tokio::time::sleep(config.interval).await,
+        }
+    }
+}
+
+/// One re-check: read the claims, apply them, log what changed.
+async fn recheck(leases: &LeaseService, config: &WatchConfig, last: &mut Option<usize>) {
+    let (pool, _) = leases.pool_status();
+    let (subuid, subgid) = (config.subuid_file.clone(), config.subgid_file.clone());
+    let found = tokio::task::spawn_blocking(move || claims(&pool, &subuid, &subgid)).await;
+    let claims = match found {
+        Ok(Ok(claims)) => claims,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "pool re-check failed; keeping the previous claims");
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "pool re-check task failed");
+            return;
+        }
+    };
+    if *last != Some(claims.len()) {
+        for claim in &claims {
+            tracing::warn!(claim = %claim.source, blocks = ?claim.blocks, "another id owner claims ids of the pool; its blocks are withheld");
+        }
+        *last = Some(claims.len());
+    }
+    if let Err(error) = leases.apply_claims(&claims).await {
+        tracing::warn!(%error, "cannot name the leases behind pool conflicts");
+    }
 }

@@ -42,6 +42,7 @@ pub struct Daemon {
     unix_policy: UnixPolicy,
     tcp: Option<(TcpListener, TcpPolicy)>,
     expiry_interval: Duration,
+    pool_watch: pool::WatchConfig,
 }
 
 impl Daemon {
@@ -116,6 +117,11 @@ impl Daemon {
             },
             tcp,
             expiry_interval: Duration::from_millis(config.expiry_interval_ms),
+            pool_watch: pool::WatchConfig {
+                subuid_file: config.subuid_file.clone(),
+                subgid_file: config.subgid_file.clone(),
+                interval: Duration::from_millis(config.pool_check_interval_ms),
+            },
         })
     }
 
@@ -127,6 +133,7 @@ impl Daemon {
                 .clone()
                 .run_expiry(self.expiry_interval),
         );
+        let pool_watch = tokio::spawn(pool::watch(self.state.leases.clone(), self.pool_watch));
         let unix_app = api::router(self.state.clone())
             .layer(middleware::from_fn_with_state(
                 self.unix_policy.clone(),
@@ -146,6 +153,7 @@ impl Daemon {
             tcp.await.context("tcp server task")??;
         }
         expiry.abort();
+        pool_watch.abort();
         if let Err(error) = std::fs::remove_file(&self.socket) {
             tracing::warn!(%error, socket = %self.socket.display(), "cannot remove socket");
         }

@@ -30,6 +30,12 @@ pub async fn pool(State(state): St, query: QueryParams) -> ApiResult {
         quarantine_seconds: state.quarantine_seconds,
         blocks: counts.into(),
         cgroup: state.processes.cgroup_summary().map(Into::into),
+        warnings: state
+            .leases
+            .pool_warnings()
+            .into_iter()
+            .map(Into::into)
+            .collect(),
     };
     Ok(json(StatusCode::OK, &view))
 }

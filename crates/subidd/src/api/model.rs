@@ -122,6 +122,34 @@ pub struct PoolView {
     pub blocks: BlockCounts,
     /// The host's cgroups, as detected at start: whether `pids_max` can be honoured.
     pub cgroup: Option<CgroupView>,
+    /// Active leases whose ids another id owner claims (found by the pool re-check).
+    pub warnings: Vec<PoolWarningView>,
+}
+
+/// `GET /v1/pool` `warnings[]`.
+#[derive(Debug, Serialize)]
+pub struct PoolWarningView {
+    /// Always `lease_ids_claimed` for now.
+    pub code: &'static str,
+    pub lease: String,
+    /// Who claims the ids, e.g. `/etc/subuid line 3 (alice:1879048192:65536)`.
+    pub claim: String,
+    pub message: String,
+}
+
+impl From<crate::lease::PoolWarning> for PoolWarningView {
+    fn from(w: crate::lease::PoolWarning) -> PoolWarningView {
+        PoolWarningView {
+            code: "lease_ids_claimed",
+            message: format!(
+                "{} claims ids of active lease {}; subidd does not resolve this: remove or move \
+                 the other claim, or release the lease",
+                w.claim, w.lease
+            ),
+            lease: w.lease,
+            claim: w.claim,
+        }
+    }
 }
 
 /// `GET /v1/pool` `cgroup`.
@@ -160,6 +188,8 @@ pub struct BlockCounts {
     pub total: u32,
     pub active: u32,
     pub quarantined: u32,
+    /// Blocks withheld because another id owner claims their ids.
+    pub withheld: u32,
     pub free: u32,
 }
 
@@ -169,6 +199,7 @@ impl From<PoolCounts> for BlockCounts {
             total: c.total,
             active: c.active,
             quarantined: c.quarantined,
+            withheld: c.withheld,
             free: c.free,
         }
     }
