@@ -109,6 +109,27 @@ async fn allowed_uid_and_allowed_gid_are_served() {
         status, "201",
         "PUT by uid 4244 with allowed gid 4242: {body}"
     );
+    // A uid whose primary gid is not listed but a supplementary group is (SO_PEERGROUPS).
+    let output = tokio::process::Command::new("setpriv")
+        .args(["--reuid=4245", "--regid=4245", "--groups=4300,4242", "--"])
+        .args(["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "-X", "PUT"])
+        .arg("--unix-socket")
+        .arg(&daemon.socket)
+        .arg("http://localhost/v1/leases/by-4245")
+        .output()
+        .await
+        .expect("run setpriv curl");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.ends_with("\n201"),
+        "PUT by uid 4245 with supplementary group 4242: {text} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (status, body) = curl_as(4246, 4300, &daemon.socket, "GET", "/_ping").await;
+    assert_eq!(
+        status, "000",
+        "uid 4246 outside the socket group cannot connect: {body}"
+    );
     let client = daemon.client();
     let history = events(&client, "by-4242").await;
     assert_eq!(history[0].0, "create");

@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod error;
 pub mod floor;
 pub mod members;
+pub mod peer;
 pub mod pidfd;
 mod raw;
 pub mod spawn;

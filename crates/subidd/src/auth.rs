@@ -1,5 +1,7 @@
-//! Who may call: SO_PEERCRED on the unix socket, a bearer token and a loopback `Host` on TCP.
+//! Who may call: SO_PEERCRED and SO_PEERGROUPS on the unix socket, a bearer token and a loopback
+//! `Host` on TCP.
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use axum::extract::connect_info::Connected;
@@ -16,23 +18,37 @@ use crate::error::ApiError;
 
 /// The kernel's word on who is at the other end of a unix connection (SO_PEERCRED, taken when
 /// the peer connected, so it cannot be changed by what the peer does afterwards).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCred {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+    /// Supplementary groups at connect time (SO_PEERGROUPS); empty when the kernel would not say.
+    pub groups: Arc<[u32]>,
 }
 
 /// Connection info for the unix listener; `None` when the kernel would not say (refused).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct UnixPeer(pub Option<PeerCred>);
 
 impl Connected<IncomingStream<'_, UnixListener>> for UnixPeer {
     fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        UnixPeer(stream.io().peer_cred().ok().map(|c| PeerCred {
-            uid: c.uid(),
-            gid: c.gid(),
-            pid: c.pid(),
+        let socket = stream.io();
+        UnixPeer(socket.peer_cred().ok().map(|c| {
+            let groups = match subid_sys::peer::peer_groups(socket.as_fd()) {
+                Ok(groups) => groups,
+                Err(error) => {
+                    // Only supplementary groups are lost: uid and primary gid still decide.
+                    tracing::warn!(%error, uid = c.uid(), "cannot read the peer's groups");
+                    Vec::new()
+                }
+            };
+            PeerCred {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid(),
+                groups: Arc::from(groups),
+            }
         }))
     }
 }
@@ -45,11 +61,12 @@ pub struct UnixPolicy {
 }
 
 impl UnixPolicy {
-    /// Root always; otherwise a listed uid, or a listed primary gid of the peer.
+    /// Root always; otherwise a listed uid, or a listed primary or supplementary gid of the peer.
     pub fn allows(&self, peer: &PeerCred) -> bool {
         peer.uid == 0
             || self.allowed_uids.contains(&peer.uid)
             || self.allowed_gids.contains(&peer.gid)
+            || peer.groups.iter().any(|g| self.allowed_gids.contains(g))
     }
 }
 
@@ -176,14 +193,16 @@ mod tests {
             allowed_uids: Arc::from(vec![1000]),
             allowed_gids: Arc::from(vec![2000]),
         };
-        let peer = |uid, gid| PeerCred {
+        let peer = |uid, gid, groups: &[u32]| PeerCred {
             uid,
             gid,
             pid: None,
+            groups: Arc::from(groups),
         };
-        assert!(policy.allows(&peer(0, 0)));
-        assert!(policy.allows(&peer(1000, 5)));
-        assert!(policy.allows(&peer(5, 2000)));
-        assert!(!policy.allows(&peer(5, 5)));
+        assert!(policy.allows(&peer(0, 0, &[])));
+        assert!(policy.allows(&peer(1000, 5, &[])));
+        assert!(policy.allows(&peer(5, 2000, &[])));
+        assert!(policy.allows(&peer(5, 5, &[7, 2000])));
+        assert!(!policy.allows(&peer(5, 5, &[7, 8])));
     }
 }
