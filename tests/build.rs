@@ -1,5 +1,12 @@
-//! Sets `cfg(subidd_root)` when the tests are built as root, so tests that need root are
-//! reported as ignored (not silently passed) elsewhere.
+//! Sets cfgs the tests are gated on: `subidd_root` when built as root, `subidd_pids` when the host
+//! has a pids controller, and one per container tool the integration recipes use, so tests that
+//! cannot run here are reported as ignored (not silently passed).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+/// The one-file rootfs of the integration recipes (Debian's busybox-static).
+const BUSYBOX: &str = "/bin/busybox";
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(subidd_root)");
@@ -8,6 +15,19 @@ fn main() {
         println!("cargo::rustc-cfg=subidd_pids");
     }
     println!("cargo::rerun-if-changed=build.rs");
+    // Container tools the recipes of docs/INTEGRATIONS.md need; a missing one shows its tests
+    // as ignored. PATH is read at build time: rebuild after installing one.
+    println!("cargo::rerun-if-env-changed=PATH");
+    for tool in ["runc", "crun", "podman", "jq"] {
+        println!("cargo::rustc-check-cfg=cfg(subidd_{tool})");
+        if on_path(tool) {
+            println!("cargo::rustc-cfg=subidd_{tool}");
+        }
+    }
+    println!("cargo::rustc-check-cfg=cfg(subidd_busybox)");
+    if is_static_elf(Path::new(BUSYBOX)) {
+        println!("cargo::rustc-cfg=subidd_busybox");
+    }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let euid = status
         .lines()
@@ -38,4 +58,51 @@ fn has_pids_controller() -> bool {
             _ => false,
         }
     })
+}
+
+/// Whether an executable file named `tool` is in a directory of PATH.
+fn on_path(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(tool))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// Whether `path` is a 64-bit ELF executable without a program interpreter (PT_INTERP), so it
+/// runs in a rootfs that has no dynamic loader.
+fn is_static_elf(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    let le_u16 = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let le_u32 = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let le_u64 = |at: usize| {
+        bytes
+            .get(at..at + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    // ELF magic, ELFCLASS64, little-endian.
+    if bytes.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (le_u64(0x20), le_u16(0x36), le_u16(0x38))
+    else {
+        return false;
+    };
+    let Ok(phoff) = usize::try_from(phoff) else {
+        return false;
+    };
+    (0..usize::from(phnum))
+        .all(|i| le_u32(phoff + i * usize::from(phentsize)).is_some_and(|kind| kind != PT_INTERP))
 }

@@ -6,6 +6,7 @@ mod caps;
 mod concurrency;
 mod config;
 mod idmap;
+mod integrations;
 mod leases;
 mod pool;
 mod quarantine;

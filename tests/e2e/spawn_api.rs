@@ -1,15 +1,13 @@
 //! Processes in a lease's user namespace, through the API: host ids, one namespace per lease
 //! owned by its base uid, what the child inherits, per-owner kernel counters, teardown.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use serde_json::{Value, json};
 use subidd_tests::{Client, Daemon};
 
-use crate::util::assert_error;
+use crate::util::{assert_error, gone, ids, ns_ino, pin};
 
 /// Spawns `body` in `lease`; panics unless 201. Returns the process JSON.
 async fn spawn(client: &Client, lease: &str, body: Value) -> Value {
@@ -54,40 +52,6 @@ async fn lease(client: &Client, name: &str) -> u32 {
         .expect("put");
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
     u32::try_from(reply.json()["uid_base"].as_u64().expect("base")).expect("u32")
-}
-
-/// `[real, effective, saved, fs]` of a `/proc/<pid>/status` line (`Uid:` or `Gid:`).
-fn ids(pid: i64, key: &str) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .expect("line")
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect()
-}
-
-fn ns_ino(path: impl AsRef<Path>) -> u64 {
-    std::fs::metadata(path).expect("ns").ino()
-}
-
-fn pin(daemon: &Daemon, lease: &str) -> PathBuf {
-    daemon.path("run").join("ns").join(lease).join("user")
-}
-
-/// Polls until `/proc/<pid>` is gone or 10 s passed.
-async fn gone(pid: i64) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let alive =
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
-        if !alive {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

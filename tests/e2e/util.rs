@@ -1,8 +1,13 @@
-//! Shared helpers of the end-to-end tests: pool configs, error and range assertions.
+//! Shared helpers of the end-to-end tests: pool configs, error and range assertions, and what
+//! /proc says of a process.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use serde_json::Value;
-use subidd_tests::{Client, Reply};
+use subidd_tests::{Client, Daemon, Reply};
 
 /// First id of the default pool (0x70000000).
 pub const BASE: u32 = 1_879_048_192;
@@ -198,4 +203,40 @@ pub fn ensure_open_files(needed: u64) {
         "this test needs {needed} open files, the soft limit is {soft} and prlimit could not \
          raise it ({status:?}); run `ulimit -n {hard}` first"
     );
+}
+
+/// `[real, effective, saved, fs]` of a `/proc/<pid>/status` line (`Uid:` or `Gid:`).
+pub fn ids(pid: i64, key: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .expect("line")
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
+/// Inode of a namespace file (`/proc/<pid>/ns/*` or a pin): equal inodes, same namespace.
+pub fn ns_ino(path: impl AsRef<Path>) -> u64 {
+    std::fs::metadata(path).expect("ns").ino()
+}
+
+/// Where the daemon pins a lease's user namespace.
+pub fn pin(daemon: &Daemon, lease: &str) -> PathBuf {
+    daemon.path("run").join("ns").join(lease).join("user")
+}
+
+/// Polls until `/proc/<pid>` is gone or 10 s passed.
+pub async fn gone(pid: i64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let alive =
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        if !alive {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }
