@@ -197,19 +197,24 @@ async fn a_new_subuid_claim_withholds_free_blocks_and_reports_active_leases() {
     assert_status(&a, StatusCode::CREATED, "PUT a");
     assert_eq!(a.json()["uid_base"], RECHECK_BASE, "a gets block 0");
 
-    // Another tool gives block 0 (a's) and block 2 (free) to other owners.
+    // Another tool gives ids of blocks 0 (a's) and 1 (free) to one owner, and block 3 (free) to
+    // another.
     let claims = format!(
-        "other:{RECHECK_BASE}:{BLOCK}\nsomeone:{}:{BLOCK}\n",
-        RECHECK_BASE + 2 * BLOCK
+        "other:{}:{BLOCK}\nsomeone:{}:{BLOCK}\n",
+        RECHECK_BASE + 1000,
+        RECHECK_BASE + 3 * BLOCK
     );
     replace_file(&daemon.path("subuid"), &claims);
     let pool = pool_when(&client, "warning for lease a", |p| {
         p["warnings"].as_array().is_some_and(|w| !w.is_empty())
     })
     .await;
-    assert_eq!(pool["blocks"]["withheld"], 1, "block 2 withheld: {pool}");
+    assert_eq!(
+        pool["blocks"]["withheld"], 2,
+        "blocks 1 and 3 withheld: {pool}"
+    );
     assert_eq!(pool["blocks"]["active"], 1, "a stays active: {pool}");
-    assert_eq!(pool["blocks"]["free"], 2, "blocks 1 and 3 free: {pool}");
+    assert_eq!(pool["blocks"]["free"], 1, "block 2 free: {pool}");
     let warning = &pool["warnings"][0];
     assert_eq!(pool["warnings"].as_array().map(Vec::len), Some(1), "{pool}");
     assert_eq!(warning["code"], "lease_ids_claimed", "{warning}");
@@ -219,27 +224,25 @@ async fn a_new_subuid_claim_withholds_free_blocks_and_reports_active_leases() {
         claim.contains("line 1") && claim.contains("other"),
         "claim names the line: {warning}"
     );
+    let statuses: Vec<&str> = pool["claims"]
+        .as_array()
+        .map(|c| c.iter().filter_map(|c| c["status"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(statuses, ["conflict", "withheld"], "claims: {pool}");
 
-    // Allocation steps around the withheld block; a is untouched.
-    let mut bases = Vec::new();
-    for name in ["b", "c"] {
-        let reply = client
-            .put(&format!("/v1/leases/{name}"), None)
-            .await
-            .expect("PUT");
-        assert_status(&reply, StatusCode::CREATED, name);
-        bases.push(reply.json()["uid_base"].as_u64().unwrap_or_default());
-    }
+    // Allocation steps around the withheld blocks; a is untouched.
+    let b = client.put("/v1/leases/b", None).await.expect("PUT b");
+    assert_status(&b, StatusCode::CREATED, "PUT b");
     assert_eq!(
-        bases,
-        vec![RECHECK_BASE + BLOCK, RECHECK_BASE + 3 * BLOCK],
-        "blocks 1 and 3, never the withheld 2"
+        b.json()["uid_base"],
+        RECHECK_BASE + 2 * BLOCK,
+        "block 2, never 1 or 3"
     );
     let full = client.put("/v1/leases/d", None).await.expect("PUT d");
     assert_eq!(
         full.code(),
         "pool_exhausted",
-        "only the withheld block is left: {}",
+        "only withheld blocks are left: {}",
         full.text()
     );
     let a_now = client.get("/v1/leases/a").await.expect("GET a").json();
@@ -250,16 +253,16 @@ async fn a_new_subuid_claim_withholds_free_blocks_and_reports_active_leases() {
         daemon.log_text()
     );
 
-    // The claims go away: the warning clears and block 2 is handed out again.
+    // The claims go away: the warning clears and blocks 1 and 3 are handed out again.
     replace_file(&daemon.path("subuid"), "");
     let pool = pool_when(&client, "claims cleared", |p| {
         p["warnings"].as_array().is_some_and(Vec::is_empty) && p["blocks"]["withheld"] == 0
     })
     .await;
-    assert_eq!(pool["blocks"]["free"], 1, "{pool}");
+    assert_eq!(pool["blocks"]["free"], 2, "{pool}");
     let d = client.put("/v1/leases/d", None).await.expect("PUT d");
     assert_status(&d, StatusCode::CREATED, "PUT d after the claim went away");
-    assert_eq!(d.json()["uid_base"], RECHECK_BASE + 2 * BLOCK, "block 2");
+    assert_eq!(d.json()["uid_base"], RECHECK_BASE + BLOCK, "block 1");
 }
 
 /// Removes the host user on drop, so a failing test leaves the user database as it found it.
@@ -307,4 +310,73 @@ async fn a_new_host_user_inside_an_active_lease_is_reported() {
         p["warnings"].as_array().is_some_and(Vec::is_empty)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subuid_entry_inside_a_lease_hands_it_on_until_the_lease_is_released() {
+    let base = RECHECK_BASE + 32 * BLOCK;
+    let config = format!(
+        "quarantine_seconds = 0\npool_check_interval_ms = 3600000\n[pool]\nbase = {base}\nsize = {}\n",
+        2 * BLOCK
+    );
+    let mut daemon = Daemon::start(&config).expect("start daemon");
+    let client = daemon.client();
+    let web = client.put("/v1/leases/web", None).await.expect("PUT web");
+    assert_status(&web, StatusCode::CREATED, "PUT web");
+    assert_eq!(web.json()["uid_base"], base, "web gets block 0");
+    // The operator hands the lease to a rootless user the way the docs say.
+    let line = client
+        .get("/v1/leases/web/idmap?format=subuid")
+        .await
+        .expect("GET idmap")
+        .text();
+    assert_eq!(line, format!("web:{base}:{BLOCK}\n"), "subuid line");
+    replace_file(&daemon.path("subuid"), &line);
+    replace_file(&daemon.path("subgid"), &line);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !daemon.log_text().contains("hands on ids of a lease") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-check did not see the entry:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pool = client.get("/v1/pool").await.expect("GET pool").json();
+    assert_eq!(
+        pool["warnings"],
+        serde_json::json!([]),
+        "no conflict: {pool}"
+    );
+    assert_eq!(pool["blocks"]["withheld"], 0, "{pool}");
+    assert_eq!(pool["claims"][0]["status"], "hands_on", "{pool}");
+    assert_eq!(
+        pool["claims"][0]["leases"],
+        serde_json::json!(["web"]),
+        "{pool}"
+    );
+
+    // A restart accepts the entry (it names the lease's own ids).
+    daemon.restart().expect("restart with the entry in place");
+    let client = daemon.client();
+    let pool = client.get("/v1/pool").await.expect("GET pool").json();
+    assert_eq!(
+        pool["warnings"],
+        serde_json::json!([]),
+        "after restart: {pool}"
+    );
+
+    // Released while the entry stays: its block is withheld, not handed to the next lease.
+    let gone = client.delete("/v1/leases/web").await.expect("DELETE web");
+    assert_status(&gone, StatusCode::NO_CONTENT, "DELETE web");
+    let pool = client.get("/v1/pool").await.expect("GET pool").json();
+    assert_eq!(
+        pool["blocks"]["withheld"], 1,
+        "released block withheld: {pool}"
+    );
+    let next = client.put("/v1/leases/next", None).await.expect("PUT next");
+    assert_status(&next, StatusCode::CREATED, "PUT next");
+    assert_eq!(next.json()["uid_base"], base + BLOCK, "block 1, not web's");
+    let full = client.put("/v1/leases/more", None).await.expect("PUT more");
+    assert_eq!(full.code(), "pool_exhausted", "{}", full.text());
 }

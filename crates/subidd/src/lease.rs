@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use subid_core::{AllocError, Allocator, ForeignClaim, Pool, PoolCounts};
+use subid_core::{AllocError, Allocator, ClaimSource, ForeignClaim, IdRange, Pool, PoolCounts};
 use subid_store::{
     Durability, EventKind, LeaseRecord, NewLease, ProcessRecord, ProcessState, Store, StoreError,
     WriteTx, Writer,
@@ -37,6 +37,26 @@ pub struct PoolWarning {
     pub lease: String,
     /// Who claims them, e.g. "/etc/subuid line 3 (alice:1879048192:65536)".
     pub claim: String,
+}
+
+/// What a claim of another id owner means for the pool, as last applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimStatus {
+    /// A subid entry inside this active lease: the lease handed on (no conflict).
+    HandsOn(String),
+    /// It touches these active leases: reported as warnings.
+    Conflicts(Vec<String>),
+    /// It touches only blocks that are not active: those are withheld.
+    Withheld,
+}
+
+/// One claim and its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedClaim {
+    pub claim: String,
+    /// Pool blocks `(first, count)` it touches.
+    pub blocks: (u32, u32),
+    pub status: ClaimStatus,
 }
 
 /// The settings a client asks for; `None` means the default.
@@ -161,6 +181,7 @@ pub struct LeaseService {
     allocator: Arc<Mutex<Allocator>>,
     store: Store,
     warnings: Arc<Mutex<Vec<PoolWarning>>>,
+    claims: Arc<Mutex<Vec<AppliedClaim>>>,
 }
 
 impl LeaseService {
@@ -208,16 +229,18 @@ impl LeaseService {
             allocator,
             store,
             warnings: Arc::new(Mutex::new(Vec::new())),
+            claims: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
     /// Applies the claims other id owners hold on the pool now: free blocks they touch are withheld,
-    /// blocks no longer claimed come back, and claims on active leases become warnings (logged when
-    /// they appear and when they clear). Returns the warnings.
+    /// blocks no longer claimed come back, and claims on active leases (other than a subid entry
+    /// inside one lease, which hands that lease on) become warnings, logged when they appear and
+    /// when they clear. Returns each claim with its status.
     pub async fn apply_claims(
         &self,
         claims: &[ForeignClaim],
-    ) -> Result<Vec<PoolWarning>, StoreError> {
+    ) -> Result<Vec<AppliedClaim>, StoreError> {
         let mut blocks = BTreeSet::new();
         let mut tracked = 0u64;
         for claim in claims {
@@ -240,23 +263,39 @@ impl LeaseService {
             (*allocator.pool(), conflicts, withheld)
         };
         let mut warnings = Vec::new();
+        let mut applied = Vec::new();
         for claim in claims {
-            let (first, count) = claim.blocks;
-            let end = first.saturating_add(count);
-            let mut named = BTreeSet::new();
-            for &block in conflicts.iter().filter(|&&b| (first..end).contains(&b)) {
-                let Some(start) = pool.block_start(block) else {
-                    continue;
-                };
-                if let Some(lease) = self.store.lease_holding(start).await?
-                    && named.insert(lease.name.clone())
-                {
-                    warnings.push(PoolWarning {
-                        lease: lease.name,
-                        claim: claim.source.to_string(),
-                    });
+            let status = match self.delegated_to(claim).await? {
+                Some(lease) => ClaimStatus::HandsOn(lease),
+                None => {
+                    let (first, count) = claim.blocks;
+                    let end = first.saturating_add(count);
+                    let mut named = BTreeSet::new();
+                    for &block in conflicts.iter().filter(|&&b| (first..end).contains(&b)) {
+                        let Some(start) = pool.block_start(block) else {
+                            continue;
+                        };
+                        if let Some(lease) = self.store.lease_holding(start).await?
+                            && named.insert(lease.name.clone())
+                        {
+                            warnings.push(PoolWarning {
+                                lease: lease.name,
+                                claim: claim.source.to_string(),
+                            });
+                        }
+                    }
+                    if named.is_empty() {
+                        ClaimStatus::Withheld
+                    } else {
+                        ClaimStatus::Conflicts(named.into_iter().collect())
+                    }
                 }
-            }
+            };
+            applied.push(AppliedClaim {
+                claim: claim.source.to_string(),
+                blocks: claim.blocks,
+                status,
+            });
         }
         let old = std::mem::replace(&mut *lock(&self.warnings), warnings.clone());
         for w in warnings.iter().filter(|w| !old.contains(w)) {
@@ -273,7 +312,35 @@ impl LeaseService {
         if withheld > 0 {
             tracing::debug!(withheld, "pool blocks withheld for other id owners");
         }
-        Ok(warnings)
+        lock(&self.claims).clone_from(&applied);
+        Ok(applied)
+    }
+
+    /// The active lease an /etc/subuid or /etc/subgid entry hands on, when the entry lies wholly
+    /// inside one (as `idmap?format=subuid` renders it). Such an entry is no conflict while the
+    /// lease is active; once the lease is released its blocks are withheld like any claimed ones.
+    pub async fn delegated_to(&self, claim: &ForeignClaim) -> Result<Option<String>, StoreError> {
+        let ClaimSource::Subid { start, count, .. } = claim.source else {
+            return Ok(None);
+        };
+        let Ok(ids) = IdRange::new(start, count) else {
+            return Ok(None);
+        };
+        let (pool, _) = self.pool_status();
+        let Some(first) = pool.block_start(claim.blocks.0) else {
+            return Ok(None);
+        };
+        let Some(lease) = self.store.lease_holding(first).await? else {
+            return Ok(None);
+        };
+        let inside =
+            IdRange::new(lease.uid_base, lease.size).is_ok_and(|held| held.contains_range(&ids));
+        Ok(inside.then_some(lease.name))
+    }
+
+    /// Every claim of another id owner on the pool, as last applied.
+    pub fn pool_claims(&self) -> Vec<AppliedClaim> {
+        lock(&self.claims).clone()
     }
 
     /// The conflicts found by the last [`LeaseService::apply_claims`].

@@ -11,7 +11,7 @@ use subid_core::{
 use subid_sys::watch::FileWatch;
 
 use crate::config::Config;
-use crate::lease::LeaseService;
+use crate::lease::{AppliedClaim, ClaimStatus, LeaseService};
 
 /// The /etc/subuid owner name whose entry, when present, is the pool.
 pub const OWNER: &str = "subidd";
@@ -61,7 +61,8 @@ pub enum PoolSetupError {
 }
 
 /// Picks the pool (config keys, else the `subidd` entry of /etc/subuid, else the default) and
-/// refuses it when it overlaps another owner's subordinate ids or an existing uid or gid.
+/// refuses it when it contains an existing uid or gid. Other owners' subordinate ids are checked
+/// by [`refuse_undelegated`] once the leases are known, since an entry may be a lease's own.
 pub fn choose(
     config: &Config,
     uids: &[u32],
@@ -122,8 +123,6 @@ pub fn choose(
         }
     };
     let pool = Pool::new(spec)?;
-    pool.check_subid_conflicts(&config.subuid_file.display().to_string(), &subuid, OWNER)?;
-    pool.check_subid_conflicts(&config.subgid_file.display().to_string(), &subgid, OWNER)?;
     pool.check_id_conflicts(IdKind::Uid, uids)?;
     pool.check_id_conflicts(IdKind::Gid, gids)?;
     Ok((pool, source))
@@ -149,9 +148,28 @@ fn read_entries(path: &Path) -> Result<Vec<SubidEntry>, PoolSetupError> {
     Ok(entries)
 }
 
-/// Every claim other id owners hold on ids of `pool` now: other owners' lines of the subid files
-/// and the ids of the user and group databases. Blocking (file reads and NSS enumeration).
-pub fn claims(
+/// At start, with the leases loaded: refuses the pool when another owner's /etc/subuid or
+/// /etc/subgid entry reaches into it, unless the entry lies inside one active lease (a lease
+/// handed on, e.g. `idmap?format=subuid` for a rootless podman user). Names the first such entry.
+pub async fn refuse_undelegated(leases: &LeaseService, config: &Config) -> anyhow::Result<()> {
+    let (pool, _) = leases.pool_status();
+    let (subuid, subgid) = (config.subuid_file.clone(), config.subgid_file.clone());
+    let claims = tokio::task::spawn_blocking(move || subid_claims(&pool, &subuid, &subgid))
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the subid files: {e}"))??;
+    for claim in claims {
+        match leases.delegated_to(&claim).await? {
+            Some(lease) => {
+                tracing::info!(claim = %claim.source, %lease, "subid entry hands on ids of a lease")
+            }
+            None => return Err(PoolSetupError::Invalid(claim.into_error()).into()),
+        }
+    }
+    Ok(())
+}
+
+/// Other owners' lines of the subid files that reach into `pool`.
+fn subid_claims(
     pool: &Pool,
     subuid_file: &Path,
     subgid_file: &Path,
@@ -166,6 +184,17 @@ pub fn claims(
         &read_entries(subgid_file)?,
         OWNER,
     ));
+    Ok(claims)
+}
+
+/// Every claim other id owners hold on ids of `pool` now: other owners' lines of the subid files
+/// and the ids of the user and group databases. Blocking (file reads and NSS enumeration).
+pub fn claims(
+    pool: &Pool,
+    subuid_file: &Path,
+    subgid_file: &Path,
+) -> Result<Vec<ForeignClaim>, PoolSetupError> {
+    let mut claims = subid_claims(pool, subuid_file, subgid_file)?;
     claims.extend(pool.id_claims(IdKind::Uid, &subid_sys::userdb::all_uids()));
     claims.extend(pool.id_claims(IdKind::Gid, &subid_sys::userdb::all_gids()));
     Ok(claims)
@@ -205,7 +234,7 @@ pub async fn watch(leases: LeaseService, config: WatchConfig) {
             None
         }
     };
-    let mut last_claims = None;
+    let mut last_claims = Vec::new();
     loop {
         recheck(&leases, &config, &mut last_claims).await;
         match &watcher {
@@ -224,7 +253,7 @@ pub async fn watch(leases: LeaseService, config: WatchConfig) {
 }
 
 /// One re-check: read the claims, apply them, log what changed.
-async fn recheck(leases: &LeaseService, config: &WatchConfig, last: &mut Option<usize>) {
+async fn recheck(leases: &LeaseService, config: &WatchConfig, last: &mut Vec<AppliedClaim>) {
     let (pool, _) = leases.pool_status();
     let (subuid, subgid) = (config.subuid_file.clone(), config.subgid_file.clone());
     let found = tokio::task::spawn_blocking(move || claims(&pool, &subuid, &subgid)).await;
@@ -239,13 +268,26 @@ async fn recheck(leases: &LeaseService, config: &WatchConfig, last: &mut Option<
             return;
         }
     };
-    if *last != Some(claims.len()) {
-        for claim in &claims {
-            tracing::warn!(claim = %claim.source, blocks = ?claim.blocks, "another id owner claims ids of the pool; its blocks are withheld");
+    let applied = match leases.apply_claims(&claims).await {
+        Ok(applied) => applied,
+        Err(error) => {
+            tracing::warn!(%error, "cannot name the leases behind pool conflicts");
+            return;
         }
-        *last = Some(claims.len());
+    };
+    // Conflicts with active leases are logged by the lease service; here, what else changed.
+    for a in applied.iter().filter(|a| !last.contains(a)) {
+        match &a.status {
+            ClaimStatus::HandsOn(lease) => {
+                tracing::info!(claim = %a.claim, %lease, "subid entry hands on ids of a lease")
+            }
+            ClaimStatus::Withheld => tracing::warn!(
+                claim = %a.claim,
+                blocks = ?a.blocks,
+                "another id owner claims ids of the pool; its blocks are withheld"
+            ),
+            ClaimStatus::Conflicts(_) => {}
+        }
     }
-    if let Err(error) = leases.apply_claims(&claims).await {
-        tracing::warn!(%error, "cannot name the leases behind pool conflicts");
-    }
+    *last = applied;
 }

@@ -73,6 +73,7 @@ impl Daemon {
         })?;
         let quarantine = Duration::from_secs(config.quarantine_seconds);
         let leases = LeaseService::start(store, writer, pool, quarantine).await?;
+        pool::refuse_undelegated(&leases, config).await?;
         let processes = ProcessService::start(
             leases.clone(),
             ProcessConfig {

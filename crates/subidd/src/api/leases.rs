@@ -36,6 +36,12 @@ pub async fn pool(State(state): St, query: QueryParams) -> ApiResult {
             .into_iter()
             .map(Into::into)
             .collect(),
+        claims: state
+            .leases
+            .pool_claims()
+            .into_iter()
+            .map(Into::into)
+            .collect(),
     };
     Ok(json(StatusCode::OK, &view))
 }

@@ -124,6 +124,41 @@ pub struct PoolView {
     pub cgroup: Option<CgroupView>,
     /// Active leases whose ids another id owner claims (found by the pool re-check).
     pub warnings: Vec<PoolWarningView>,
+    /// Every claim of another id owner on ids of the pool, and what it means.
+    pub claims: Vec<ClaimView>,
+}
+
+/// `GET /v1/pool` `claims[]`.
+#[derive(Debug, Serialize)]
+pub struct ClaimView {
+    /// Who claims the ids.
+    pub claim: String,
+    /// First pool block it touches and how many.
+    pub first_block: u32,
+    pub blocks: u32,
+    /// `hands_on` (a subid entry inside one active lease: that lease handed on), `conflict`
+    /// (touches active leases: see `warnings`), `withheld` (its blocks are kept from allocation).
+    pub status: &'static str,
+    /// The leases concerned (`hands_on`, `conflict`).
+    pub leases: Vec<String>,
+}
+
+impl From<crate::lease::AppliedClaim> for ClaimView {
+    fn from(a: crate::lease::AppliedClaim) -> ClaimView {
+        use crate::lease::ClaimStatus;
+        let (status, leases) = match a.status {
+            ClaimStatus::HandsOn(lease) => ("hands_on", vec![lease]),
+            ClaimStatus::Conflicts(leases) => ("conflict", leases),
+            ClaimStatus::Withheld => ("withheld", Vec::new()),
+        };
+        ClaimView {
+            claim: a.claim,
+            first_block: a.blocks.0,
+            blocks: a.blocks.1,
+            status,
+            leases,
+        }
+    }
 }
 
 /// `GET /v1/pool` `warnings[]`.
