@@ -12,5 +12,6 @@ mod pool;
 mod quarantine;
 mod restart;
 mod spawn_api;
+mod storage;
 mod ttl;
 mod util;

@@ -20,6 +20,13 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("database {path} cannot be written: {reason} ({source})")]
+    NotWritable {
+        path: PathBuf,
+        reason: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot migrate database {path}: {source}")]
     Migrate {
         path: PathBuf,

@@ -53,6 +53,8 @@ pub struct Store {
 #[derive(Debug)]
 pub struct Writer {
     conn: SqliteConnection,
+    /// How `conn` was opened, for [`Writer::reopen`].
+    options: SqliteConnectOptions,
     path: PathBuf,
     durability: Durability,
 }
@@ -76,6 +78,7 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
         path: path.to_path_buf(),
         source,
     };
+    check_writable(path)?;
     let options = SqliteConnectOptions::from_str("sqlite://")
         .map_err(open_err)?
         .filename(path)
@@ -102,7 +105,7 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
     let readers = SqlitePoolOptions::new()
         .max_connections(4)
         .min_connections(1)
-        .connect_with(options.read_only(true).create_if_missing(false))
+        .connect_with(options.clone().read_only(true).create_if_missing(false))
         .await
         .map_err(open_err)?;
     Ok((
@@ -112,10 +115,40 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
         },
         Writer {
             conn,
+            options: options.create_if_missing(false),
             path: path.to_path_buf(),
             durability: Durability::Full,
         },
     ))
+}
+
+/// Refuses an existing database file that cannot be opened for writing, saying why (SQLite
+/// itself would only say "readonly database" or "unable to open", or open it read-only and fail
+/// at the first write). Opening for writing changes nothing in the file.
+fn check_writable(path: &Path) -> Result<(), StoreError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(_) => Ok(()),
+        Err(source) => {
+            let reason = match source.kind() {
+                std::io::ErrorKind::ReadOnlyFilesystem => {
+                    "the file system holding it is mounted read-only"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied by its owner or mode, or an immutable or append-only \
+                     attribute (lsattr shows it; chattr -i clears it)"
+                }
+                _ => "it cannot be opened for writing",
+            };
+            Err(StoreError::NotWritable {
+                path: path.to_path_buf(),
+                reason,
+                source,
+            })
+        }
+    }
 }
 
 impl Store {
@@ -249,6 +282,27 @@ impl Writer {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Replaces the writing connection with a fresh one; closing the old one rolls back whatever
+    /// it still had open.
+    ///
+    /// Needed after a failed `COMMIT`: SQLite may have rolled the transaction back by itself
+    /// (SQLITE_FULL, SQLITE_IOERR), so the explicit rollback fails and the connection believes
+    /// it is still inside a transaction; every later `BEGIN` would then fail, even once the
+    /// disk has room again.
+    pub async fn reopen(&mut self) -> Result<(), StoreError> {
+        let fresh = SqliteConnection::connect_with(&self.options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: self.path.clone(),
+                source,
+            })?;
+        let old = std::mem::replace(&mut self.conn, fresh);
+        self.durability = Durability::Full;
+        // Closing may report the failed transaction again; the new connection is what counts.
+        let _ = old.close().await;
+        Ok(())
     }
 
     /// Every block row, for rebuilding the in-memory allocator at start.

@@ -203,9 +203,17 @@ async fn shutdown_signal() {
     }
 }
 
-/// Creates a directory (and parents) and sets its mode.
+/// Creates a directory (and parents) and sets its mode. A directory that has the mode already
+/// is left alone, so that a read-only mount gets as far as the database, whose refusal says why.
 fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    let current = std::fs::metadata(path)
+        .with_context(|| format!("inspecting {}", path.display()))?
+        .permissions()
+        .mode();
+    if current & 0o7777 == mode {
+        return Ok(());
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting mode {mode:o} on {}", path.display()))
 }
