@@ -8,6 +8,7 @@ mod config;
 mod crash;
 mod idmap;
 mod leases;
+mod limits;
 mod pool;
 mod quarantine;
 mod restart;

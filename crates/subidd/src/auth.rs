@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
 use subtle::ConstantTimeEq;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::api::Caller;
 use crate::error::ApiError;
@@ -27,13 +27,20 @@ pub struct PeerCred {
 #[derive(Debug, Clone, Copy)]
 pub struct UnixPeer(pub Option<PeerCred>);
 
-impl Connected<IncomingStream<'_, UnixListener>> for UnixPeer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        UnixPeer(stream.io().peer_cred().ok().map(|c| PeerCred {
+impl UnixPeer {
+    /// The credentials the kernel recorded for the peer of `stream`.
+    pub fn of(stream: &UnixStream) -> UnixPeer {
+        UnixPeer(stream.peer_cred().ok().map(|c| PeerCred {
             uid: c.uid(),
             gid: c.gid(),
             pid: c.pid(),
         }))
+    }
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for UnixPeer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        UnixPeer::of(stream.io())
     }
 }
 

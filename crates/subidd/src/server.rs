@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::middleware;
-use tokio::net::{TcpListener, UnixListener, UnixSocket};
+use tokio::net::{TcpListener, UnixListener, UnixSocket, UnixStream};
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::auth::{self, TcpPolicy, UnixPeer, UnixPolicy};
 use crate::config::Config;
 use crate::lease::LeaseService;
+use crate::limits::{self, Limiter, ServeLimits};
 use crate::pool;
 use crate::process::{ProcessConfig, ProcessService};
 
@@ -42,6 +44,7 @@ pub struct Daemon {
     unix_policy: UnixPolicy,
     tcp: Option<(TcpListener, TcpPolicy)>,
     expiry_interval: Duration,
+    limits: ServeLimits,
 }
 
 impl Daemon {
@@ -116,6 +119,7 @@ impl Daemon {
             },
             tcp,
             expiry_interval: Duration::from_millis(config.expiry_interval_ms),
+            limits: config.limits(),
         })
     }
 
@@ -127,19 +131,33 @@ impl Daemon {
                 .clone()
                 .run_expiry(self.expiry_interval),
         );
+        // One budget of requests in flight for both listeners; it is checked before
+        // authentication, so a flood of refused callers is shed as well.
+        let limiter = Limiter::new(&self.limits);
         let unix_app = api::router(self.state.clone())
             .layer(middleware::from_fn_with_state(
                 self.unix_policy.clone(),
                 auth::unix_auth,
             ))
+            .layer(middleware::from_fn_with_state(
+                limiter.clone(),
+                limits::limit,
+            ))
             .layer(middleware::map_response(api::stamp_headers));
         tracing::info!(socket = %self.socket.display(), "listening");
-        let unix = tokio::spawn(serve_unix(self.unix, unix_app, stopped(stop.clone())));
+        let unix = tokio::spawn(serve_unix(
+            self.unix,
+            unix_app,
+            self.limits,
+            stopped(stop.clone()),
+        ));
+        let limits = self.limits;
         let tcp = self.tcp.map(|(listener, policy)| {
             let app: Router = api::router(self.state.clone())
                 .layer(middleware::from_fn_with_state(policy, auth::tcp_auth))
+                .layer(middleware::from_fn_with_state(limiter, limits::limit))
                 .layer(middleware::map_response(api::stamp_headers));
-            tokio::spawn(serve_tcp(listener, app, stopped(stop.clone())))
+            tokio::spawn(serve_tcp(listener, app, limits, stopped(stop.clone())))
         });
         let result = unix.await.context("unix server task")?;
         if let Some(tcp) = tcp {
@@ -153,31 +171,44 @@ impl Daemon {
     }
 }
 
-/// Serves `app` on a bound unix listener until `shutdown` completes.
+/// Serves `app` on a bound unix listener until `shutdown` completes; each connection's
+/// requests carry the peer's credentials (`ConnectInfo<UnixPeer>`) for the auth layer.
 pub async fn serve_unix(
     listener: UnixListener,
     app: Router,
+    limits: ServeLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(
+    limits::serve(
         listener,
-        app.into_make_service_with_connect_info::<UnixPeer>(),
+        limits.header_read_timeout,
+        shutdown,
+        |stream: &UnixStream| {
+            let peer = UnixPeer::of(stream);
+            tower::ServiceBuilder::new()
+                .map_request(move |mut request: axum::http::Request<_>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    request
+                })
+                .service(app.clone())
+        },
     )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("serving the unix socket")
+    .await;
+    Ok(())
 }
 
 /// Serves `app` on a bound TCP listener until `shutdown` completes.
 pub async fn serve_tcp(
     listener: TcpListener,
     app: Router,
+    limits: ServeLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving loopback TCP")
+    limits::serve(listener, limits.header_read_timeout, shutdown, |_| {
+        app.clone()
+    })
+    .await;
+    Ok(())
 }
 
 /// Resolves once `stop` says true (or its sender is gone).
