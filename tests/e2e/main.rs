@@ -11,6 +11,7 @@ mod leases;
 mod limits;
 mod pool;
 mod quarantine;
+mod reconcile;
 mod restart;
 mod spawn_api;
 mod storage;
