@@ -9,6 +9,7 @@ mod crash;
 mod idmap;
 mod leases;
 mod limits;
+mod load;
 mod pool;
 mod quarantine;
 mod reconcile;
