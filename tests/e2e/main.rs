@@ -15,6 +15,7 @@ mod quarantine;
 mod reconcile;
 mod restart;
 mod spawn_api;
+mod spawn_faults;
 mod storage;
 mod ttl;
 mod util;

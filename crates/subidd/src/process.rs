@@ -614,8 +614,17 @@ impl ProcessService {
     /// Makes sure the capped lease's cgroup exists (after a restart, or a reboot that emptied
     /// cgroupfs, it is opened or made again with its cap).
     fn lease_cgroup(&self, lease: &LeaseRecord) -> Result<(), ApiError> {
-        if lock_map(&self.inner.cgroups).contains_key(&lease.id) {
-            return Ok(());
+        {
+            let mut cgroups = lock_map(&self.inner.cgroups);
+            match cgroups.get(&lease.id) {
+                Some(entry) if entry.cgroup.path().is_dir() => return Ok(()),
+                Some(_) => {
+                    // Removed behind the daemon's back: make it again rather than fail spawns.
+                    tracing::warn!(lease = %lease.name, "the lease's cgroup vanished; making it again");
+                    cgroups.remove(&lease.id);
+                }
+                None => {}
+            }
         }
         let parent = self.cgroup_parent()?;
         let cgroup = match LeaseCgroup::open(&parent, &lease.name) {
