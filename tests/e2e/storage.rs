@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use hyper::StatusCode;
-use sqlx::ConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection};
 use subidd_tests::Daemon;
 
 use crate::util::{assert_error, assert_status, pool_config};
@@ -207,6 +207,24 @@ async fn full_disk_answers_storage_full_keeps_reading_and_heals() {
         delete.text()
     );
     let deleted = delete.status == StatusCode::NO_CONTENT;
+    // A spawn on a full disk: its log files cannot grow and its row may not fit. Either it is
+    // recorded and runs, or it is refused with nothing started; the daemon carries on.
+    let spawn = client
+        .post(
+            "/v1/leases/before-1/processes?wait=true&timeout_seconds=10",
+            Some(r#"{"argv":["/bin/sh","-c","yes output | head -c 200000; echo done >&2"]}"#),
+        )
+        .await
+        .expect("spawn on a full disk");
+    assert!(
+        spawn.status == StatusCode::CREATED
+            || spawn.status == StatusCode::INSUFFICIENT_STORAGE
+            || spawn.status == StatusCode::SERVICE_UNAVAILABLE,
+        "spawn on a full disk: {} {}",
+        spawn.status,
+        spawn.text()
+    );
+    let spawned = spawn.status == StatusCode::CREATED;
     assert!(running(&daemon), "the daemon is still up on a full disk");
 
     std::fs::remove_file(&filler).expect("free the space");
@@ -262,16 +280,18 @@ async fn full_disk_answers_storage_full_keeps_reading_and_heals() {
     let listed = crate::util::list_names(&client, "/v1/leases").await;
     assert_eq!(listed, expected, "active leases in the API");
     println!(
-        "full disk: {} creates refused with storage_full after {filled} filler bytes ({} still fit), daemon up, \
-         healed after freeing space",
+        "full disk: {} creates refused with storage_full after {filled} filler bytes ({} still fit), \
+         spawn answered {}, daemon up, healed after freeing space",
         failed.len(),
-        created_while_full.len()
+        created_while_full.len(),
+        if spawned { "201" } else { "507/503" }
     );
     drop(daemon);
 }
 
 /// A stopped daemon's state on a tmpfs, holding lease `kept`.
 async fn stopped_state(fs: &Tmpfs) -> Daemon {
+    // (The WAL may still hold the last commits: SQLite folds it in at the next open.)
     let state = fs.path().to_str().expect("utf-8 path").to_string();
     let mut daemon =
         Daemon::start_with("", &["--state-dir", &state], &[]).expect("start daemon on the tmpfs");
@@ -371,6 +391,17 @@ async fn truncated_database_is_refused_and_left_as_it_was() {
     let fs = Tmpfs::mount("16m");
     let daemon = stopped_state(&fs).await;
     let database = fs.path().join("subidd.db");
+    // Fold the WAL into the file, so that the file alone holds everything.
+    let mut conn = SqliteConnectOptions::new()
+        .filename(&database)
+        .connect()
+        .await
+        .expect("open the database");
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+        .expect("checkpoint");
+    conn.close().await.expect("close");
     let bytes = std::fs::read(&database).expect("read database");
     assert!(
         bytes.len() > 8192,

@@ -56,7 +56,8 @@ const TIMED_OUT: &str = "the request did not finish within request_timeout_ms; i
 /// Middleware: sheds a request when `max_concurrent_requests` are in flight (503 `unavailable`
 /// with `Retry-After: 1`, never a queue), and answers 503 `unavailable` when a request takes
 /// longer than `request_timeout_ms`. Long polls (`POST /v1/processes/{id}/wait` and spawns with
-/// `?wait=true`) keep their own `timeout_seconds` instead.
+/// `?wait=true`) keep their own `timeout_seconds` instead, and forced deletes are bounded by
+/// `kill_grace_ms`: cutting one short would leave its teardown half done.
 pub async fn limit(State(limiter): State<Limiter>, request: Request, next: Next) -> Response {
     let Ok(_permit) = Arc::clone(&limiter.permits).try_acquire_owned() else {
         tracing::warn!("request shed: max_concurrent_requests reached");
@@ -84,19 +85,24 @@ pub async fn limit(State(limiter): State<Limiter>, request: Request, next: Next)
     }
 }
 
-/// Whether the request waits for a process by design (bounded by its own `timeout_seconds`).
+/// Whether the request waits for processes by design: bounded by its own `timeout_seconds`, or
+/// (a forced delete) by `kill_grace_ms` plus the SIGKILL rounds.
 fn is_long_poll(request: &Request) -> bool {
+    let path = request.uri().path();
+    let query_says = |key: &str| {
+        form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+            .any(|(k, v)| k == key && crate::api::parse_bool(key, &v).unwrap_or(false))
+    };
+    if request.method() == Method::DELETE {
+        return path.starts_with("/v1/leases/") && query_says("force");
+    }
     if request.method() != Method::POST {
         return false;
     }
-    let path = request.uri().path();
     if path.starts_with("/v1/processes/") && path.ends_with("/wait") {
         return true;
     }
-    path.starts_with("/v1/leases/")
-        && path.ends_with("/processes")
-        && form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
-            .any(|(k, v)| k == "wait" && crate::api::parse_bool("wait", &v).unwrap_or(false))
+    path.starts_with("/v1/leases/") && path.ends_with("/processes") && query_says("wait")
 }
 
 /// Serves HTTP/1.1 connections from `listener` until `shutdown` completes, then lets open
@@ -141,4 +147,38 @@ pub async fn serve<L, S, F>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_polls_are_told_apart() {
+        let cases = [
+            ("POST", "/v1/processes/0123456789abcdef/wait", true),
+            (
+                "POST",
+                "/v1/processes/0123456789abcdef/wait?timeout_seconds=60",
+                true,
+            ),
+            ("POST", "/v1/leases/a/processes?wait=true", true),
+            ("POST", "/v1/leases/a/processes?wait", true),
+            ("POST", "/v1/leases/a/processes?wait=false", false),
+            ("POST", "/v1/leases/a/processes", false),
+            ("DELETE", "/v1/leases/a?force=true", true),
+            ("DELETE", "/v1/leases/a?force=0", false),
+            ("DELETE", "/v1/leases/a", false),
+            ("GET", "/v1/processes/0123456789abcdef/wait", false),
+            ("PUT", "/v1/leases/a?wait=true", false),
+        ];
+        for (method, uri, expected) in cases {
+            let request = HttpRequest::builder()
+                .method(method)
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .expect("request");
+            assert_eq!(is_long_poll(&request), expected, "{method} {uri}");
+        }
+    }
 }
