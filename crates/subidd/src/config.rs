@@ -229,7 +229,7 @@ impl Config {
                 .unwrap_or(30_000),
             max_concurrent_requests: env_num(&env, "SUBIDD_MAX_CONCURRENT_REQUESTS")?
                 .or(file.max_concurrent_requests)
-                .unwrap_or(1024),
+                .unwrap_or(4096),
             header_read_timeout_ms: env_num(&env, "SUBIDD_HEADER_READ_TIMEOUT_MS")?
                 .or(file.header_read_timeout_ms)
                 .unwrap_or(5_000),
