@@ -27,6 +27,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("database {path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
     #[error("cannot migrate database {path}: {source}")]
     Migrate {
         path: PathBuf,
@@ -87,6 +89,7 @@ impl StoreError {
     /// an operator must look at it; subidd never recreates it.
     pub fn is_damaged(&self) -> bool {
         let source = match self {
+            StoreError::Damaged { .. } | StoreError::NotWritable { .. } => return true,
             StoreError::Open { source, .. }
             | StoreError::Full { source }
             | StoreError::Unwritable { source }

@@ -79,6 +79,7 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
         source,
     };
     check_writable(path)?;
+    check_header(path)?;
     let options = SqliteConnectOptions::from_str("sqlite://")
         .map_err(open_err)?
         .filename(path)
@@ -120,6 +121,52 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
             durability: Durability::Full,
         },
     ))
+}
+
+/// Refuses an existing, non-empty file that is not an SQLite database or is shorter than its
+/// header says, before SQLite opens it (and makes its `-shm` and `-wal` files beside it).
+/// SQLite's own check (`PRAGMA quick_check` in [`open`]) catches what this does not.
+fn check_header(path: &Path) -> Result<(), StoreError> {
+    use std::io::Read;
+    const MAGIC: &[u8; 16] = b"SQLite format 3\0";
+    let damaged = |reason: String| StoreError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let Ok(mut file) = std::fs::File::open(path) else {
+        // Missing (it is created) or unreadable (SQLite says why).
+        return Ok(());
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len == 0 {
+        return Ok(());
+    }
+    let mut header = [0u8; 100];
+    if len < 100 || file.read_exact(&mut header).is_err() {
+        return Err(damaged(format!(
+            "not a database: {len} bytes, shorter than an SQLite header (truncated?)"
+        )));
+    }
+    if &header[..16] != MAGIC {
+        return Err(damaged("not a database: no SQLite header".into()));
+    }
+    // Page size: 2 bytes at 16 (1 means 65536). Size in pages: 4 bytes at 28, valid when the
+    // change counter (24) equals version-valid-for (92) (https://www.sqlite.org/fileformat.html).
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65_536,
+        n => u64::from(n),
+    };
+    let pages = u64::from(u32::from_be_bytes([
+        header[28], header[29], header[30], header[31],
+    ]));
+    let valid = header[24..28] == header[92..96] && pages > 0;
+    if valid && pages.saturating_mul(page_size) > len {
+        return Err(damaged(format!(
+            "malformed: its header says {pages} pages of {page_size} bytes, but the file holds \
+             only {len} bytes (truncated?)"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses an existing database file that cannot be opened for writing, saying why (SQLite
