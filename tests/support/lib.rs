@@ -109,6 +109,14 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// Sets (or, with `None`, removes) an environment variable for the next [`Daemon::spawn`].
+    pub fn set_env(&mut self, name: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != name);
+        if let Some(value) = value {
+            self.env.push((name.to_string(), value.to_string()));
+        }
+    }
+
     /// Path of a file in the daemon's temp dir.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

@@ -20,6 +20,15 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("database {path} cannot be written: {reason} ({source})")]
+    NotWritable {
+        path: PathBuf,
+        reason: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database {path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
     #[error("cannot migrate database {path}: {source}")]
     Migrate {
         path: PathBuf,
@@ -80,6 +89,7 @@ impl StoreError {
     /// an operator must look at it; subidd never recreates it.
     pub fn is_damaged(&self) -> bool {
         let source = match self {
+            StoreError::Damaged { .. } | StoreError::NotWritable { .. } => return true,
             StoreError::Open { source, .. }
             | StoreError::Full { source }
             | StoreError::Unwritable { source }

@@ -53,6 +53,8 @@ pub struct Store {
 #[derive(Debug)]
 pub struct Writer {
     conn: SqliteConnection,
+    /// How `conn` was opened, for [`Writer::reopen`].
+    options: SqliteConnectOptions,
     path: PathBuf,
     durability: Durability,
 }
@@ -76,6 +78,8 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
         path: path.to_path_buf(),
         source,
     };
+    check_writable(path)?;
+    check_header(path)?;
     let options = SqliteConnectOptions::from_str("sqlite://")
         .map_err(open_err)?
         .filename(path)
@@ -102,7 +106,7 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
     let readers = SqlitePoolOptions::new()
         .max_connections(4)
         .min_connections(1)
-        .connect_with(options.read_only(true).create_if_missing(false))
+        .connect_with(options.clone().read_only(true).create_if_missing(false))
         .await
         .map_err(open_err)?;
     Ok((
@@ -112,10 +116,86 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
         },
         Writer {
             conn,
+            options: options.create_if_missing(false),
             path: path.to_path_buf(),
             durability: Durability::Full,
         },
     ))
+}
+
+/// Refuses an existing, non-empty file that is not an SQLite database or is shorter than its
+/// header says, before SQLite opens it (and makes its `-shm` and `-wal` files beside it).
+/// SQLite's own check (`PRAGMA quick_check` in [`open`]) catches what this does not.
+fn check_header(path: &Path) -> Result<(), StoreError> {
+    use std::io::Read;
+    const MAGIC: &[u8; 16] = b"SQLite format 3\0";
+    let damaged = |reason: String| StoreError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let Ok(mut file) = std::fs::File::open(path) else {
+        // Missing (it is created) or unreadable (SQLite says why).
+        return Ok(());
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len == 0 {
+        return Ok(());
+    }
+    let mut header = [0u8; 100];
+    if len < 100 || file.read_exact(&mut header).is_err() {
+        return Err(damaged(format!(
+            "not a database: {len} bytes, shorter than an SQLite header (truncated?)"
+        )));
+    }
+    if &header[..16] != MAGIC {
+        return Err(damaged("not a database: no SQLite header".into()));
+    }
+    // Page size: 2 bytes at 16 (1 means 65536). Size in pages: 4 bytes at 28, valid when the
+    // change counter (24) equals version-valid-for (92) (https://www.sqlite.org/fileformat.html).
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65_536,
+        n => u64::from(n),
+    };
+    let pages = u64::from(u32::from_be_bytes([
+        header[28], header[29], header[30], header[31],
+    ]));
+    let valid = header[24..28] == header[92..96] && pages > 0;
+    if valid && pages.saturating_mul(page_size) > len {
+        return Err(damaged(format!(
+            "malformed: its header says {pages} pages of {page_size} bytes, but the file holds \
+             only {len} bytes (truncated?)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an existing database file that cannot be opened for writing, saying why (SQLite
+/// itself would only say "readonly database" or "unable to open", or open it read-only and fail
+/// at the first write). Opening for writing changes nothing in the file.
+fn check_writable(path: &Path) -> Result<(), StoreError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(_) => Ok(()),
+        Err(source) => {
+            let reason = match source.kind() {
+                std::io::ErrorKind::ReadOnlyFilesystem => {
+                    "the file system holding it is mounted read-only"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied by its owner or mode, or an immutable or append-only \
+                     attribute (lsattr shows it; chattr -i clears it)"
+                }
+                _ => "it cannot be opened for writing",
+            };
+            Err(StoreError::NotWritable {
+                path: path.to_path_buf(),
+                reason,
+                source,
+            })
+        }
+    }
 }
 
 impl Store {
@@ -249,6 +329,27 @@ impl Writer {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Replaces the writing connection with a fresh one; closing the old one rolls back whatever
+    /// it still had open.
+    ///
+    /// Needed after a failed `COMMIT`: SQLite may have rolled the transaction back by itself
+    /// (SQLITE_FULL, SQLITE_IOERR), so the explicit rollback fails and the connection believes
+    /// it is still inside a transaction; every later `BEGIN` would then fail, even once the
+    /// disk has room again.
+    pub async fn reopen(&mut self) -> Result<(), StoreError> {
+        let fresh = SqliteConnection::connect_with(&self.options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: self.path.clone(),
+                source,
+            })?;
+        let old = std::mem::replace(&mut self.conn, fresh);
+        self.durability = Durability::Full;
+        // Closing may report the failed transaction again; the new connection is what counts.
+        let _ = old.close().await;
+        Ok(())
     }
 
     /// Every block row, for rebuilding the in-memory allocator at start.

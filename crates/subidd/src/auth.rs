@@ -11,7 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
 use subtle::ConstantTimeEq;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::api::Caller;
 use crate::error::ApiError;
@@ -31,11 +31,12 @@ pub struct PeerCred {
 #[derive(Debug, Clone)]
 pub struct UnixPeer(pub Option<PeerCred>);
 
-impl Connected<IncomingStream<'_, UnixListener>> for UnixPeer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        let socket = stream.io();
-        UnixPeer(socket.peer_cred().ok().map(|c| {
-            let groups = match subid_sys::peer::peer_groups(socket.as_fd()) {
+impl UnixPeer {
+    /// The credentials the kernel recorded for the peer of `stream`, with its supplementary
+    /// groups.
+    pub fn of(stream: &UnixStream) -> UnixPeer {
+        UnixPeer(stream.peer_cred().ok().map(|c| {
+            let groups = match subid_sys::peer::peer_groups(stream.as_fd()) {
                 Ok(groups) => groups,
                 Err(error) => {
                     // Only supplementary groups are lost: uid and primary gid still decide.
@@ -50,6 +51,12 @@ impl Connected<IncomingStream<'_, UnixListener>> for UnixPeer {
                 groups: Arc::from(groups),
             }
         }))
+    }
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for UnixPeer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        UnixPeer::of(stream.io())
     }
 }
 

@@ -29,6 +29,9 @@ pub struct Config {
     pub subuid_file: PathBuf,
     pub subgid_file: PathBuf,
     pub log_format: LogFormat,
+    pub request_timeout_ms: u64,
+    pub max_concurrent_requests: usize,
+    pub header_read_timeout_ms: u64,
     pub pool: PoolConfig,
 }
 
@@ -70,6 +73,9 @@ struct FileConfig {
     subuid_file: Option<PathBuf>,
     subgid_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    request_timeout_ms: Option<u64>,
+    max_concurrent_requests: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
     #[serde(default)]
     pool: PoolConfig,
 }
@@ -223,12 +229,34 @@ impl Config {
                 .or(file.subgid_file)
                 .unwrap_or_else(|| PathBuf::from("/etc/subgid")),
             log_format,
+            request_timeout_ms: env_num(&env, "SUBIDD_REQUEST_TIMEOUT_MS")?
+                .or(file.request_timeout_ms)
+                .unwrap_or(30_000),
+            max_concurrent_requests: env_num(&env, "SUBIDD_MAX_CONCURRENT_REQUESTS")?
+                .or(file.max_concurrent_requests)
+                .unwrap_or(4096),
+            header_read_timeout_ms: env_num(&env, "SUBIDD_HEADER_READ_TIMEOUT_MS")?
+                .or(file.header_read_timeout_ms)
+                .unwrap_or(5_000),
             pool,
         };
-        if config.expiry_interval_ms == 0 {
+        for (key, value) in [
+            ("expiry_interval_ms", config.expiry_interval_ms),
+            ("request_timeout_ms", config.request_timeout_ms),
+            ("header_read_timeout_ms", config.header_read_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "at least 1".into(),
+                });
+            }
+        }
+        // tokio's semaphore holds at most usize::MAX >> 3 permits.
+        if config.max_concurrent_requests == 0 || config.max_concurrent_requests > 1 << 20 {
             return Err(ConfigError::Invalid {
-                key: "expiry_interval_ms",
-                reason: "at least 1".into(),
+                key: "max_concurrent_requests",
+                reason: format!("between 1 and {}", 1 << 20),
             });
         }
         if config.pool_check_interval_ms == 0 {
@@ -238,6 +266,15 @@ impl Config {
             });
         }
         Ok(config)
+    }
+
+    /// The serving limits.
+    pub fn limits(&self) -> crate::limits::ServeLimits {
+        crate::limits::ServeLimits {
+            request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
+            max_concurrent_requests: self.max_concurrent_requests,
+            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+        }
     }
 
     /// The database file inside the state directory.
@@ -428,6 +465,27 @@ mod tests {
             ..Flags::default()
         };
         assert!(load(flags.clone(), &[("SUBIDD_POOL_BASE", "lots")]).is_err());
+        for (name, value, key) in [
+            ("SUBIDD_REQUEST_TIMEOUT_MS", "0", "request_timeout_ms"),
+            (
+                "SUBIDD_HEADER_READ_TIMEOUT_MS",
+                "0",
+                "header_read_timeout_ms",
+            ),
+            (
+                "SUBIDD_MAX_CONCURRENT_REQUESTS",
+                "0",
+                "max_concurrent_requests",
+            ),
+            (
+                "SUBIDD_MAX_CONCURRENT_REQUESTS",
+                "99999999",
+                "max_concurrent_requests",
+            ),
+        ] {
+            let err = load(flags.clone(), &[(name, value)]).expect_err("limit refused");
+            assert!(err.to_string().contains(key), "{name}={value}: {err}");
+        }
         assert!(load(flags, &[("SUBIDD_ALLOWED_UIDS", "1000,x")]).is_err());
     }
 }

@@ -515,6 +515,9 @@ impl WriterTask {
         let unreached: Vec<Command> = std::mem::take(batch);
         if let Some(error) = &failure {
             tracing::error!(%error, "lease store write failed; group rolled back");
+            if let Err(e) = self.writer.reopen().await {
+                tracing::error!(error = %e, "cannot reopen the database after a failed write");
+            }
             let pool = *lock(&self.allocator).pool();
             let quarantine = lock(&self.allocator).quarantine_ms();
             match rebuild(&mut self.writer, pool, quarantine).await {

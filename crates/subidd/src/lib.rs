@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod lease;
+pub mod limits;
 pub mod pool;
 pub mod process;
 pub mod server;

@@ -111,7 +111,7 @@ impl ProcessService {
     ) -> Result<ProcessService, anyhow::Error> {
         std::fs::create_dir_all(&config.ns_dir)?;
         std::fs::create_dir_all(&config.log_dir)?;
-        let boot_id = members::boot_id()?;
+        let boot_id = boot_id()?;
         let cgroup_host = match CgroupHost::detect() {
             Ok(host) => {
                 let summary = host.describe();
@@ -159,7 +159,56 @@ impl ProcessService {
                 }
             }
         }
+        service.sweep_stale_pins().await?;
         Ok(service)
+    }
+
+    /// Removes the namespace pins of leases that are no longer active (left by a crash between
+    /// a teardown and its release). A pin whose namespace still has live processes is kept and
+    /// reported: those processes run with ids of a released lease, which an operator must stop.
+    async fn sweep_stale_pins(&self) -> Result<(), anyhow::Error> {
+        let active: std::collections::HashSet<String> = self
+            .inner
+            .leases
+            .store()
+            .list_leases(Some(subid_core::LeaseState::Active), &[])
+            .await?
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        let ns_dir = self.inner.config.ns_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(entries) = std::fs::read_dir(&ns_dir) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if active.contains(&name) || !entry.path().is_dir() {
+                    continue;
+                }
+                let pin = entry.path().join("user");
+                if userns::is_pinned(&pin) {
+                    let live = userns::open_pinned(&pin)
+                        .and_then(|fd| userns::ns_inode(&fd))
+                        .and_then(members::userns_members)
+                        .map_or(0, |m| m.len());
+                    if live > 0 {
+                        tracing::error!(lease = %name, live, pin = %pin.display(), "processes still run in the namespace of a lease that is not active; stop them (nsenter --user=PIN) so that its range is safe to reuse");
+                        continue;
+                    }
+                    match userns::unpin(&pin) {
+                        Ok(()) => tracing::info!(lease = %name, "removed the stale namespace pin"),
+                        Err(error) => {
+                            tracing::warn!(lease = %name, %error, "cannot remove a stale pin");
+                            continue;
+                        }
+                    }
+                }
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        })
+        .await?;
+        Ok(())
     }
 
     /// The pidfd of a recorded process if it is still that process.
@@ -170,7 +219,13 @@ impl ProcessService {
         let pidfd = PidFd::open(row.pid).ok()?;
         let dir = pidfd.proc_dir().ok()?;
         let ticks = members::start_ticks(&dir).ok()?;
-        (ticks == row.start_ticks).then_some(pidfd)
+        // A zombie (dead, not yet reaped by its new parent) has vanished too.
+        let zombie = dir
+            .read_to_string("stat")
+            .ok()
+            .and_then(|stat| members::stat_state(&stat))
+            .is_none_or(|state| matches!(state, 'Z' | 'X'));
+        (ticks == row.start_ticks && !zombie).then_some(pidfd)
     }
 
     /// Starts a process in the lease's namespace and records it before answering.
@@ -559,8 +614,17 @@ impl ProcessService {
     /// Makes sure the capped lease's cgroup exists (after a restart, or a reboot that emptied
     /// cgroupfs, it is opened or made again with its cap).
     fn lease_cgroup(&self, lease: &LeaseRecord) -> Result<(), ApiError> {
-        if lock_map(&self.inner.cgroups).contains_key(&lease.id) {
-            return Ok(());
+        {
+            let mut cgroups = lock_map(&self.inner.cgroups);
+            match cgroups.get(&lease.id) {
+                Some(entry) if entry.cgroup.path().is_dir() => return Ok(()),
+                Some(_) => {
+                    // Removed behind the daemon's back: make it again rather than fail spawns.
+                    tracing::warn!(lease = %lease.name, "the lease's cgroup vanished; making it again");
+                    cgroups.remove(&lease.id);
+                }
+                None => {}
+            }
         }
         let parent = self.cgroup_parent()?;
         let cgroup = match LeaseCgroup::open(&parent, &lease.name) {
@@ -894,6 +958,22 @@ impl ProcessService {
         if locks.get(name).is_some_and(|l| Arc::strong_count(l) == 1) {
             locks.remove(name);
         }
+    }
+}
+
+/// The environment variable that overrides the boot id, for tests only: it lets a test play a
+/// reboot (every recorded process then counts as from another boot and is marked `lost`, never
+/// re-adopted) without rebooting the machine. Never set it in production.
+pub const TEST_BOOT_ID_ENV: &str = "SUBIDD_TEST_BOOT_ID";
+
+/// This boot's id, or the test override of [`TEST_BOOT_ID_ENV`].
+fn boot_id() -> Result<String, SysError> {
+    match std::env::var(TEST_BOOT_ID_ENV) {
+        Ok(fake) if !fake.is_empty() => {
+            tracing::warn!(boot_id = %fake, "boot id overridden by {TEST_BOOT_ID_ENV} (tests only)");
+            Ok(fake)
+        }
+        _ => members::boot_id(),
     }
 }
 

@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::middleware;
-use tokio::net::{TcpListener, UnixListener, UnixSocket};
+use tokio::net::{TcpListener, UnixListener, UnixSocket, UnixStream};
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::auth::{self, TcpPolicy, UnixPeer, UnixPolicy};
 use crate::config::Config;
 use crate::lease::LeaseService;
+use crate::limits::{self, Limiter, ServeLimits};
 use crate::pool;
 use crate::process::{ProcessConfig, ProcessService};
 
@@ -43,6 +45,7 @@ pub struct Daemon {
     tcp: Option<(TcpListener, TcpPolicy)>,
     expiry_interval: Duration,
     pool_watch: pool::WatchConfig,
+    limits: ServeLimits,
 }
 
 impl Daemon {
@@ -123,6 +126,7 @@ impl Daemon {
                 subgid_file: config.subgid_file.clone(),
                 interval: Duration::from_millis(config.pool_check_interval_ms),
             },
+            limits: config.limits(),
         })
     }
 
@@ -135,19 +139,33 @@ impl Daemon {
                 .run_expiry(self.expiry_interval),
         );
         let pool_watch = tokio::spawn(pool::watch(self.state.leases.clone(), self.pool_watch));
+        // One budget of requests in flight for both listeners; it is checked before
+        // authentication, so a flood of refused callers is shed as well.
+        let limiter = Limiter::new(&self.limits);
         let unix_app = api::router(self.state.clone())
             .layer(middleware::from_fn_with_state(
                 self.unix_policy.clone(),
                 auth::unix_auth,
             ))
+            .layer(middleware::from_fn_with_state(
+                limiter.clone(),
+                limits::limit,
+            ))
             .layer(middleware::map_response(api::stamp_headers));
         tracing::info!(socket = %self.socket.display(), "listening");
-        let unix = tokio::spawn(serve_unix(self.unix, unix_app, stopped(stop.clone())));
+        let unix = tokio::spawn(serve_unix(
+            self.unix,
+            unix_app,
+            self.limits,
+            stopped(stop.clone()),
+        ));
+        let limits = self.limits;
         let tcp = self.tcp.map(|(listener, policy)| {
             let app: Router = api::router(self.state.clone())
                 .layer(middleware::from_fn_with_state(policy, auth::tcp_auth))
+                .layer(middleware::from_fn_with_state(limiter, limits::limit))
                 .layer(middleware::map_response(api::stamp_headers));
-            tokio::spawn(serve_tcp(listener, app, stopped(stop.clone())))
+            tokio::spawn(serve_tcp(listener, app, limits, stopped(stop.clone())))
         });
         let result = unix.await.context("unix server task")?;
         if let Some(tcp) = tcp {
@@ -162,31 +180,44 @@ impl Daemon {
     }
 }
 
-/// Serves `app` on a bound unix listener until `shutdown` completes.
+/// Serves `app` on a bound unix listener until `shutdown` completes; each connection's
+/// requests carry the peer's credentials (`ConnectInfo<UnixPeer>`) for the auth layer.
 pub async fn serve_unix(
     listener: UnixListener,
     app: Router,
+    limits: ServeLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(
+    limits::serve(
         listener,
-        app.into_make_service_with_connect_info::<UnixPeer>(),
+        limits.header_read_timeout,
+        shutdown,
+        |stream: &UnixStream| {
+            let peer = UnixPeer::of(stream);
+            tower::ServiceBuilder::new()
+                .map_request(move |mut request: axum::http::Request<_>| {
+                    request.extensions_mut().insert(ConnectInfo(peer.clone()));
+                    request
+                })
+                .service(app.clone())
+        },
     )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .context("serving the unix socket")
+    .await;
+    Ok(())
 }
 
 /// Serves `app` on a bound TCP listener until `shutdown` completes.
 pub async fn serve_tcp(
     listener: TcpListener,
     app: Router,
+    limits: ServeLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving loopback TCP")
+    limits::serve(listener, limits.header_read_timeout, shutdown, |_| {
+        app.clone()
+    })
+    .await;
+    Ok(())
 }
 
 /// Resolves once `stop` says true (or its sender is gone).
@@ -212,9 +243,17 @@ async fn shutdown_signal() {
     }
 }
 
-/// Creates a directory (and parents) and sets its mode.
+/// Creates a directory (and parents) and sets its mode. A directory that has the mode already
+/// is left alone, so that a read-only mount gets as far as the database, whose refusal says why.
 fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    let current = std::fs::metadata(path)
+        .with_context(|| format!("inspecting {}", path.display()))?
+        .permissions()
+        .mode();
+    if current & 0o7777 == mode {
+        return Ok(());
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting mode {mode:o} on {}", path.display()))
 }
