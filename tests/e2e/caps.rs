@@ -8,7 +8,7 @@ use hyper::StatusCode;
 use serde_json::Value;
 use subidd_tests::{Client, Daemon};
 
-use crate::util::assert_error;
+use crate::util::{assert_error, assert_status};
 
 /// Base of the pool the owner-cap test uses (0x78000000), apart from every other test's.
 const OWN_BASE: u32 = 0x7800_0000;
@@ -273,4 +273,48 @@ async fn caps_are_checked_and_part_of_the_lease_identity() {
         .await
         .expect("put");
     assert_error(&other, StatusCode::CONFLICT, "lease_conflict", "other cap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+#[cfg_attr(
+    not(subidd_pids),
+    ignore = "needs a pids cgroup controller on this host"
+)]
+async fn a_stale_cgroup_of_a_released_lease_is_removed_at_start() {
+    let mut daemon = Daemon::start("quarantine_seconds = 0").expect("start");
+    let client = daemon.client();
+    let name = "stale-cgroup-e2e";
+    let reply = client
+        .put(&format!("/v1/leases/{name}"), Some(r#"{"pids_max": 5}"#))
+        .await
+        .expect("PUT");
+    assert_status(&reply, StatusCode::CREATED, "capped lease");
+    let dir = cgroup_dir(&client, name).await;
+    assert!(dir.is_dir(), "{} made with the lease", dir.display());
+    let gone = client
+        .delete(&format!("/v1/leases/{name}"))
+        .await
+        .expect("DELETE");
+    assert_status(&gone, StatusCode::NO_CONTENT, "release");
+    assert!(!dir.exists(), "{} removed with the lease", dir.display());
+    // A crash between the release and the removal leaves the directory; another directory
+    // under the parent is none of this daemon's business.
+    let foreign = dir.with_file_name("not-a-lease-of-this-daemon-e2e");
+    std::fs::create_dir(&dir).expect("mkdir the leftover cgroup");
+    std::fs::create_dir(&foreign).expect("mkdir a foreign cgroup");
+    daemon.restart().expect("restart");
+    let kept = foreign.is_dir();
+    let _ = std::fs::remove_dir(&foreign);
+    assert!(
+        !dir.exists(),
+        "{} swept at start:\n{}",
+        dir.display(),
+        daemon.log_text()
+    );
+    assert!(kept, "{} left alone", foreign.display());
+    assert!(
+        daemon.log_text().contains("removed the stale lease cgroup"),
+        "the sweep is logged"
+    );
 }

@@ -160,7 +160,53 @@ impl ProcessService {
             }
         }
         service.sweep_stale_pins().await?;
+        service.sweep_stale_cgroups().await?;
         Ok(service)
+    }
+
+    /// Removes the cgroups of capped leases that are released (left by a crash between a
+    /// release and its cgroup's removal, or a removal that failed). Only names of this
+    /// database's released leases are touched, never other directories under the parent. A
+    /// cgroup that still holds processes is kept and reported, like a pin.
+    async fn sweep_stale_cgroups(&self) -> Result<(), anyhow::Error> {
+        let store = self.inner.leases.store();
+        let active: std::collections::HashSet<String> = store
+            .list_leases(Some(subid_core::LeaseState::Active), &[])
+            .await?
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        let stale: std::collections::BTreeSet<String> = store
+            .list_leases(Some(subid_core::LeaseState::Released), &[])
+            .await?
+            .into_iter()
+            .filter(|l| l.pids_max.is_some() && !active.contains(&l.name))
+            .map(|l| l.name)
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let Ok(parent) = self.cgroup_parent() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            for name in stale {
+                let Ok(cgroup) = LeaseCgroup::open(&parent, &name) else {
+                    continue;
+                };
+                let live = cgroup.procs().map_or(0, |p| p.len());
+                if live > 0 {
+                    tracing::error!(lease = %name, live, cgroup = %cgroup.path().display(), "processes still run in the cgroup of a released lease; stop them so that its range is safe to reuse");
+                    continue;
+                }
+                match cgroup.kill_all_and_remove() {
+                    Ok(()) => tracing::info!(lease = %name, "removed the stale lease cgroup"),
+                    Err(error) => tracing::warn!(lease = %name, %error, "cannot remove a stale lease cgroup"),
+                }
+            }
+        })
+        .await?;
+        Ok(())
     }
 
     /// Removes the namespace pins of leases that are no longer active (left by a crash between
