@@ -230,3 +230,22 @@ async fn release_quarantines_and_purge_frees() {
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
 }
+
+#[tokio::test]
+async fn every_listed_route_answers_its_method() {
+    let (_dir, app, _) = app(2, Duration::from_secs(60)).await;
+    for (method, path, _) in routes() {
+        let uri = path
+            .replace("{name}", "probe")
+            .replace("{id}", "0123456789abcdef");
+        let method = Method::from_bytes(method.as_bytes()).expect("method");
+        let (status, body) = call(&app, method.clone(), &uri, "").await;
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert!(
+            !body["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("no such endpoint")),
+            "{method} {path} is not routed"
+        );
+    }
+}
