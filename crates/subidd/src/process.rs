@@ -246,7 +246,7 @@ impl ProcessService {
         let ns_spec = ns_spec(&lease);
         let created = existing.is_none();
         if created && ns_spec.extra.mnt {
-            self.private_ns_dir()?;
+            self.private_ns_dir(&name)?;
         }
         let spawn_pin = pin.clone();
         let run = move || match &existing {
@@ -489,7 +489,7 @@ impl ProcessService {
             let pin = self.pin_path(&name);
             let spec = ns_spec(&done.lease);
             let made = if spec.extra.mnt {
-                self.private_ns_dir()
+                self.private_ns_dir(&name)
             } else {
                 Ok(())
             };
@@ -729,8 +729,10 @@ impl ProcessService {
                 pin.display()
             )));
         }
-        if let Some(dir) = pin.parent() {
-            let _ = std::fs::remove_dir(dir);
+        if let Some(dir) = pin.parent()
+            && let Err(error) = userns::remove_private_dir(dir)
+        {
+            tracing::warn!(lease = %lease.name, %error, "cannot remove the lease's pin directory");
         }
         if let Some(error) = self.remove_cgroup(lease).await {
             tracing::error!(lease = %lease.name, %error, "cannot remove the lease's cgroup");
@@ -829,8 +831,11 @@ impl ProcessService {
 
     /// Mount-namespace pins cannot sit in a shared mount (EINVAL): the first lease that asks for
     /// one makes `<runtime-dir>/ns` a private mount of its own. Idempotent.
-    fn private_ns_dir(&self) -> Result<(), ApiError> {
-        userns::make_private_mount(&self.inner.config.ns_dir)
+    /// Makes the lease's pin directory a private mount, as a pinned mount namespace needs. Only
+    /// the lease's own directory: a bind mount over the whole `ns` directory would cover the
+    /// pins other leases made before it, which could then no longer be unmounted (unlink EBUSY).
+    fn private_ns_dir(&self, name: &str) -> Result<(), ApiError> {
+        userns::make_private_mount(&self.inner.config.ns_dir.join(name))
             .map_err(|e| ApiError::Internal(format!("private mount for pins: {e}")))
     }
 
