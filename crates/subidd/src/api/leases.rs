@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use subid_core::{LeaseState, validate_labels, validate_name};
+use subid_core::{LeaseState, Pool, validate_labels, validate_name};
 
 use super::model::{
     CreateBody, EventList, EventView, IdmapJson, IdmapView, LeaseBody, LeaseList, LeaseView,
@@ -122,7 +122,7 @@ pub async fn put(
     query.check(&[], &[])?;
     let body = body.unwrap_or_default();
     let spec = spec(
-        &state,
+        &state.leases.pool_status().0,
         body.size,
         body.labels,
         body.ttl_seconds,
@@ -167,7 +167,7 @@ pub async fn post(
     validate_name(&body.name)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid lease name: {e}")))?;
     let spec = spec(
-        &state,
+        &state.leases.pool_status().0,
         body.size,
         body.labels,
         body.ttl_seconds,
@@ -364,8 +364,8 @@ async fn find(state: &AppState, name: &str) -> Result<subid_store::LeaseRecord, 
 }
 
 /// Checks the requested settings and fills in the defaults.
-fn spec(
-    state: &AppState,
+pub(super) fn spec(
+    pool: &Pool,
     size: Option<u32>,
     labels: Option<std::collections::BTreeMap<String, String>>,
     ttl_seconds: Option<u32>,
@@ -382,7 +382,6 @@ fn spec(
             )));
         }
     }
-    let (pool, _) = state.leases.pool_status();
     if let Some(size) = size {
         if size == 0 || size % pool.block() != 0 {
             return Err(ApiError::InvalidRequest(format!(

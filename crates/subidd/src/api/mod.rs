@@ -249,4 +249,6 @@ pub fn json<T: serde::Serialize>(status: axum::http::StatusCode, value: &T) -> R
 pub type St = State<AppState>;
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

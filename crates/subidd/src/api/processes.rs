@@ -327,7 +327,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ProcessId {
 }
 
 /// Checks a spawn request and resolves the program, before anything is started.
-fn spawn_spec(body: SpawnBody) -> Result<SpawnSpec, ApiError> {
+pub(super) fn spawn_spec(body: SpawnBody) -> Result<SpawnSpec, ApiError> {
     let bad = |m: String| ApiError::InvalidRequest(m);
     if body.argv.is_empty() {
         return Err(bad("argv must name at least the program".into()));

@@ -13,7 +13,10 @@ use super::*;
 const BLOCK: u32 = 65536;
 const BASE: u32 = 0x7000_0000;
 
-async fn app(blocks: u32, quarantine: Duration) -> (tempfile::TempDir, Router, LeaseService) {
+pub(super) async fn app(
+    blocks: u32,
+    quarantine: Duration,
+) -> (tempfile::TempDir, Router, LeaseService) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, writer) = subid_store::open(&dir.path().join("subidd.db"))
         .await
@@ -48,7 +51,7 @@ async fn app(blocks: u32, quarantine: Duration) -> (tempfile::TempDir, Router, L
     (dir, router(state), leases)
 }
 
-async fn call(
+pub(super) async fn call(
     app: &Router,
     method: Method,
     uri: &str,
