@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use subid_core::{LeaseState, Pool, validate_labels, validate_name};
 
 use super::model::{
-    CreateBody, EventList, EventView, IdmapJson, IdmapView, LeaseBody, LeaseList, LeaseView,
-    LookupView, PoolView, TTL_MAX,
+    CreateBody, EmptyBody, EventList, EventView, IdmapJson, IdmapView, LeaseBody, LeaseList,
+    LeaseView, LookupView, PoolView, TTL_MAX,
 };
 use super::{
     ApiResult, AppState, Caller, JsonBody, LeaseName, QueryParams, St, caller_uid, json, parse_bool,
@@ -189,7 +189,7 @@ pub async fn post(
 
 /// Applies the lease's `ttl_seconds` again from now. Takes no body (or `{}`).
 #[utoipa::path(post, path = "/v1/leases/{name}/renew", tag = "leases", operation_id = "renew_lease",
-    params(LeaseName), request_body(content = Option<Object>, description = "none, or `{}`"),
+    params(LeaseName), request_body(content = Option<EmptyBody>, description = "none, or `{}`"),
     responses((status = 200, body = LeaseView), (status = 400, description = INVALID, body = ErrorBody),
         (status = 404, description = "not_found: no active lease of that name", body = ErrorBody),
         (status = 409, description = "lease_conflict: the lease has no ttl_seconds", body = ErrorBody),

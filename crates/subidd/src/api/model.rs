@@ -8,6 +8,11 @@ use subid_core::{IdRange, PoolCounts, lease_map, render_map, render_subid_line};
 use subid_store::{EventRecord, LeaseRecord};
 use utoipa::ToSchema;
 
+/// `POST /v1/leases/{name}/renew` body: none, or an empty object.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyBody {}
+
 /// The longest ttl accepted: ten years, far from any overflow.
 pub const TTL_MAX: u32 = 10 * 365 * 24 * 3600;
 

@@ -253,15 +253,38 @@ pub async fn signal(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignalBody {
+    #[schema(schema_with = signal_schema)]
     pub signal: SignalSpec,
 }
 
 /// A signal name (`TERM`, `SIGTERM`, case-insensitive) or number (1..=64).
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum SignalSpec {
     Number(i64),
     Name(String),
+}
+
+/// `signal` of [`SignalBody`]: a number 1..=64 or a name.
+fn signal_schema() -> utoipa::openapi::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(1))
+                .maximum(Some(64)),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[A-Za-z0-9+]{1,16}$")),
+        )
+        .description(Some(
+            "a name (`TERM`, `SIGTERM`, case-insensitive) or a number 1..=64",
+        ))
+        .build()
+        .into()
 }
 
 /// What the process wrote to stdout or stderr (the first `log_max_bytes`), as is.
