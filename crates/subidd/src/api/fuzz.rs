@@ -49,40 +49,10 @@ fn corpus() -> Vec<(PathBuf, Vec<u8>)> {
 /// serde and the checks, without the handlers: what is accepted keeps the documented bounds.
 fn check_parsing(bytes: &[u8]) {
     let pool = pool();
-    let lease = serde_json::from_slice::<LeaseBody>(bytes).ok().map(|b| {
-        (
-            b.size,
-            b.labels,
-            b.ttl_seconds,
-            b.rlimits,
-            b.namespaces,
-            b.pids_max,
-            b.max_processes,
-        )
-    });
-    let create = serde_json::from_slice::<CreateBody>(bytes).ok().map(|b| {
-        (
-            b.size,
-            b.labels,
-            b.ttl_seconds,
-            b.rlimits,
-            b.namespaces,
-            b.pids_max,
-            b.max_processes,
-        )
-    });
-    for (size, labels, ttl, rlimits, namespaces, pids_max, max_processes) in
-        lease.into_iter().chain(create)
-    {
-        let Ok(spec) = spec(
-            &pool,
-            size,
-            labels,
-            ttl,
-            rlimits,
-            namespaces,
-            (pids_max, max_processes),
-        ) else {
+    let lease = serde_json::from_slice::<LeaseBody>(bytes).ok();
+    let create = serde_json::from_slice::<CreateBody>(bytes).ok();
+    for settings in lease.into_iter().chain(create.map(|b| b.split().1)) {
+        let Ok(spec) = spec(&pool, settings) else {
             continue;
         };
         let size = spec.size.expect("a size is always filled in");

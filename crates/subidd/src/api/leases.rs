@@ -120,16 +120,7 @@ pub async fn put(
     JsonBody(body): JsonBody<LeaseBody>,
 ) -> ApiResult {
     query.check(&[], &[])?;
-    let body = body.unwrap_or_default();
-    let spec = spec(
-        &state.leases.pool_status().0,
-        body.size,
-        body.labels,
-        body.ttl_seconds,
-        body.rlimits,
-        body.namespaces,
-        (body.pids_max, body.max_processes),
-    )?;
+    let spec = spec(&state.leases.pool_status().0, body.unwrap_or_default())?;
     let done = state
         .processes
         .create_lease(name, spec, CreateMode::Ensure, caller_uid(caller))
@@ -164,20 +155,13 @@ pub async fn post(
             "a JSON body with at least \"name\" is required".into(),
         ));
     };
-    validate_name(&body.name)
+    let (name, settings) = body.split();
+    validate_name(&name)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid lease name: {e}")))?;
-    let spec = spec(
-        &state.leases.pool_status().0,
-        body.size,
-        body.labels,
-        body.ttl_seconds,
-        body.rlimits,
-        body.namespaces,
-        (body.pids_max, body.max_processes),
-    )?;
+    let spec = spec(&state.leases.pool_status().0, settings)?;
     let done = state
         .processes
-        .create_lease(body.name, spec, CreateMode::New, caller_uid(caller))
+        .create_lease(name, spec, CreateMode::New, caller_uid(caller))
         .await?;
     let mut response = json(StatusCode::CREATED, &LeaseView::from(&done.lease));
     // Names are [A-Za-z0-9_.-], so the path needs no escaping and is a valid header value.
@@ -366,12 +350,15 @@ async fn find(state: &AppState, name: &str) -> Result<subid_store::LeaseRecord, 
 /// Checks the requested settings and fills in the defaults.
 pub(super) fn spec(
     pool: &Pool,
-    size: Option<u32>,
-    labels: Option<std::collections::BTreeMap<String, String>>,
-    ttl_seconds: Option<u32>,
-    rlimits: Option<std::collections::BTreeMap<String, [u64; 2]>>,
-    namespaces: Option<Vec<String>>,
-    (pids_max, max_processes): (Option<u64>, Option<u64>),
+    LeaseBody {
+        size,
+        labels,
+        ttl_seconds,
+        rlimits,
+        namespaces,
+        pids_max,
+        max_processes,
+    }: LeaseBody,
 ) -> Result<LeaseSpec, ApiError> {
     for (key, value) in [("pids_max", pids_max), ("max_processes", max_processes)] {
         if let Some(v) = value

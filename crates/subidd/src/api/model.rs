@@ -71,6 +71,22 @@ pub struct CreateBody {
     pub max_processes: Option<u64>,
 }
 
+impl CreateBody {
+    /// The name, and the settings as a `PUT` body carries them.
+    pub fn split(self) -> (String, LeaseBody) {
+        let settings = LeaseBody {
+            size: self.size,
+            labels: self.labels,
+            ttl_seconds: self.ttl_seconds,
+            rlimits: self.rlimits,
+            namespaces: self.namespaces,
+            pids_max: self.pids_max,
+            max_processes: self.max_processes,
+        };
+        (self.name, settings)
+    }
+}
+
 /// The process caps of a lease and their use (use only while the lease is active and capped).
 #[derive(Debug, Default, Serialize, ToSchema)]
 pub struct LimitsView {
