@@ -34,6 +34,8 @@ pub enum ApiError {
     #[error("{0}")]
     ProcessExited(String),
     #[error("{0}")]
+    ProcessLimit(String),
+    #[error("{0}")]
     ExecutableNotFound(String),
     #[error("{0}")]
     ExecFailed(String),
@@ -62,7 +64,8 @@ impl ApiError {
             | ApiError::LeaseConflict(_)
             | ApiError::PoolExhausted(_)
             | ApiError::LeaseBusy(_)
-            | ApiError::ProcessExited(_) => StatusCode::CONFLICT,
+            | ApiError::ProcessExited(_)
+            | ApiError::ProcessLimit(_) => StatusCode::CONFLICT,
             ApiError::ExecutableNotFound(_) | ApiError::ExecFailed(_) => StatusCode::BAD_REQUEST,
             ApiError::PidsUnsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::PoolExhausted(_) => "pool_exhausted",
             ApiError::LeaseBusy(_) => "lease_busy",
             ApiError::ProcessExited(_) => "process_exited",
+            ApiError::ProcessLimit(_) => "process_limit",
             ApiError::ExecutableNotFound(_) => "executable_not_found",
             ApiError::ExecFailed(_) => "exec_failed",
             ApiError::PidsUnsupported(_) => "pids_unsupported",
@@ -97,7 +101,7 @@ impl ApiError {
 }
 
 /// Every code [`ApiError::code`] can return, in the order `docs/API.md` lists them.
-pub const ERROR_CODES: [&str; 17] = [
+pub const ERROR_CODES: [&str; 18] = [
     "invalid_request",
     "unauthorized",
     "forbidden",
@@ -108,6 +112,7 @@ pub const ERROR_CODES: [&str; 17] = [
     "pool_exhausted",
     "lease_busy",
     "process_exited",
+    "process_limit",
     "executable_not_found",
     "exec_failed",
     "pids_unsupported",
@@ -194,6 +199,7 @@ mod tests {
             ApiError::PoolExhausted(String::new()),
             ApiError::LeaseBusy(String::new()),
             ApiError::ProcessExited(String::new()),
+            ApiError::ProcessLimit(String::new()),
             ApiError::ExecutableNotFound(String::new()),
             ApiError::ExecFailed(String::new()),
             ApiError::PidsUnsupported(String::new()),

@@ -235,6 +235,10 @@ impl ProcessService {
             .stderr(err_w);
         let mut rlimits = lease.rlimits.clone();
         rlimits.extend(spec.rlimits.clone());
+        // A cap the client set: pids_max, max_processes, or an nproc rlimit.
+        let capped = lease.pids_max.is_some()
+            || lease.max_processes.is_some()
+            || rlimits.contains_key("nproc");
         for (rname, [soft, hard]) in &rlimits {
             let resource = crate::api::resource(rname)
                 .ok_or_else(|| ApiError::InvalidRequest(format!("unknown rlimit {rname:?}")))?;
@@ -267,7 +271,7 @@ impl ProcessService {
                 .await
                 .map_err(|e| ApiError::Internal(format!("spawn thread failed: {e}")))?
         };
-        let pidfd = Arc::new(result.map_err(|e| spawn_error(&spec, e))?);
+        let pidfd = Arc::new(result.map_err(|e| spawn_error(&spec, capped, e))?);
         if created {
             match LeaseNs::open(&pin) {
                 Ok(ns) => {
@@ -950,10 +954,18 @@ async fn wait_exit(pidfd: &Arc<PidFd>, own_child: bool) -> Option<ExitStatus> {
         .flatten()
 }
 
-/// Maps a spawn failure to what the client should hear.
-fn spawn_error(spec: &SpawnSpec, error: SysError) -> ApiError {
+/// Maps a spawn failure to what the client should hear. `capped`: the lease or the request set
+/// a process cap (pids_max, max_processes, an nproc rlimit).
+fn spawn_error(spec: &SpawnSpec, capped: bool, error: SysError) -> ApiError {
     if error.errno() == Some(Errno::EAGAIN) {
         // fork, clone or execve (RLIMIT_NPROC) refused: the lease's cap, or a system limit.
+        if capped {
+            return ApiError::ProcessLimit(
+                "the kernel refused a new process: the lease is at its process cap (pids_max, \
+                 max_processes or the nproc rlimit); retry when some of its processes exit"
+                    .into(),
+            );
+        }
         return ApiError::Unavailable(
             "the kernel refused a new process: the lease is at its process cap (pids_max or \
              max_processes) or a system limit was reached; retry when some of its processes exit",

@@ -136,7 +136,8 @@ const NO_PROCESS: &str = "not_found: no process with that id";
         (status = 400, description = "invalid_request, executable_not_found (argv[0] is not an \
             executable file), exec_failed (the kernel refused to start it)", body = ErrorBody),
         (status = 404, description = "not_found: no active lease of that name", body = ErrorBody),
-        (status = 409, description = "lease_busy: the lease is being released", body = ErrorBody),
+        (status = 409, description = "lease_busy: the lease is being released; process_limit: the \
+            kernel refused a new process at the lease's cap (pids_max, max_processes, nproc)", body = ErrorBody),
         (status = 413, description = "payload_too_large: the body is over 64 KiB", body = ErrorBody),
         (status = 422, description = "pids_unsupported: the lease's `pids_max` cannot be \
             enforced on this host", body = ErrorBody),
