@@ -2,13 +2,13 @@
 # Runs schemathesis against the real subidd (debug build) over a loopback TCP listener: every
 # answer must be documented in /openapi.json (status, content type, schema) and none may be a
 # 5xx. Run as root from anywhere; CI runs it after the README's test command.
-#   SCHEMATHESIS_MAX_EXAMPLES (default 40) and SCHEMATHESIS_SEED (default 20261129) tune a run.
+#   SCHEMATHESIS_MAX_EXAMPLES (default 100) and SCHEMATHESIS_SEED (default 20261129) tune a run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 version=4.32.5
 venv=target/schemathesis-venv
-max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-40}
+max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-100}
 seed=${SCHEMATHESIS_SEED:-20261129}
 
 if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qF "$version"; then
@@ -93,7 +93,7 @@ values = ["$process"]
 [dictionaries.host_id]
 values = [1879048192, 1879049191, 1879113728]
 [dictionaries.program]
-values = ["/bin/true", "/bin/false", "echo", "id", "/usr/bin/env"]
+values = ["/bin/true", "/bin/false", "echo", "id", "/bin/sh", "-c", "exit 3"]
 
 [parameters]
 "path.name" = { dictionary = "lease", probability = 0.5 }
