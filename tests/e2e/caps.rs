@@ -318,3 +318,44 @@ async fn a_stale_cgroup_of_a_released_lease_is_removed_at_start() {
         "the sweep is logged"
     );
 }
+
+/// Found by schemathesis: a spawn into a lease at its own cap answered 503, as if the daemon
+/// were at fault. It is the lease's settings: 409 `process_limit`, and nothing is started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_spawn_past_the_leases_cap_is_a_409() {
+    // A pool of its own (0x7A000000): RLIMIT_NPROC counts per host uid.
+    let daemon = Daemon::start("kill_grace_ms = 500\n[pool]\nbase = 2046820352\nsize = 655360\n")
+        .expect("start");
+    let client = daemon.client();
+    let lease = client
+        .put("/v1/leases/full", Some(r#"{"max_processes": 3}"#))
+        .await
+        .expect("put");
+    assert_eq!(lease.status, StatusCode::CREATED, "{}", lease.text());
+    let body = r#"{"argv": ["/bin/sleep", "30"]}"#;
+    let mut started = 0;
+    let refused = loop {
+        let reply = client
+            .post("/v1/leases/full/processes", Some(body))
+            .await
+            .expect("spawn");
+        if reply.status != StatusCode::CREATED {
+            break reply;
+        }
+        started += 1;
+        assert!(started <= 3, "more processes than the cap of 3");
+    };
+    println!("cap 3: {started} sleepers started before the refusal");
+    assert_error(
+        &refused,
+        StatusCode::CONFLICT,
+        "process_limit",
+        "a spawn past the cap",
+    );
+    let deleted = client
+        .delete("/v1/leases/full?force=true")
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.text());
+}

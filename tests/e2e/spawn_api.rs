@@ -561,3 +561,41 @@ async fn a_renewed_lease_keeps_spawning_after_its_first_expiry() {
     // Past the first expires_at, before the second.
     spawn(&client, "renewed", json!({"argv": ["/bin/true"]})).await;
 }
+
+/// Found by schemathesis: a lease with a mount namespace made the whole pin directory a bind
+/// mount, covering the pins of leases spawned before it, so deleting those answered 500 (unlink
+/// EBUSY). Only the mount-namespace lease's own directory is a mount now, and it goes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_mount_namespace_lease_leaves_earlier_pins_removable() {
+    let daemon = Daemon::start("kill_grace_ms = 500").expect("start");
+    let client = daemon.client();
+    lease(&client, "plain").await;
+    let first = spawn(&client, "plain", json!({"argv": ["/bin/true"]})).await;
+    let reply = client
+        .put("/v1/leases/withmnt", Some(r#"{"namespaces":["mnt"]}"#))
+        .await
+        .expect("put");
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let second = spawn(&client, "withmnt", json!({"argv": ["/bin/true"]})).await;
+    for (name, process) in [("plain", &first), ("withmnt", &second)] {
+        wait(&client, process["id"].as_str().expect("id")).await;
+        let deleted = client
+            .delete(&format!("/v1/leases/{name}?force=true"))
+            .await
+            .expect("delete");
+        assert_eq!(
+            deleted.status,
+            StatusCode::NO_CONTENT,
+            "{name}: {}",
+            deleted.text()
+        );
+        assert!(!pin(&daemon, name).exists(), "{name}: pin removed");
+    }
+    let ns_dir = daemon.path("run").join("ns").display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(&ns_dir),
+        "nothing stays mounted under {ns_dir}"
+    );
+}

@@ -296,6 +296,24 @@ pub fn make_private_mount(dir: &Path) -> Result<()> {
     .map_err(|e| SysError::path("mount (make private)", dir, e))
 }
 
+/// Removes a directory of pins made with [`make_private_mount`]: unmounts it (lazily, while
+/// mounts are stacked on it), then removes it. A directory that is no mount point is just
+/// removed; one that does not exist is fine.
+pub fn remove_private_dir(dir: &Path) -> Result<()> {
+    for _ in 0..16 {
+        match nix::mount::umount2(dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => continue,
+            Err(Errno::EINVAL | Errno::ENOENT) => break,
+            Err(e) => return Err(SysError::path("umount2", dir, e)),
+        }
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SysError::path("rmdir", dir, errno_of(&e))),
+    }
+}
+
 /// Whether `dir` is the root of a mount, by its mount id against its parent's.
 fn is_mount_point(dir: &Path) -> Result<bool> {
     let canonical = fs::canonicalize(dir).map_err(|e| SysError::io_path("realpath", dir, &e))?;

@@ -3,7 +3,10 @@
 use axum::http::StatusCode;
 use axum::http::header::{HeaderValue, WWW_AUTHENTICATE};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use subid_store::StoreError;
+use utoipa::ToSchema;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 
 /// An error answered to a client as `{"code": "...", "message": "..."}`.
 ///
@@ -30,6 +33,8 @@ pub enum ApiError {
     LeaseBusy(String),
     #[error("{0}")]
     ProcessExited(String),
+    #[error("{0}")]
+    ProcessLimit(String),
     #[error("{0}")]
     ExecutableNotFound(String),
     #[error("{0}")]
@@ -59,7 +64,8 @@ impl ApiError {
             | ApiError::LeaseConflict(_)
             | ApiError::PoolExhausted(_)
             | ApiError::LeaseBusy(_)
-            | ApiError::ProcessExited(_) => StatusCode::CONFLICT,
+            | ApiError::ProcessExited(_)
+            | ApiError::ProcessLimit(_) => StatusCode::CONFLICT,
             ApiError::ExecutableNotFound(_) | ApiError::ExecFailed(_) => StatusCode::BAD_REQUEST,
             ApiError::PidsUnsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -82,6 +88,7 @@ impl ApiError {
             ApiError::PoolExhausted(_) => "pool_exhausted",
             ApiError::LeaseBusy(_) => "lease_busy",
             ApiError::ProcessExited(_) => "process_exited",
+            ApiError::ProcessLimit(_) => "process_limit",
             ApiError::ExecutableNotFound(_) => "executable_not_found",
             ApiError::ExecFailed(_) => "exec_failed",
             ApiError::PidsUnsupported(_) => "pids_unsupported",
@@ -91,6 +98,47 @@ impl ApiError {
             ApiError::Internal(_) => "internal",
         }
     }
+}
+
+/// Every code [`ApiError::code`] can return, in the order `docs/API.md` lists them.
+pub const ERROR_CODES: [&str; 18] = [
+    "invalid_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "lease_exists",
+    "lease_conflict",
+    "pool_exhausted",
+    "lease_busy",
+    "process_exited",
+    "process_limit",
+    "executable_not_found",
+    "exec_failed",
+    "pids_unsupported",
+    "payload_too_large",
+    "storage_full",
+    "unavailable",
+    "internal",
+];
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable and snake_case: scripts match on it.
+    #[schema(schema_with = error_code_schema)]
+    pub code: &'static str,
+    /// For people; the wording may change.
+    pub message: String,
+}
+
+/// `code` of [`ErrorBody`]: a string from [`ERROR_CODES`].
+fn error_code_schema() -> utoipa::openapi::Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(ERROR_CODES))
+        .description(Some("Stable and snake_case: scripts match on it."))
+        .build()
 }
 
 /// What a client hears when the store failed; the log has the details.
@@ -120,7 +168,10 @@ impl IntoResponse for ApiError {
             // 5xx bodies say little; the log says all.
             tracing::error!(code = self.code(), error = ?self, "request failed");
         }
-        let body = serde_json::json!({ "code": self.code(), "message": self.to_string() });
+        let body = ErrorBody {
+            code: self.code(),
+            message: self.to_string(),
+        };
         let mut response = (status, axum::Json(body)).into_response();
         if matches!(self, ApiError::Unauthorized) {
             response
@@ -128,5 +179,36 @@ impl IntoResponse for ApiError {
                 .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_listed_once() {
+        let all = [
+            ApiError::InvalidRequest(String::new()),
+            ApiError::Unauthorized,
+            ApiError::Forbidden(String::new()),
+            ApiError::NotFound(String::new()),
+            ApiError::MethodNotAllowed(String::new()),
+            ApiError::LeaseExists(String::new()),
+            ApiError::LeaseConflict(String::new()),
+            ApiError::PoolExhausted(String::new()),
+            ApiError::LeaseBusy(String::new()),
+            ApiError::ProcessExited(String::new()),
+            ApiError::ProcessLimit(String::new()),
+            ApiError::ExecutableNotFound(String::new()),
+            ApiError::ExecFailed(String::new()),
+            ApiError::PidsUnsupported(String::new()),
+            ApiError::PayloadTooLarge { limit: 1 },
+            ApiError::StorageFull,
+            ApiError::Unavailable(""),
+            ApiError::Internal(String::new()),
+        ];
+        let codes: Vec<&str> = all.iter().map(ApiError::code).collect();
+        assert_eq!(codes, ERROR_CODES);
     }
 }

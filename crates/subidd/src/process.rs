@@ -336,6 +336,10 @@ impl ProcessService {
             .stderr(err_w);
         let mut rlimits = lease.rlimits.clone();
         rlimits.extend(spec.rlimits.clone());
+        // A cap the client set: pids_max, max_processes, or an nproc rlimit.
+        let capped = lease.pids_max.is_some()
+            || lease.max_processes.is_some()
+            || rlimits.contains_key("nproc");
         for (rname, [soft, hard]) in &rlimits {
             let resource = crate::api::resource(rname)
                 .ok_or_else(|| ApiError::InvalidRequest(format!("unknown rlimit {rname:?}")))?;
@@ -347,7 +351,7 @@ impl ProcessService {
         let ns_spec = ns_spec(&lease);
         let created = existing.is_none();
         if created && ns_spec.extra.mnt {
-            self.private_ns_dir()?;
+            self.private_ns_dir(&name)?;
         }
         let spawn_pin = pin.clone();
         let run = move || match &existing {
@@ -368,7 +372,7 @@ impl ProcessService {
                 .await
                 .map_err(|e| ApiError::Internal(format!("spawn thread failed: {e}")))?
         };
-        let pidfd = Arc::new(result.map_err(|e| spawn_error(&spec, e))?);
+        let pidfd = Arc::new(result.map_err(|e| spawn_error(&spec, capped, e))?);
         if created {
             match LeaseNs::open(&pin) {
                 Ok(ns) => {
@@ -590,7 +594,7 @@ impl ProcessService {
             let pin = self.pin_path(&name);
             let spec = ns_spec(&done.lease);
             let made = if spec.extra.mnt {
-                self.private_ns_dir()
+                self.private_ns_dir(&name)
             } else {
                 Ok(())
             };
@@ -839,8 +843,10 @@ impl ProcessService {
                 pin.display()
             )));
         }
-        if let Some(dir) = pin.parent() {
-            let _ = std::fs::remove_dir(dir);
+        if let Some(dir) = pin.parent()
+            && let Err(error) = userns::remove_private_dir(dir)
+        {
+            tracing::warn!(lease = %lease.name, %error, "cannot remove the lease's pin directory");
         }
         if let Some(error) = self.remove_cgroup(lease).await {
             tracing::error!(lease = %lease.name, %error, "cannot remove the lease's cgroup");
@@ -939,8 +945,11 @@ impl ProcessService {
 
     /// Mount-namespace pins cannot sit in a shared mount (EINVAL): the first lease that asks for
     /// one makes `<runtime-dir>/ns` a private mount of its own. Idempotent.
-    fn private_ns_dir(&self) -> Result<(), ApiError> {
-        userns::make_private_mount(&self.inner.config.ns_dir)
+    /// Makes the lease's pin directory a private mount, as a pinned mount namespace needs. Only
+    /// the lease's own directory: a bind mount over the whole `ns` directory would cover the
+    /// pins other leases made before it, which could then no longer be unmounted (unlink EBUSY).
+    fn private_ns_dir(&self, name: &str) -> Result<(), ApiError> {
+        userns::make_private_mount(&self.inner.config.ns_dir.join(name))
             .map_err(|e| ApiError::Internal(format!("private mount for pins: {e}")))
     }
 
@@ -1071,10 +1080,18 @@ async fn wait_exit(pidfd: &Arc<PidFd>, own_child: bool) -> Option<ExitStatus> {
         .flatten()
 }
 
-/// Maps a spawn failure to what the client should hear.
-fn spawn_error(spec: &SpawnSpec, error: SysError) -> ApiError {
+/// Maps a spawn failure to what the client should hear. `capped`: the lease or the request set
+/// a process cap (pids_max, max_processes, an nproc rlimit).
+fn spawn_error(spec: &SpawnSpec, capped: bool, error: SysError) -> ApiError {
     if error.errno() == Some(Errno::EAGAIN) {
         // fork, clone or execve (RLIMIT_NPROC) refused: the lease's cap, or a system limit.
+        if capped {
+            return ApiError::ProcessLimit(
+                "the kernel refused a new process: the lease is at its process cap (pids_max, \
+                 max_processes or the nproc rlimit); retry when some of its processes exit"
+                    .into(),
+            );
+        }
         return ApiError::Unavailable(
             "the kernel refused a new process: the lease is at its process cap (pids_max or \
              max_processes) or a system limit was reached; retry when some of its processes exit",

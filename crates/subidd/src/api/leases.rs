@@ -5,19 +5,21 @@ use axum::extract::State;
 use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use subid_core::{LeaseState, validate_labels, validate_name};
+use subid_core::{LeaseState, Pool, validate_labels, validate_name};
 
 use super::model::{
-    CreateBody, EventView, IdmapView, LeaseBody, LeaseList, LeaseView, LookupView, PoolView,
-    TTL_MAX,
+    CreateBody, EmptyBody, EventList, EventView, IdmapJson, IdmapView, LeaseBody, LeaseList,
+    LeaseView, LookupView, PoolView, TTL_MAX,
 };
 use super::{
     ApiResult, AppState, Caller, JsonBody, LeaseName, QueryParams, St, caller_uid, json, parse_bool,
 };
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::lease::{CreateMode, LeaseSpec, ReleaseKind};
 
-/// `GET /v1/pool`
+/// The pool: its range, block size, block counts and the host's cgroups.
+#[utoipa::path(get, path = "/v1/pool", tag = "leases", operation_id = "get_pool",
+    responses((status = 200, body = PoolView), (status = 400, description = INVALID, body = ErrorBody)))]
 pub async fn pool(State(state): St, query: QueryParams) -> ApiResult {
     query.check(&[], &[])?;
     let (pool, counts) = state.leases.pool_status();
@@ -46,7 +48,15 @@ pub async fn pool(State(state): St, query: QueryParams) -> ApiResult {
     Ok(json(StatusCode::OK, &view))
 }
 
-/// `GET /v1/leases?state=&label=k=v`
+/// The leases, filtered by state and labels.
+#[utoipa::path(get, path = "/v1/leases", tag = "leases", operation_id = "list_leases",
+    params(
+        ("state" = Option<String>, Query, pattern = "^(active|released|all)$",
+            description = "`active` (the default), `released` or `all`"),
+        ("label" = Option<Vec<String>>, Query, style = Form, explode = true,
+            description = "`key=value`; repeat it to ask for all of several labels"),
+    ),
+    responses((status = 200, body = LeaseList), (status = 400, description = INVALID, body = ErrorBody)))]
 pub async fn list(State(state): St, query: QueryParams) -> ApiResult {
     let single = query.check(&["state", "label"], &["label"])?;
     let filter = match single.get("state").copied() {
@@ -75,11 +85,20 @@ pub async fn list(State(state): St, query: QueryParams) -> ApiResult {
     Ok(json(StatusCode::OK, &view))
 }
 
+/// Error descriptions shared by the operations of this file.
+const INVALID: &str = "invalid_request: a bad name, query key or value, or body";
+const TOO_LARGE: &str = "payload_too_large: the body is over 64 KiB";
+const PIDS: &str = "pids_unsupported: `pids_max` needs a pids cgroup controller this host lacks";
+const FULL: &str = "storage_full: the state directory's disk is full";
+
 /// The largest process cap accepted (the kernel's PID_MAX_LIMIT).
 pub const PROCESS_CAP_MAX: u64 = 4_194_304;
 
-/// `GET /v1/leases/{name}`: the active lease (with its cgroup's use), else the most recently
-/// released one.
+/// The active lease (with its cgroup's use), else the most recently released one.
+#[utoipa::path(get, path = "/v1/leases/{name}", tag = "leases", operation_id = "get_lease",
+    params(LeaseName),
+    responses((status = 200, body = LeaseView), (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = "not_found: no lease of that name", body = ErrorBody)))]
 pub async fn get_one(
     State(state): St,
     LeaseName(name): LeaseName,
@@ -95,7 +114,16 @@ pub async fn get_one(
     Ok(json(StatusCode::OK, &view))
 }
 
-/// `PUT /v1/leases/{name}`: 201 created, 200 identical one exists, 409 `lease_conflict`.
+/// Ensures a lease: 201 created, 200 an identical one exists, 409 `lease_conflict`.
+#[utoipa::path(put, path = "/v1/leases/{name}", tag = "leases", operation_id = "put_lease",
+    params(LeaseName), request_body(content = Option<LeaseBody>, description = "optional"),
+    responses((status = 200, description = "an identical lease exists", body = LeaseView),
+        (status = 201, description = "created", body = LeaseView),
+        (status = 400, description = INVALID, body = ErrorBody),
+        (status = 409, description = "lease_conflict (exists with other settings), pool_exhausted", body = ErrorBody),
+        (status = 413, description = TOO_LARGE, body = ErrorBody),
+        (status = 422, description = PIDS, body = ErrorBody),
+        (status = 507, description = FULL, body = ErrorBody)))]
 pub async fn put(
     State(state): St,
     caller: Option<Extension<Caller>>,
@@ -104,16 +132,7 @@ pub async fn put(
     JsonBody(body): JsonBody<LeaseBody>,
 ) -> ApiResult {
     query.check(&[], &[])?;
-    let body = body.unwrap_or_default();
-    let spec = spec(
-        &state,
-        body.size,
-        body.labels,
-        body.ttl_seconds,
-        body.rlimits,
-        body.namespaces,
-        (body.pids_max, body.max_processes),
-    )?;
+    let spec = spec(&state.leases.pool_status().0, body.unwrap_or_default())?;
     let done = state
         .processes
         .create_lease(name, spec, CreateMode::Ensure, caller_uid(caller))
@@ -126,7 +145,16 @@ pub async fn put(
     Ok(json(status, &LeaseView::from(&done.lease)))
 }
 
-/// `POST /v1/leases`: 201 with `Location`, 409 `lease_exists`.
+/// Creates a lease: 201 with `Location`, 409 `lease_exists`.
+#[utoipa::path(post, path = "/v1/leases", tag = "leases", operation_id = "create_lease",
+    request_body = CreateBody,
+    responses((status = 201, description = "created", body = LeaseView,
+            headers(("Location" = String, description = "`/v1/leases/{name}`"))),
+        (status = 400, description = INVALID, body = ErrorBody),
+        (status = 409, description = "lease_exists, pool_exhausted", body = ErrorBody),
+        (status = 413, description = TOO_LARGE, body = ErrorBody),
+        (status = 422, description = PIDS, body = ErrorBody),
+        (status = 507, description = FULL, body = ErrorBody)))]
 pub async fn post(
     State(state): St,
     caller: Option<Extension<Caller>>,
@@ -139,20 +167,13 @@ pub async fn post(
             "a JSON body with at least \"name\" is required".into(),
         ));
     };
-    validate_name(&body.name)
+    let (name, settings) = body.split();
+    validate_name(&name)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid lease name: {e}")))?;
-    let spec = spec(
-        &state,
-        body.size,
-        body.labels,
-        body.ttl_seconds,
-        body.rlimits,
-        body.namespaces,
-        (body.pids_max, body.max_processes),
-    )?;
+    let spec = spec(&state.leases.pool_status().0, settings)?;
     let done = state
         .processes
-        .create_lease(body.name, spec, CreateMode::New, caller_uid(caller))
+        .create_lease(name, spec, CreateMode::New, caller_uid(caller))
         .await?;
     let mut response = json(StatusCode::CREATED, &LeaseView::from(&done.lease));
     // Names are [A-Za-z0-9_.-], so the path needs no escaping and is a valid header value.
@@ -162,7 +183,14 @@ pub async fn post(
     Ok(response)
 }
 
-/// `POST /v1/leases/{name}/renew`
+/// Applies the lease's `ttl_seconds` again from now. Takes no body (or `{}`).
+#[utoipa::path(post, path = "/v1/leases/{name}/renew", tag = "leases", operation_id = "renew_lease",
+    params(LeaseName), request_body(content = Option<EmptyBody>, description = "none, or `{}`"),
+    responses((status = 200, body = LeaseView), (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = "not_found: no active lease of that name", body = ErrorBody),
+        (status = 409, description = "lease_conflict: the lease has no ttl_seconds", body = ErrorBody),
+        (status = 413, description = TOO_LARGE, body = ErrorBody),
+        (status = 507, description = FULL, body = ErrorBody)))]
 pub async fn renew(
     State(state): St,
     caller: Option<Extension<Caller>>,
@@ -183,7 +211,16 @@ pub async fn renew(
     Ok(json(StatusCode::OK, &LeaseView::from(&lease)))
 }
 
-/// `DELETE /v1/leases/{name}?purge=true`: 204.
+/// Releases a lease (its range is quarantined), or with `purge` also forgets its history.
+#[utoipa::path(delete, path = "/v1/leases/{name}", tag = "leases", operation_id = "delete_lease",
+    params(LeaseName,
+        ("purge" = Option<bool>, Query, description = "also free the range at once and drop the history"),
+        ("force" = Option<bool>, Query, description = "kill the lease's live processes first"),
+    ),
+    responses((status = 204, description = "released"), (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = "not_found: no active lease of that name", body = ErrorBody),
+        (status = 409, description = "lease_busy: it has live processes and `force` was not given", body = ErrorBody),
+        (status = 507, description = FULL, body = ErrorBody)))]
 pub async fn delete(
     State(state): St,
     caller: Option<Extension<Caller>>,
@@ -203,7 +240,17 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `GET /v1/leases/{name}/idmap?format=uid_map|oci|podman|subuid`
+/// The lease's id maps, for `uid_map` files, OCI `config.json`, podman or /etc/subuid.
+#[utoipa::path(get, path = "/v1/leases/{name}/idmap", tag = "leases", operation_id = "get_idmap",
+    params(LeaseName,
+        ("format" = Option<String>, Query, pattern = "^(json|uid_map|gid_map|oci|podman|subuid|subgid)$",
+            description = "`json` (the default: every rendering) or `oci` answer JSON; `uid_map`, \
+                `gid_map`, `podman`, `subuid` and `subgid` answer one line of text"),
+    ),
+    responses((status = 200, description = "the map in the asked format", content(
+            (IdmapJson = "application/json"), (String = "text/plain"))),
+        (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = "not_found: no such lease, or it is released", body = ErrorBody)))]
 pub async fn idmap(State(state): St, LeaseName(name): LeaseName, query: QueryParams) -> ApiResult {
     let single = query.check(&["format"], &[])?;
     let lease = find(&state, &name).await?;
@@ -222,10 +269,10 @@ pub async fn idmap(State(state): St, LeaseName(name): LeaseName, query: QueryPar
         r
     };
     Ok(match single.get("format").copied() {
-        None | Some("json") => json(StatusCode::OK, &view),
+        None | Some("json") => json(StatusCode::OK, &IdmapJson::All(view)),
         Some("uid_map") => text(format!("{}\n", view.uid_map)),
         Some("gid_map") => text(format!("{}\n", view.gid_map)),
-        Some("oci") => json(StatusCode::OK, &view.oci),
+        Some("oci") => json(StatusCode::OK, &IdmapJson::Oci(view.oci)),
         Some("podman") => text(format!("{}\n", view.podman.join(" "))),
         Some("subuid") => text(format!("{}\n", view.subuid)),
         Some("subgid") => text(format!("{}\n", view.subgid)),
@@ -237,7 +284,11 @@ pub async fn idmap(State(state): St, LeaseName(name): LeaseName, query: QueryPar
     })
 }
 
-/// `GET /v1/leases/{name}/events`: the history of the name.
+/// The history of a lease name, oldest first.
+#[utoipa::path(get, path = "/v1/leases/{name}/events", tag = "leases", operation_id = "lease_events",
+    params(LeaseName),
+    responses((status = 200, body = EventList), (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = "not_found: no lease ever had that name", body = ErrorBody)))]
 pub async fn events(State(state): St, LeaseName(name): LeaseName, query: QueryParams) -> ApiResult {
     query.check(&[], &[])?;
     let events = state.leases.store().events(&name).await?;
@@ -246,11 +297,20 @@ pub async fn events(State(state): St, LeaseName(name): LeaseName, query: QueryPa
             "no lease was ever named {name}"
         )));
     }
-    let view: Vec<EventView> = events.iter().map(EventView::from).collect();
-    Ok(json(StatusCode::OK, &serde_json::json!({ "events": view })))
+    let view = EventList {
+        events: events.iter().map(EventView::from).collect(),
+    };
+    Ok(json(StatusCode::OK, &view))
 }
 
-/// `GET /v1/lookup?uid=N` (or `gid=N`): the active lease that holds host id N.
+/// The active lease that holds host uid (or gid) N, and N inside its namespace.
+#[utoipa::path(get, path = "/v1/lookup", tag = "leases", operation_id = "lookup",
+    params(
+        ("uid" = Option<u32>, Query, description = "a host uid; give exactly one of `uid` and `gid`"),
+        ("gid" = Option<u32>, Query, description = "a host gid"),
+    ),
+    responses((status = 200, body = LookupView), (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = "not_found: no active lease holds that id", body = ErrorBody)))]
 pub async fn lookup(State(state): St, query: QueryParams) -> ApiResult {
     let single = query.check(&["uid", "gid"], &[])?;
     let (kind, raw) = match (single.get("uid"), single.get("gid")) {
@@ -300,14 +360,17 @@ async fn find(state: &AppState, name: &str) -> Result<subid_store::LeaseRecord, 
 }
 
 /// Checks the requested settings and fills in the defaults.
-fn spec(
-    state: &AppState,
-    size: Option<u32>,
-    labels: Option<std::collections::BTreeMap<String, String>>,
-    ttl_seconds: Option<u32>,
-    rlimits: Option<std::collections::BTreeMap<String, [u64; 2]>>,
-    namespaces: Option<Vec<String>>,
-    (pids_max, max_processes): (Option<u64>, Option<u64>),
+pub(super) fn spec(
+    pool: &Pool,
+    LeaseBody {
+        size,
+        labels,
+        ttl_seconds,
+        rlimits,
+        namespaces,
+        pids_max,
+        max_processes,
+    }: LeaseBody,
 ) -> Result<LeaseSpec, ApiError> {
     for (key, value) in [("pids_max", pids_max), ("max_processes", max_processes)] {
         if let Some(v) = value
@@ -318,7 +381,6 @@ fn spec(
             )));
         }
     }
-    let (pool, _) = state.leases.pool_status();
     if let Some(size) = size {
         if size == 0 || size % pool.block() != 0 {
             return Err(ApiError::InvalidRequest(format!(

@@ -3,6 +3,7 @@
 
 mod leases;
 mod model;
+pub mod openapi;
 mod processes;
 
 pub use processes::resource;
@@ -14,7 +15,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::header::{HeaderName, HeaderValue, SERVER};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, delete, get, post, put};
 use axum::{Extension, Router, middleware};
 use serde::de::DeserializeOwned;
 
@@ -44,28 +45,43 @@ pub struct Caller {
     pub uid: Option<u32>,
 }
 
+/// Every operation of the API: method, path, handler. [`router`] is built from this list, and
+/// tests check that each answers its method and that `/openapi.json` describes exactly these.
+pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
+    vec![
+        ("GET", "/_ping", get(ping)),
+        ("GET", "/openapi.json", get(openapi::serve)),
+        ("GET", "/v1/pool", get(leases::pool)),
+        ("GET", "/v1/leases", get(leases::list)),
+        ("POST", "/v1/leases", post(leases::post)),
+        ("GET", "/v1/leases/{name}", get(leases::get_one)),
+        ("PUT", "/v1/leases/{name}", put(leases::put)),
+        ("DELETE", "/v1/leases/{name}", delete(leases::delete)),
+        ("POST", "/v1/leases/{name}/renew", post(leases::renew)),
+        ("GET", "/v1/leases/{name}/idmap", get(leases::idmap)),
+        ("GET", "/v1/leases/{name}/events", get(leases::events)),
+        ("GET", "/v1/lookup", get(leases::lookup)),
+        ("GET", "/v1/leases/{name}/processes", get(processes::list)),
+        (
+            "POST",
+            "/v1/leases/{name}/processes",
+            post(processes::spawn),
+        ),
+        ("GET", "/v1/processes/{id}", get(processes::get_one)),
+        ("POST", "/v1/processes/{id}/wait", post(processes::wait)),
+        ("POST", "/v1/processes/{id}/signal", post(processes::signal)),
+        ("GET", "/v1/processes/{id}/logs", get(processes::logs)),
+    ]
+}
+
 /// The API routes with their state. Authentication is layered on by the server per transport.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/_ping", get(ping))
-        .route("/v1/pool", get(leases::pool))
-        .route("/v1/leases", get(leases::list).post(leases::post))
-        .route(
-            "/v1/leases/{name}",
-            get(leases::get_one).put(leases::put).delete(leases::delete),
-        )
-        .route("/v1/leases/{name}/renew", post(leases::renew))
-        .route("/v1/leases/{name}/idmap", get(leases::idmap))
-        .route("/v1/leases/{name}/events", get(leases::events))
-        .route("/v1/lookup", get(leases::lookup))
-        .route(
-            "/v1/leases/{name}/processes",
-            get(processes::list).post(processes::spawn),
-        )
-        .route("/v1/processes/{id}", get(processes::get_one))
-        .route("/v1/processes/{id}/wait", post(processes::wait))
-        .route("/v1/processes/{id}/signal", post(processes::signal))
-        .route("/v1/processes/{id}/logs", get(processes::logs))
+    // Routing one path again adds its method to the path's method router.
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, (_, path, method_router)| {
+            router.route(path, method_router)
+        })
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
@@ -73,6 +89,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Liveness: answers `OK` as long as the daemon serves requests.
+#[utoipa::path(get, path = "/_ping", tag = "daemon", operation_id = "ping",
+    responses((status = 200, description = "`OK`", body = String, content_type = "text/plain")))]
 async fn ping() -> &'static str {
     "OK"
 }
@@ -133,7 +152,13 @@ where
 }
 
 /// The `{name}` of a lease path, validated.
-pub struct LeaseName(pub String);
+#[derive(utoipa::IntoParams)]
+#[into_params(names("name"), parameter_in = Path)]
+pub struct LeaseName(
+    /// 1-128 characters of `[A-Za-z0-9_.-]`, the first a letter or digit.
+    #[param(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+    pub String,
+);
 
 impl<S: Send + Sync> FromRequestParts<S> for LeaseName {
     type Rejection = ApiError;
@@ -223,5 +248,7 @@ pub fn json<T: serde::Serialize>(status: axum::http::StatusCode, value: &T) -> R
 /// State extractor alias, to keep handler signatures short.
 pub type St = State<AppState>;
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

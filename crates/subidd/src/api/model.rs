@@ -6,39 +6,89 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use subid_core::{IdRange, PoolCounts, lease_map, render_map, render_subid_line};
 use subid_store::{EventRecord, LeaseRecord};
+use utoipa::ToSchema;
+
+/// `POST /v1/leases/{name}/renew` body: none, or an empty object.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyBody {}
 
 /// The longest ttl accepted: ten years, far from any overflow.
 pub const TTL_MAX: u32 = 10 * 365 * 24 * 3600;
 
 /// `PUT /v1/leases/{name}` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseBody {
+    /// Ids: a positive multiple of the pool's block (`GET /v1/pool`); default one block.
+    #[schema(minimum = 1)]
     pub size: Option<u32>,
+    /// Up to 64; keys of `[A-Za-z0-9_./-]` starting with a letter or digit, values without
+    /// control characters.
     pub labels: Option<BTreeMap<String, String>>,
+    /// Released this long after creation or the last renew; none: never.
+    #[schema(minimum = 1, maximum = 315_360_000)]
     pub ttl_seconds: Option<u32>,
+    #[schema(schema_with = rlimits_or_null)]
     pub rlimits: Option<BTreeMap<String, [u64; 2]>>,
+    /// Namespaces the lease's processes share besides the user namespace.
+    #[schema(value_type = Option<Vec<NamespaceName>>)]
     pub namespaces: Option<Vec<String>>,
+    /// A pids cgroup cap over all the lease's processes.
+    #[schema(minimum = 1, maximum = 4_194_304)]
     pub pids_max: Option<u64>,
+    /// RLIMIT_NPROC of the namespace owner: its processes, counted by the kernel.
+    #[schema(minimum = 1, maximum = 4_194_304)]
     pub max_processes: Option<u64>,
 }
 
 /// `POST /v1/leases` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
+    /// 1-128 characters of `[A-Za-z0-9_.-]`, the first a letter or digit.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
     pub name: String,
+    /// Ids: a positive multiple of the pool's block (`GET /v1/pool`); default one block.
+    #[schema(minimum = 1)]
     pub size: Option<u32>,
+    /// Up to 64; keys of `[A-Za-z0-9_./-]` starting with a letter or digit, values without
+    /// control characters.
     pub labels: Option<BTreeMap<String, String>>,
+    /// Released this long after creation or the last renew; none: never.
+    #[schema(minimum = 1, maximum = 315_360_000)]
     pub ttl_seconds: Option<u32>,
+    #[schema(schema_with = rlimits_or_null)]
     pub rlimits: Option<BTreeMap<String, [u64; 2]>>,
+    /// Namespaces the lease's processes share besides the user namespace.
+    #[schema(value_type = Option<Vec<NamespaceName>>)]
     pub namespaces: Option<Vec<String>>,
+    /// A pids cgroup cap over all the lease's processes.
+    #[schema(minimum = 1, maximum = 4_194_304)]
     pub pids_max: Option<u64>,
+    /// RLIMIT_NPROC of the namespace owner: its processes, counted by the kernel.
+    #[schema(minimum = 1, maximum = 4_194_304)]
     pub max_processes: Option<u64>,
 }
 
+impl CreateBody {
+    /// The name, and the settings as a `PUT` body carries them.
+    pub fn split(self) -> (String, LeaseBody) {
+        let settings = LeaseBody {
+            size: self.size,
+            labels: self.labels,
+            ttl_seconds: self.ttl_seconds,
+            rlimits: self.rlimits,
+            namespaces: self.namespaces,
+            pids_max: self.pids_max,
+            max_processes: self.max_processes,
+        };
+        (self.name, settings)
+    }
+}
+
 /// The process caps of a lease and their use (use only while the lease is active and capped).
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct LimitsView {
     pub pids_max: Option<u64>,
     pub max_processes: Option<u64>,
@@ -48,12 +98,14 @@ pub struct LimitsView {
 }
 
 /// A lease as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LeaseView {
     pub name: String,
     pub uid_base: u32,
     pub gid_base: u32,
     pub size: u32,
+    /// `active` or `released`.
+    #[schema(value_type = LeaseStateName)]
     pub state: &'static str,
     pub labels: BTreeMap<String, String>,
     pub ttl_seconds: Option<u32>,
@@ -61,6 +113,7 @@ pub struct LeaseView {
     pub expires_at: Option<String>,
     pub released_at: Option<String>,
     /// Default rlimits of the lease's processes: name -> [soft, hard].
+    #[schema(schema_with = rlimits)]
     pub rlimits: BTreeMap<String, [u64; 2]>,
     /// Extra namespaces its processes share.
     pub namespaces: Vec<String>,
@@ -69,6 +122,57 @@ pub struct LeaseView {
     /// The kernel's `uid_map` line for this lease (`0 <uid_base> <size>`), without newline.
     pub uid_map: String,
     pub gid_map: String,
+}
+
+/// A namespace a lease's processes may share (`namespaces`).
+#[derive(Debug, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // documents the strings `leases::spec` accepts
+pub enum NamespaceName {
+    Mnt,
+    Uts,
+    Ipc,
+    Net,
+}
+
+/// `rlimits` of leases and spawns: a known name -> `[soft, hard]`, soft <= hard.
+pub fn rlimits() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{ArrayBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type};
+    let limit = ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .minimum(Some(0));
+    let pair = ArrayBuilder::new()
+        .items(limit)
+        .min_items(Some(2))
+        .max_items(Some(2));
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(super::processes::RLIMIT_NAMES)),
+        ))
+        .additional_properties(Some(pair))
+        .description(Some("rlimit name -> [soft, hard], soft <= hard"))
+        .build()
+}
+
+/// [`rlimits`] of a request, where `null` means none.
+pub fn rlimits_or_null() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{SchemaType, Type};
+    let mut schema = rlimits();
+    schema.schema_type = SchemaType::from_iter([Type::Object, Type::Null]);
+    schema
+}
+
+/// The state of a lease, as its `state` field names it.
+#[derive(Debug, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // documents the strings `LeaseState::as_str` gives
+pub enum LeaseStateName {
+    Active,
+    Released,
 }
 
 impl From<&LeaseRecord> for LeaseView {
@@ -104,19 +208,20 @@ pub fn map_line(base: u32, size: u32) -> String {
 }
 
 /// `GET /v1/leases` answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LeaseList {
     pub leases: Vec<LeaseView>,
 }
 
 /// `GET /v1/pool` answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PoolView {
     pub base: u32,
     pub size: u32,
     /// One past the last id of the pool.
     pub end: u64,
     pub block: u32,
+    /// Where the pool came from: `config`, `subuid` or `default`.
     pub source: &'static str,
     pub quarantine_seconds: u64,
     pub blocks: BlockCounts,
@@ -129,7 +234,7 @@ pub struct PoolView {
 }
 
 /// `GET /v1/pool` `claims[]`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ClaimView {
     /// Who claims the ids.
     pub claim: String,
@@ -162,7 +267,7 @@ impl From<crate::lease::AppliedClaim> for ClaimView {
 }
 
 /// `GET /v1/pool` `warnings[]`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PoolWarningView {
     /// Always `lease_ids_claimed` for now.
     pub code: &'static str,
@@ -188,7 +293,7 @@ impl From<crate::lease::PoolWarning> for PoolWarningView {
 }
 
 /// `GET /v1/pool` `cgroup`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CgroupView {
     /// `v2`, `v1`, `hybrid` or `none`.
     pub mode: &'static str,
@@ -218,7 +323,7 @@ impl From<subid_sys::cgroup::CgroupSummary> for CgroupView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BlockCounts {
     pub total: u32,
     pub active: u32,
@@ -241,7 +346,7 @@ impl From<PoolCounts> for BlockCounts {
 }
 
 /// One mapping of an OCI runtime `config.json` (`linux.uidMappings`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OciMapping {
     #[serde(rename = "containerID")]
     pub container_id: u32,
@@ -251,7 +356,7 @@ pub struct OciMapping {
 }
 
 /// `linux.uidMappings` and `linux.gidMappings` of an OCI runtime `config.json`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OciMappings {
     #[serde(rename = "uidMappings")]
     pub uid_mappings: Vec<OciMapping>,
@@ -260,7 +365,7 @@ pub struct OciMappings {
 }
 
 /// `GET /v1/leases/{name}/idmap` without `format`: every rendering at once.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct IdmapView {
     pub uid_map: String,
     pub gid_map: String,
@@ -305,8 +410,9 @@ fn subid_line(name: &str, base: u32, size: u32) -> String {
 }
 
 /// `GET /v1/lookup` answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LookupView {
+    /// `uid` or `gid`, as asked.
     pub kind: &'static str,
     pub host_id: u32,
     /// The id inside the lease's namespace.
@@ -314,8 +420,23 @@ pub struct LookupView {
     pub lease: LeaseView,
 }
 
+/// `GET /v1/leases/{name}/events` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventList {
+    pub events: Vec<EventView>,
+}
+
+/// `GET /v1/leases/{name}/idmap` as JSON: every rendering (no `format`, or `format=json`), or
+/// the OCI mappings alone (`format=oci`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum IdmapJson {
+    All(IdmapView),
+    Oci(OciMappings),
+}
+
 /// One history row.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EventView {
     pub at: String,
     pub kind: String,

@@ -12,10 +12,11 @@ use axum::response::IntoResponse;
 use nix::sys::resource::Resource;
 use serde::{Deserialize, Serialize};
 use subid_store::ProcessRecord;
+use utoipa::{IntoParams, ToSchema};
 
 use super::model::rfc3339;
 use super::{ApiResult, JsonBody, LeaseName, QueryParams, St, json};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::process::SpawnSpec;
 
 /// Most argv entries, and their total size in bytes.
@@ -32,21 +33,34 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 pub const WAIT_MAX_SECONDS: u64 = 3600;
 
 /// `POST /v1/leases/{name}/processes` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"argv": ["/bin/true"]}))]
 #[serde(deny_unknown_fields)]
 pub struct SpawnBody {
+    /// The program (a path, or a name looked up in `PATH`) and its arguments; no NUL bytes.
+    #[schema(min_items = 1, max_items = 4096)]
     pub argv: Vec<String>,
     pub env: Option<EnvSpec>,
+    /// An absolute path of an existing directory; default `/`.
+    #[schema(pattern = "^/")]
     pub cwd: Option<String>,
+    /// The uid inside the namespace; default 0.
     pub user: Option<u32>,
+    /// The gid inside the namespace; default 0.
     pub group: Option<u32>,
+    /// Supplementary gids inside the namespace.
+    #[schema(max_items = 64)]
     pub groups: Option<Vec<u32>>,
+    /// Override the lease's default rlimits.
+    #[schema(schema_with = super::model::rlimits_or_null)]
     pub rlimits: Option<BTreeMap<String, [u64; 2]>>,
+    /// Default 0o022 (18).
+    #[schema(maximum = 511)]
     pub umask: Option<u32>,
 }
 
 /// The environment, as `{"K": "V"}` or as Docker's `["K=V"]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum EnvSpec {
     Map(BTreeMap<String, String>),
@@ -54,7 +68,7 @@ pub enum EnvSpec {
 }
 
 /// A process as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ProcessView {
     pub id: String,
     pub lease: String,
@@ -62,6 +76,7 @@ pub struct ProcessView {
     pub host_uid: u32,
     pub host_gid: u32,
     pub argv: Vec<String>,
+    #[schema(value_type = ProcessStateName)]
     pub state: &'static str,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
@@ -87,9 +102,46 @@ impl From<&ProcessRecord> for ProcessView {
     }
 }
 
-/// `POST /v1/leases/{name}/processes[?wait=true&timeout_seconds=N]`: 201 with the process;
-/// with `wait`, answered once it has exited (or the timeout, default 30 s, passed), as
-/// `docker run` without `-d` does.
+/// The state of a process, as its `state` field names it.
+#[derive(Debug, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // documents the strings `ProcessState::as_str` gives
+pub enum ProcessStateName {
+    Running,
+    Exited,
+    Lost,
+}
+
+/// `GET /v1/leases/{name}/processes` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProcessList {
+    pub processes: Vec<ProcessView>,
+}
+
+/// Error descriptions shared by the operations of this file.
+const INVALID: &str = "invalid_request: a bad name, query key or value, or body";
+const NO_PROCESS: &str = "not_found: no process with that id";
+
+/// Starts a process in the lease's user namespace: 201 with the process; with `wait`,
+/// answered once it has exited (or the timeout, default 30 s, passed), as `docker run`
+/// without `-d` does.
+#[utoipa::path(post, path = "/v1/leases/{name}/processes", tag = "processes", operation_id = "spawn",
+    params(super::LeaseName,
+        ("wait" = Option<bool>, Query, description = "answer once the process has exited"),
+        ("timeout_seconds" = Option<u64>, Query, maximum = 3600,
+            description = "with `wait`: the longest wait (default 30)"),
+    ),
+    request_body = SpawnBody,
+    responses((status = 201, body = ProcessView),
+        (status = 400, description = "invalid_request, executable_not_found (argv[0] is not an \
+            executable file), exec_failed (the kernel refused to start it)", body = ErrorBody),
+        (status = 404, description = "not_found: no active lease of that name", body = ErrorBody),
+        (status = 409, description = "lease_busy: the lease is being released; process_limit: the \
+            kernel refused a new process at the lease's cap (pids_max, max_processes, nproc)", body = ErrorBody),
+        (status = 413, description = "payload_too_large: the body is over 64 KiB", body = ErrorBody),
+        (status = 422, description = "pids_unsupported: the lease's `pids_max` cannot be \
+            enforced on this host", body = ErrorBody),
+        (status = 507, description = "storage_full: the state directory's disk is full", body = ErrorBody)))]
 pub async fn spawn(
     State(state): St,
     LeaseName(name): LeaseName,
@@ -120,25 +172,38 @@ pub async fn spawn(
     Ok(json(StatusCode::CREATED, &ProcessView::from(&record)))
 }
 
-/// `GET /v1/leases/{name}/processes`
+/// The processes of the active lease, running and ended.
+#[utoipa::path(get, path = "/v1/leases/{name}/processes", tag = "processes", operation_id = "list_processes",
+    params(super::LeaseName),
+    responses((status = 200, body = ProcessList), (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = "not_found: no active lease of that name", body = ErrorBody)))]
 pub async fn list(State(state): St, LeaseName(name): LeaseName, query: QueryParams) -> ApiResult {
     query.check(&[], &[])?;
     let processes = state.processes.list(&name).await?;
-    let views: Vec<ProcessView> = processes.iter().map(ProcessView::from).collect();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({ "processes": views }),
-    ))
+    let view = ProcessList {
+        processes: processes.iter().map(ProcessView::from).collect(),
+    };
+    Ok(json(StatusCode::OK, &view))
 }
 
-/// `GET /v1/processes/{id}`
+/// One process.
+#[utoipa::path(get, path = "/v1/processes/{id}", tag = "processes", operation_id = "get_process",
+    params(ProcessId),
+    responses((status = 200, body = ProcessView), (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = NO_PROCESS, body = ErrorBody)))]
 pub async fn get_one(State(state): St, ProcessId(id): ProcessId, query: QueryParams) -> ApiResult {
     query.check(&[], &[])?;
     let record = state.processes.get(&id).await?;
     Ok(json(StatusCode::OK, &ProcessView::from(&record)))
 }
 
-/// `POST /v1/processes/{id}/wait?timeout_seconds=N` (default 30, at most 3600).
+/// Waits until the process has exited or the timeout passed, then answers its record.
+#[utoipa::path(post, path = "/v1/processes/{id}/wait", tag = "processes", operation_id = "wait_process",
+    params(ProcessId,
+        ("timeout_seconds" = Option<u64>, Query, maximum = 3600, description = "default 30"),
+    ),
+    responses((status = 200, body = ProcessView), (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = NO_PROCESS, body = ErrorBody)))]
 pub async fn wait(State(state): St, ProcessId(id): ProcessId, query: QueryParams) -> ApiResult {
     let single = query.check(&["timeout_seconds"], &[])?;
     let timeout = wait_timeout(single.get("timeout_seconds").copied())?;
@@ -163,8 +228,13 @@ fn wait_timeout(value: Option<&str>) -> Result<Duration, ApiError> {
     Ok(Duration::from_secs(seconds))
 }
 
-/// `POST /v1/processes/{id}/signal` body `{"signal": "TERM"}` (a name, with or without `SIG`,
-/// or a number 1..=64): 202.
+/// Sends a signal (default `TERM`) to a running process: 202.
+#[utoipa::path(post, path = "/v1/processes/{id}/signal", tag = "processes", operation_id = "signal_process",
+    params(ProcessId), request_body(content = Option<SignalBody>, description = "optional"),
+    responses((status = 202, description = "sent"), (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = NO_PROCESS, body = ErrorBody),
+        (status = 409, description = "process_exited: it is not running", body = ErrorBody),
+        (status = 413, description = "payload_too_large: the body is over 64 KiB", body = ErrorBody)))]
 pub async fn signal(
     State(state): St,
     ProcessId(id): ProcessId,
@@ -181,12 +251,14 @@ pub async fn signal(
 }
 
 /// `POST /v1/processes/{id}/signal` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignalBody {
+    #[schema(schema_with = signal_schema)]
     pub signal: SignalSpec,
 }
 
+/// A signal name (`TERM`, `SIGTERM`, case-insensitive) or number (1..=64).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum SignalSpec {
@@ -194,7 +266,36 @@ pub enum SignalSpec {
     Name(String),
 }
 
-/// `GET /v1/processes/{id}/logs?stream=stdout|stderr`: what it wrote (first `log_max_bytes`).
+/// `signal` of [`SignalBody`]: a number 1..=64 or a name.
+fn signal_schema() -> utoipa::openapi::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(1))
+                .maximum(Some(64)),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[A-Za-z0-9+]{1,16}$")),
+        )
+        .description(Some(
+            "a name (`TERM`, `SIGTERM`, case-insensitive) or a number 1..=64",
+        ))
+        .build()
+        .into()
+}
+
+/// What the process wrote to stdout or stderr (the first `log_max_bytes`), as is.
+#[utoipa::path(get, path = "/v1/processes/{id}/logs", tag = "processes", operation_id = "process_logs",
+    params(ProcessId,
+        ("stream" = Option<String>, Query, pattern = "^(stdout|stderr)$", description = "default `stdout`"),
+    ),
+    responses((status = 200, body = String, content_type = "text/plain"),
+        (status = 400, description = INVALID, body = ErrorBody),
+        (status = 404, description = NO_PROCESS, body = ErrorBody)))]
 pub async fn logs(State(state): St, ProcessId(id): ProcessId, query: QueryParams) -> ApiResult {
     let single = query.check(&["stream"], &[])?;
     let stream = match single.get("stream").copied() {
@@ -222,7 +323,13 @@ pub async fn logs(State(state): St, ProcessId(id): ProcessId, query: QueryParams
 }
 
 /// The `{id}` of a process path: 16 lowercase hex digits.
-pub struct ProcessId(pub String);
+#[derive(IntoParams)]
+#[into_params(names("id"), parameter_in = Path)]
+pub struct ProcessId(
+    /// 16 lowercase hex digits; any other id is not found.
+    #[param(pattern = "^[0-9a-f]{16}$")]
+    pub String,
+);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ProcessId {
     type Rejection = ApiError;
@@ -244,7 +351,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ProcessId {
 }
 
 /// Checks a spawn request and resolves the program, before anything is started.
-fn spawn_spec(body: SpawnBody) -> Result<SpawnSpec, ApiError> {
+pub(super) fn spawn_spec(body: SpawnBody) -> Result<SpawnSpec, ApiError> {
     let bad = |m: String| ApiError::InvalidRequest(m);
     if body.argv.is_empty() {
         return Err(bad("argv must name at least the program".into()));
@@ -365,12 +472,32 @@ fn resolve_program(argv0: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, A
     )))
 }
 
+/// The rlimit names [`resource`] knows, as `ulimit` and Docker name them.
+pub const RLIMIT_NAMES: [&str; 16] = [
+    "as",
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+];
+
 /// Checks one rlimit of a request: a known name, soft <= hard.
 pub fn check_rlimit(name: &str, [soft, hard]: [u64; 2]) -> Result<Resource, ApiError> {
     let resource = resource(name).ok_or_else(|| {
         ApiError::InvalidRequest(format!(
-            "unknown rlimit {name:?}; known: as, core, cpu, data, fsize, locks, memlock, \
-             msgqueue, nice, nofile, nproc, rss, rtprio, rttime, sigpending, stack"
+            "unknown rlimit {name:?}; known: {}",
+            RLIMIT_NAMES.join(", ")
         ))
     })?;
     if soft > hard {
@@ -430,6 +557,12 @@ fn parse_signal(spec: &SignalSpec) -> Result<i32, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_rlimit_name_is_known() {
+        assert!(RLIMIT_NAMES.iter().all(|name| resource(name).is_some()));
+        assert!(resource("bogus").is_none());
+    }
 
     #[test]
     fn signals_by_name_and_number() {

@@ -13,7 +13,10 @@ use super::*;
 const BLOCK: u32 = 65536;
 const BASE: u32 = 0x7000_0000;
 
-async fn app(blocks: u32, quarantine: Duration) -> (tempfile::TempDir, Router, LeaseService) {
+pub(super) async fn app(
+    blocks: u32,
+    quarantine: Duration,
+) -> (tempfile::TempDir, Router, LeaseService) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, writer) = subid_store::open(&dir.path().join("subidd.db"))
         .await
@@ -48,7 +51,7 @@ async fn app(blocks: u32, quarantine: Duration) -> (tempfile::TempDir, Router, L
     (dir, router(state), leases)
 }
 
-async fn call(
+pub(super) async fn call(
     app: &Router,
     method: Method,
     uri: &str,
@@ -229,4 +232,23 @@ async fn release_quarantines_and_purge_frees() {
         (s, e["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
+}
+
+#[tokio::test]
+async fn every_listed_route_answers_its_method() {
+    let (_dir, app, _) = app(2, Duration::from_secs(60)).await;
+    for (method, path, _) in routes() {
+        let uri = path
+            .replace("{name}", "probe")
+            .replace("{id}", "0123456789abcdef");
+        let method = Method::from_bytes(method.as_bytes()).expect("method");
+        let (status, body) = call(&app, method.clone(), &uri, "").await;
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert!(
+            !body["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("no such endpoint")),
+            "{method} {path} is not routed"
+        );
+    }
 }
