@@ -11,5 +11,6 @@ mod pool;
 mod quarantine;
 mod restart;
 mod spawn_api;
+mod systemd;
 mod ttl;
 mod util;

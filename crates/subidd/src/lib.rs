@@ -11,3 +11,4 @@ pub mod lease;
 pub mod pool;
 pub mod process;
 pub mod server;
+pub mod systemd;

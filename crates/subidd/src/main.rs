@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use subidd::config::{Config, Flags, LogFormat};
+use subidd::systemd::Handoff;
 
 /// subidd: gives every container its own range of host user and group ids.
 #[derive(Debug, Parser)]
@@ -33,6 +34,15 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First, while this is the only thread and nothing is open: take what systemd passed
+    // (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*) out of the environment, so nothing inherits it.
+    let handoff = match Handoff::take() {
+        Ok(handoff) => handoff,
+        Err(error) => {
+            eprintln!("subidd: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let args = Args::parse();
     let flags = Flags {
         config: args.config,
@@ -60,7 +70,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(subidd::server::run(config)) {
+    match runtime.block_on(subidd::server::run(config, handoff)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
