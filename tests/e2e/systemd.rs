@@ -6,6 +6,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
+use sqlx::ConnectOptions;
+use sqlx::sqlite::SqliteConnectOptions;
 use subidd_tests::{Daemon, NotifySocket, SOCKET_ACTIVATE_PY};
 
 use crate::access::{curl_as, open_dirs};
@@ -74,6 +76,71 @@ async fn notify_ready_after_ping_then_watchdog_then_stopping() {
         !daemon.socket.exists(),
         "a socket the daemon bound itself is removed at exit"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_pings_stop_while_the_writer_is_stuck() {
+    let mut daemon = Daemon::prepared("").expect("prepare daemon");
+    let notify = NotifySocket::bind(&daemon.path("notify.sock")).expect("notify socket");
+    daemon
+        .spawn_via(
+            &[],
+            &[
+                ("NOTIFY_SOCKET", notify.env_value.as_str()),
+                ("WATCHDOG_USEC", "400000"),
+            ],
+        )
+        .expect("launch");
+    notify
+        .wait_for("READY=1", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}: {}", daemon.log_text()));
+    notify
+        .wait_for("WATCHDOG=1", Duration::from_secs(5))
+        .expect("pings while healthy");
+
+    // Another process holds the database's write lock: the writer waits in BEGIN IMMEDIATE
+    // (busy timeout 5 s) with a PUT in hand, and cannot take the watchdog's ping.
+    let mut lock = SqliteConnectOptions::new()
+        .filename(daemon.database())
+        .connect()
+        .await
+        .expect("open the daemon's database");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut lock)
+        .await
+        .expect("take the write lock");
+    let client = daemon.client();
+    let put = tokio::spawn(async move { client.put("/v1/leases/wd-stuck", None).await });
+    let (unhealthy, _) = notify
+        .wait_for_prefix("STATUS=unhealthy: ", Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("{e:#}: {}", daemon.log_text()));
+    assert!(
+        unhealthy.contains("lease writer"),
+        "the status names the writer: {unhealthy:?}"
+    );
+    assert!(
+        !unhealthy.lines().any(|l| l == "WATCHDOG=1"),
+        "no ping with an unhealthy status: {unhealthy:?}"
+    );
+    // While it is stuck, nothing but more unhealthy statuses.
+    let until = Instant::now() + Duration::from_millis(800);
+    while let Some(m) = notify
+        .recv(until.saturating_duration_since(Instant::now()))
+        .expect("recv")
+    {
+        assert!(m.starts_with("STATUS=unhealthy: "), "while stuck: {m:?}");
+    }
+
+    sqlx::query("ROLLBACK")
+        .execute(&mut lock)
+        .await
+        .expect("release the write lock");
+    let reply = put.await.expect("join").expect("PUT");
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let (back, _) = notify
+        .wait_for("WATCHDOG=1", Duration::from_secs(3))
+        .expect("pings resume");
+    assert!(back.contains("STATUS=serving"), "{back:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -615,16 +615,32 @@ impl NotifySocket {
     /// Waits up to `within` for a message with the line `line` (e.g. `READY=1`); returns it
     /// and every message that came before it.
     pub fn wait_for(&self, line: &str, within: Duration) -> anyhow::Result<(String, Vec<String>)> {
+        self.wait_until(|l| l == line, line, within)
+    }
+
+    /// As [`NotifySocket::wait_for`], for a line starting with `prefix` (e.g. `STATUS=`).
+    pub fn wait_for_prefix(
+        &self,
+        prefix: &str,
+        within: Duration,
+    ) -> anyhow::Result<(String, Vec<String>)> {
+        self.wait_until(|l| l.starts_with(prefix), prefix, within)
+    }
+
+    fn wait_until(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        what: &str,
+        within: Duration,
+    ) -> anyhow::Result<(String, Vec<String>)> {
         let deadline = Instant::now() + within;
         let mut before = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.recv(left)? {
-                Some(message) if message.lines().any(|l| l == line) => {
-                    return Ok((message, before));
-                }
+                Some(message) if message.lines().any(&matches) => return Ok((message, before)),
                 Some(message) => before.push(message),
-                None => bail!("no {line} within {within:?}; got {before:?}"),
+                None => bail!("no {what} within {within:?}; got {before:?}"),
             }
         }
     }
