@@ -14,11 +14,11 @@ use crate::access::{curl_as, open_dirs};
 
 const PYTHON: &str = "/usr/bin/python3";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn notify_ready_after_ping_then_watchdog_then_stopping() {
+/// Starts the binary with a notify socket of the test's and WATCHDOG_USEC=400000 (a ping every
+/// 200 ms); returns once READY=1 arrived, with that message and the ones before it.
+fn launch_with_watchdog() -> (Daemon, NotifySocket, String, Vec<String>) {
     let mut daemon = Daemon::prepared("").expect("prepare daemon");
     let notify = NotifySocket::bind(&daemon.path("notify.sock")).expect("notify socket");
-    // 400 ms: a ping every 200 ms.
     daemon
         .spawn_via(
             &[],
@@ -31,6 +31,12 @@ async fn notify_ready_after_ping_then_watchdog_then_stopping() {
     let (ready, before) = notify
         .wait_for("READY=1", Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e:#}: {}", daemon.log_text()));
+    (daemon, notify, ready, before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_ready_after_ping_then_watchdog_then_stopping() {
+    let (mut daemon, notify, ready, before) = launch_with_watchdog();
     assert!(before.is_empty(), "nothing before READY=1: {before:?}");
     assert!(
         ready.lines().any(|l| l.starts_with("STATUS=serving ")),
@@ -80,20 +86,7 @@ async fn notify_ready_after_ping_then_watchdog_then_stopping() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchdog_pings_stop_while_the_writer_is_stuck() {
-    let mut daemon = Daemon::prepared("").expect("prepare daemon");
-    let notify = NotifySocket::bind(&daemon.path("notify.sock")).expect("notify socket");
-    daemon
-        .spawn_via(
-            &[],
-            &[
-                ("NOTIFY_SOCKET", notify.env_value.as_str()),
-                ("WATCHDOG_USEC", "400000"),
-            ],
-        )
-        .expect("launch");
-    notify
-        .wait_for("READY=1", Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e:#}: {}", daemon.log_text()));
+    let (daemon, notify, _, _) = launch_with_watchdog();
     notify
         .wait_for("WATCHDOG=1", Duration::from_secs(5))
         .expect("pings while healthy");
