@@ -11,7 +11,13 @@ use crate::util::{assert_error, assert_headers, assert_status, events};
 
 /// What curl, run as `uid:gid` with no supplementary groups, got from the socket: `(http
 /// status, body)`; status "000" when it could not connect.
-async fn curl_as(uid: u32, gid: u32, socket: &Path, method: &str, path: &str) -> (String, String) {
+pub(crate) async fn curl_as(
+    uid: u32,
+    gid: u32,
+    socket: &Path,
+    method: &str,
+    path: &str,
+) -> (String, String) {
     let output = tokio::process::Command::new("curl")
         .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
         .arg("--unix-socket")
@@ -28,7 +34,7 @@ async fn curl_as(uid: u32, gid: u32, socket: &Path, method: &str, path: &str) ->
 }
 
 /// Lets other uids reach the socket through the daemon's temp dir (0700 by default).
-fn open_dirs(daemon: &Daemon) {
+pub(crate) fn open_dirs(daemon: &Daemon) {
     for dir in [daemon.dir.path().to_path_buf(), daemon.path("run")] {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
             .unwrap_or_else(|e| panic!("chmod 0755 {}: {e}", dir.display()));

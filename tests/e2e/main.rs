@@ -18,5 +18,6 @@ mod restart;
 mod spawn_api;
 mod spawn_faults;
 mod storage;
+mod systemd;
 mod ttl;
 mod util;

@@ -512,3 +512,169 @@ pub fn run_date() -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
 }
+
+// ---- Starting the binary the way systemd would (socket activation, sd_notify) ----
+
+impl Daemon {
+    /// A daemon's temp dir and config after one start and clean stop (so its directories and
+    /// database exist), with no process running: for tests that start the binary themselves
+    /// with [`Daemon::spawn_via`].
+    pub fn prepared(config_toml: &str) -> anyhow::Result<Daemon> {
+        let mut daemon = Daemon::start(config_toml)?;
+        daemon.stop()?;
+        Ok(daemon)
+    }
+
+    /// Starts the binary on this daemon's config, as `wrapper... subidd --config FILE`, with
+    /// `env` added, and does NOT wait for the socket: the test decides what "ready" means.
+    /// [`Daemon::stop`], [`Daemon::pid`], [`Daemon::log_text`] and drop work as usual.
+    pub fn spawn_via(&mut self, wrapper: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .context("open log")?;
+        let bin = subidd_bin()?;
+        let mut argv: Vec<std::ffi::OsString> = wrapper.iter().map(Into::into).collect();
+        argv.push(bin.into_os_string());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("SUBIDD_CONFIG")
+            .env("SUBIDD_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("dup log")?)
+            .stderr(log);
+        self.child = Some(cmd.spawn().with_context(|| format!("spawn {argv:?}"))?);
+        Ok(())
+    }
+
+    /// Waits up to `within` for the process to exit by itself; its exit code (`None` when a
+    /// signal ended it).
+    pub fn wait_exit(&mut self, within: Duration) -> anyhow::Result<Option<i32>> {
+        let child = self.child.as_mut().context("no process running")?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().context("try_wait")? {
+                self.child = None;
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("subidd still runs after {within:?}: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A datagram socket standing in for systemd's notify socket: collects what the daemon sends.
+pub struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    /// What to put in `NOTIFY_SOCKET` (a path, or `@name` for an abstract socket).
+    pub env_value: String,
+}
+
+impl NotifySocket {
+    /// Binds at `path`.
+    pub fn bind(path: &Path) -> anyhow::Result<NotifySocket> {
+        let socket = std::os::unix::net::UnixDatagram::bind(path)
+            .with_context(|| format!("bind {}", path.display()))?;
+        Ok(NotifySocket {
+            socket,
+            env_value: path.display().to_string(),
+        })
+    }
+
+    /// Binds an abstract socket named `name` (no file).
+    pub fn bind_abstract(name: &str) -> anyhow::Result<NotifySocket> {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .context("abstract address")?;
+        let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)
+            .with_context(|| format!("bind @{name}"))?;
+        Ok(NotifySocket {
+            socket,
+            env_value: format!("@{name}"),
+        })
+    }
+
+    /// The next message, or `None` when none arrives within `within`.
+    pub fn recv(&self, within: Duration) -> anyhow::Result<Option<String>> {
+        self.socket
+            .set_read_timeout(Some(within.max(Duration::from_millis(1))))
+            .context("set_read_timeout")?;
+        let mut buf = vec![0u8; 4096];
+        match self.socket.recv(&mut buf) {
+            Ok(n) => Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e).context("recv on the notify socket"),
+        }
+    }
+
+    /// Waits up to `within` for a message with the line `line` (e.g. `READY=1`); returns it
+    /// and every message that came before it.
+    pub fn wait_for(&self, line: &str, within: Duration) -> anyhow::Result<(String, Vec<String>)> {
+        self.wait_until(|l| l == line, line, within)
+    }
+
+    /// As [`NotifySocket::wait_for`], for a line starting with `prefix` (e.g. `STATUS=`).
+    pub fn wait_for_prefix(
+        &self,
+        prefix: &str,
+        within: Duration,
+    ) -> anyhow::Result<(String, Vec<String>)> {
+        self.wait_until(|l| l.starts_with(prefix), prefix, within)
+    }
+
+    fn wait_until(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        what: &str,
+        within: Duration,
+    ) -> anyhow::Result<(String, Vec<String>)> {
+        let deadline = Instant::now() + within;
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left)? {
+                Some(message) if message.lines().any(&matches) => return Ok((message, before)),
+                Some(message) => before.push(message),
+                None => bail!("no {what} within {within:?}; got {before:?}"),
+            }
+        }
+    }
+}
+
+/// A python3 shim that does what systemd does for a .socket unit: binds and listens on a
+/// socket, puts it at fd 3, sets LISTEN_PID to its own pid (which the exec keeps), LISTEN_FDS=1
+/// and LISTEN_FDNAMES, then execs the rest of its argv. Arguments: `unix PATH MODE GID` (GID
+/// -1 leaves the group alone) or `tcp 127.0.0.1`.
+pub const SOCKET_ACTIVATE_PY: &str = r#"
+import os, socket, sys
+kind, args = sys.argv[1], sys.argv[2:]
+if kind == "unix":
+    path, mode, gid, argv = args[0], int(args[1], 8), int(args[2]), args[3:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    os.chown(path, -1, gid)
+    os.chmod(path, mode)
+else:
+    host, argv = args[0], args[1:]
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((host, 0))
+s.listen(128)
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="subidd.socket")
+os.execv(argv[0], argv)
+"#;

@@ -6,6 +6,7 @@
 
 pub mod userdb;
 
+pub mod activation;
 pub mod cgroup;
 pub mod error;
 pub mod floor;

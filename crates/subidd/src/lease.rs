@@ -119,6 +119,8 @@ enum Command {
         op: ProcessOp,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// A health check: answered as soon as the writer has finished the group it was taken with.
+    Ping { reply: oneshot::Sender<()> },
 }
 
 /// Why a lease is released.
@@ -154,6 +156,7 @@ enum Outcome {
         Result<LeaseRecord, ApiError>,
     ),
     Release(oneshot::Sender<Result<(), ApiError>>, Result<(), ApiError>),
+    Ping(oneshot::Sender<()>),
 }
 
 impl Outcome {
@@ -170,6 +173,7 @@ impl Outcome {
             Outcome::Create(tx, r) => drop(tx.send(pick(failure, r))),
             Outcome::Renew(tx, r) => drop(tx.send(pick(failure, r))),
             Outcome::Release(tx, r) => drop(tx.send(pick(failure, r))),
+            Outcome::Ping(tx) => drop(tx.send(())),
         }
     }
 }
@@ -419,6 +423,14 @@ impl LeaseService {
         rx.await.map_err(|_| gone())?
     }
 
+    /// Answers once the writer task has taken the ping and finished the group it came with: a
+    /// cheap proof that the writer is alive and not stuck in a commit (the watchdog's check).
+    pub async fn ping(&self) -> Result<(), ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Ping { reply }).await?;
+        rx.await.map_err(|_| gone())
+    }
+
     async fn send(&self, command: Command) -> Result<(), ApiError> {
         self.tx.send(command).await.map_err(|_| gone())
     }
@@ -454,7 +466,18 @@ impl WriterTask {
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while self.rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            self.commit_group(&mut batch).await;
+            // Pings take no part in the transaction; they are answered after the group's commit.
+            let pings: Vec<Command> = batch
+                .extract_if(.., |c| matches!(c, Command::Ping { .. }))
+                .collect();
+            if !batch.is_empty() {
+                self.commit_group(&mut batch).await;
+            }
+            for ping in pings {
+                if let Command::Ping { reply } = ping {
+                    let _ = reply.send(());
+                }
+            }
         }
     }
 
@@ -549,6 +572,7 @@ fn unreached_outcome(command: Command) -> Outcome {
         Command::Release { reply, .. } | Command::Process { reply, .. } => {
             Outcome::Release(reply, e())
         }
+        Command::Ping { reply } => Outcome::Ping(reply),
     }
 }
 
@@ -620,6 +644,8 @@ async fn decide(
                 )),
             }
         }
+        // `run` takes pings out of the group; one that got here is answered with the group.
+        Command::Ping { reply } => Ok(Outcome::Ping(reply)),
     }
 }
 

@@ -12,3 +12,4 @@ pub mod limits;
 pub mod pool;
 pub mod process;
 pub mod server;
+pub mod systemd;

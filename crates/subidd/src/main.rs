@@ -7,10 +7,23 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use subidd::config::{Config, Flags, LogFormat};
+use subidd::systemd::Handoff;
 
 /// subidd: gives every container its own range of host user and group ids.
+///
+/// A root daemon serving a REST API on a unix socket (default /run/subidd/subidd.sock): it
+/// hands out durable, non-overlapping leases of host uids/gids and starts processes inside
+/// each lease's user namespace. Configuration: /etc/subidd/subidd.toml (every key documented
+/// there), SUBIDD_* environment variables, then these flags. Clients: subidctl(1) or curl.
+///
+/// Under systemd (subidd.service, Type=notify): READY=1 is sent to NOTIFY_SOCKET once the
+/// socket answers, STOPPING=1 on SIGTERM, WATCHDOG=1 every WATCHDOG_USEC/2 while the lease
+/// writer and the database answer. With subidd.socket the listening socket is passed as fd 3
+/// (LISTEN_FDS=1, LISTEN_PID) and left in place at exit. These variables are removed from the
+/// environment at start. SIGTERM or SIGINT stop the daemon; the leases' processes keep running
+/// and are adopted again at the next start.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, long_about)]
 struct Args {
     /// Config file (default /etc/subidd/subidd.toml when it exists; env SUBIDD_CONFIG)
     #[arg(long)]
@@ -30,10 +43,34 @@ struct Args {
     /// File holding the bearer token TCP clients must send
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Write the man page subidd.8 into DIR and exit (for packaging)
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_man: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
+    // First, while this is the only thread and nothing is open: take what systemd passed
+    // (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*) out of the environment, so nothing inherits it.
+    let handoff = match Handoff::take() {
+        Ok(handoff) => handoff,
+        Err(error) => {
+            eprintln!("subidd: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let args = Args::parse();
+    if let Some(dir) = &args.generate_man {
+        return match write_man_page(dir) {
+            Ok(path) => {
+                eprintln!("wrote {}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("subidd: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let flags = Flags {
         config: args.config,
         socket: args.socket,
@@ -60,7 +97,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(subidd::server::run(config)) {
+    match runtime.block_on(subidd::server::run(config, handoff)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -68,6 +105,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Renders `subidd(8)` from the same clap definitions as `--help`.
+fn write_man_page(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("subidd.8");
+    let mut page = Vec::new();
+    clap_mangen::Man::new(<Args as clap::CommandFactory>::command())
+        .section("8")
+        .render(&mut page)
+        .context("rendering the man page")?;
+    std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// Human lines by default, JSON with `log_format = "json"`; no timestamps under journald,

@@ -20,19 +20,28 @@ use crate::lease::LeaseService;
 use crate::limits::{self, Limiter, ServeLimits};
 use crate::pool;
 use crate::process::{ProcessConfig, ProcessService};
+use crate::systemd::{self, Handoff, Notifier};
 
 /// Backlog of the unix socket: thousands of clients may connect at once.
 const BACKLOG: u32 = 4096;
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM or SIGINT, with what systemd handed over (if anything).
+pub async fn run(config: Config, handoff: Handoff) -> anyhow::Result<()> {
+    for note in &handoff.notes {
+        tracing::warn!("{note}");
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let notifier = handoff.notifier.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
+        // Before anything stops, so systemd knows the exit that follows is not a crash.
+        if let Some(notifier) = &notifier {
+            notifier.send("STOPPING=1\nSTATUS=shutting down");
+        }
         let _ = stop_tx.send(true);
     });
-    let daemon = Daemon::start(&config).await?;
+    let daemon = Daemon::start_with(&config, handoff).await?;
     daemon.serve(stop_rx).await
 }
 
@@ -41,16 +50,26 @@ pub struct Daemon {
     state: AppState,
     unix: UnixListener,
     socket: PathBuf,
+    /// False when systemd passed the socket: its .socket unit owns the file.
+    remove_socket: bool,
     unix_policy: UnixPolicy,
     tcp: Option<(TcpListener, TcpPolicy)>,
     expiry_interval: Duration,
     pool_watch: pool::WatchConfig,
     limits: ServeLimits,
+    notifier: Option<Notifier>,
+    watchdog: Option<Duration>,
 }
 
 impl Daemon {
     /// Everything up to accepting connections; errors name the file or setting at fault.
     pub async fn start(config: &Config) -> anyhow::Result<Daemon> {
+        Daemon::start_with(config, Handoff::default()).await
+    }
+
+    /// As [`Daemon::start`], serving the socket systemd passed (if any) instead of binding one,
+    /// and notifying systemd (if asked).
+    pub async fn start_with(config: &Config, handoff: Handoff) -> anyhow::Result<Daemon> {
         make_dir(&config.state_dir, 0o700)?;
         make_dir(&config.runtime_dir, 0o755)?;
         let (uids, gids) = tokio::task::spawn_blocking(|| {
@@ -89,7 +108,24 @@ impl Daemon {
         )
         .await
         .context("starting the process service")?;
-        let unix = bind_unix(&config.socket, &config.socket_group).await?;
+        let (unix, socket, remove_socket) = match handoff.listener {
+            Some((listener, path)) => {
+                if path != config.socket {
+                    tracing::warn!(
+                        passed = %path.display(),
+                        configured = %config.socket.display(),
+                        "systemd passed a socket other than the configured one; serving the passed one"
+                    );
+                }
+                tracing::info!(socket = %path.display(), "serving the socket systemd passed");
+                (activated(listener, &path)?, path, false)
+            }
+            None => (
+                bind_unix(&config.socket, &config.socket_group).await?,
+                config.socket.clone(),
+                true,
+            ),
+        };
         let tcp = match (config.listen_tcp, &config.token_file) {
             (Some(addr), Some(token_file)) => {
                 let token = read_token(token_file)?;
@@ -114,7 +150,8 @@ impl Daemon {
                 quarantine_seconds: config.quarantine_seconds,
             },
             unix,
-            socket: config.socket.clone(),
+            socket,
+            remove_socket,
             unix_policy: UnixPolicy {
                 allowed_uids: Arc::from(config.allowed_uids.clone()),
                 allowed_gids: Arc::from(config.allowed_gids.clone()),
@@ -127,10 +164,13 @@ impl Daemon {
                 interval: Duration::from_millis(config.pool_check_interval_ms),
             },
             limits: config.limits(),
+            notifier: handoff.notifier,
+            watchdog: handoff.watchdog,
         })
     }
 
-    /// Serves until `stop` turns true, then removes the socket.
+    /// Serves until `stop` turns true, then removes the socket (unless systemd passed it).
+    /// With a notifier: READY=1 once the socket answers `/_ping`, then watchdog pings.
     pub async fn serve(self, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
         let expiry = tokio::spawn(
             self.state
@@ -167,13 +207,37 @@ impl Daemon {
                 .layer(middleware::map_response(api::stamp_headers));
             tokio::spawn(serve_tcp(listener, app, limits, stopped(stop.clone())))
         });
+        let watchdog = match &self.notifier {
+            Some(notifier) => {
+                let status = systemd::self_ping(&self.socket).await?;
+                tracing::info!(%status, "GET /_ping answers; telling systemd we are ready");
+                notifier.send(&format!(
+                    "READY=1\nSTATUS=serving {}",
+                    self.socket.display()
+                ));
+                self.watchdog.map(|usec| {
+                    tracing::info!(every = ?usec / 2, "pinging the systemd watchdog");
+                    tokio::spawn(systemd::watchdog(
+                        notifier.clone(),
+                        usec,
+                        self.state.leases.clone(),
+                    ))
+                })
+            }
+            None => None,
+        };
         let result = unix.await.context("unix server task")?;
         if let Some(tcp) = tcp {
             tcp.await.context("tcp server task")??;
         }
         expiry.abort();
         pool_watch.abort();
-        if let Err(error) = std::fs::remove_file(&self.socket) {
+        if let Some(watchdog) = watchdog {
+            watchdog.abort();
+        }
+        if self.remove_socket
+            && let Err(error) = std::fs::remove_file(&self.socket)
+        {
             tracing::warn!(%error, socket = %self.socket.display(), "cannot remove socket");
         }
         result
@@ -306,6 +370,19 @@ async fn bind_unix(path: &Path, group: &str) -> anyhow::Result<UnixListener> {
     socket
         .listen(BACKLOG)
         .with_context(|| format!("listening on {}", path.display()))
+}
+
+/// The listening socket systemd passed, for tokio. Its mode and group are the .socket unit's
+/// (SocketMode=, SocketGroup=); who may call is still decided per connection by SO_PEERCRED.
+fn activated(
+    listener: std::os::unix::net::UnixListener,
+    path: &Path,
+) -> anyhow::Result<UnixListener> {
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("making the passed socket {} non-blocking", path.display()))?;
+    UnixListener::from_std(listener)
+        .with_context(|| format!("registering the passed socket {}", path.display()))
 }
 
 /// Reads the bearer token; refuses an empty one and warns when others can read the file.
