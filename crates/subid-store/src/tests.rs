@@ -234,3 +234,84 @@ async fn synchronous(w: &mut Writer) -> i64 {
         .await
         .expect("pragma")
 }
+
+#[tokio::test]
+async fn event_feed_has_lease_and_process_events_in_id_order() {
+    let (_dir, store, mut writer) = fresh().await;
+    assert_eq!(writer.last_event_id().await.expect("last id"), 0);
+    let mut tx = writer.begin().await.expect("begin");
+    let lease = tx
+        .insert_lease(&new_lease("feed", BASE, BLOCK, 1_000), BLOCK)
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    let process = ProcessRecord {
+        id: "p1".into(),
+        lease_id: lease.id,
+        lease_name: lease.name.clone(),
+        pid: 4242,
+        start_ticks: 7,
+        boot_id: "boot".into(),
+        host_uid: BASE,
+        host_gid: BASE,
+        argv: vec!["/bin/true".into()],
+        state: ProcessState::Running,
+        exit_code: None,
+        signal: None,
+        started_at: 1_500,
+        ended_at: None,
+    };
+    writer
+        .insert_process_alone(&process)
+        .await
+        .expect("insert process");
+    writer
+        .finish_process_alone("p1", ProcessState::Exited, Some(3), None, 1_600)
+        .await
+        .expect("finish process");
+    // A second finish changes nothing, so it records nothing.
+    writer
+        .finish_process_alone("p1", ProcessState::Lost, None, None, 1_700)
+        .await
+        .expect("finish again");
+    let mut tx = writer.begin().await.expect("begin");
+    tx.release(&lease, EventKind::Release, true, 2_000, None)
+        .await
+        .expect("release");
+    tx.commit().await.expect("commit");
+
+    let all = store.events_after(0, 100).await.expect("feed");
+    let kinds: Vec<&str> = all.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "create",
+            "process_start",
+            "process_exit",
+            "release",
+            "purge"
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
+    let exit: serde_json::Value =
+        serde_json::from_str(all[2].detail.as_deref().expect("detail")).expect("json");
+    assert_eq!(exit["exit_code"], 3, "{exit}");
+    assert_eq!(exit["process"], "p1", "{exit}");
+    let created: serde_json::Value =
+        serde_json::from_str(all[0].detail.as_deref().expect("detail")).expect("json");
+    assert_eq!(created["uid_base"], BASE, "{created}");
+    assert_eq!(
+        writer.last_event_id().await.expect("last"),
+        all[4].id,
+        "the writer sees the newest id"
+    );
+    let page = writer.events_after(all[1].id, 2).await.expect("page");
+    assert_eq!(
+        page.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [all[2].id, all[3].id]
+    );
+    // The per-name history stays lease events only.
+    let history = store.events("feed").await.expect("history");
+    assert_eq!(history.len(), 3, "{history:?}");
+    assert_eq!(store.active_lease_count().await.expect("count"), 0);
+}
