@@ -93,6 +93,10 @@ impl ApiError {
     }
 }
 
+/// The code of an error answer, on the response's extensions for the request log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
+
 /// What a client hears when the store failed; the log has the details.
 pub const STORE_UNAVAILABLE: &str = "the lease store cannot be used right now; retry later";
 
@@ -122,6 +126,7 @@ impl IntoResponse for ApiError {
         }
         let body = serde_json::json!({ "code": self.code(), "message": self.to_string() });
         let mut response = (status, axum::Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(self.code()));
         if matches!(self, ApiError::Unauthorized) {
             response
                 .headers_mut()

@@ -20,6 +20,8 @@ use subid_store::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ApiError, STORE_UNAVAILABLE};
+use crate::events::{EventFeed, Publisher};
+use crate::metrics::Metrics;
 
 /// Most commands committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -147,6 +149,8 @@ pub struct LeaseService {
     tx: mpsc::Sender<Command>,
     allocator: Arc<Mutex<Allocator>>,
     store: Store,
+    metrics: Arc<Metrics>,
+    feed: EventFeed,
 }
 
 impl LeaseService {
@@ -182,18 +186,33 @@ impl LeaseService {
         }
         let allocator = rebuild(&mut writer, pool, quarantine_ms).await?;
         let allocator = Arc::new(Mutex::new(allocator));
+        let metrics = Arc::new(Metrics::new());
+        let feed = EventFeed::new(writer.last_event_id().await?);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let task = WriterTask {
             writer,
             allocator: Arc::clone(&allocator),
             rx,
+            publisher: Publisher::new(feed.clone(), Arc::clone(&metrics)),
         };
         tokio::spawn(task.run());
         Ok(LeaseService {
             tx,
             allocator,
             store,
+            metrics,
+            feed,
         })
+    }
+
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The live event feed, published after each commit.
+    pub fn feed(&self) -> &EventFeed {
+        &self.feed
     }
 
     /// Read access to the store.
@@ -296,6 +315,7 @@ struct WriterTask {
     writer: Writer,
     allocator: Arc<Mutex<Allocator>>,
     rx: mpsc::Receiver<Command>,
+    publisher: Publisher,
 }
 
 impl WriterTask {
@@ -335,6 +355,8 @@ impl WriterTask {
                         .await
                 }
             };
+            // Published before the answer: whoever hears "done" finds it in the feed.
+            self.publisher.after_commit(&mut self.writer).await;
             // The answer is all there is to do: process rows do not touch the allocator.
             let _ = reply.send(result.map_err(ApiError::from));
             return;
@@ -370,6 +392,8 @@ impl WriterTask {
                 Err(e) => tracing::error!(error = %e, "cannot rebuild the allocator"),
             }
         }
+        // Published before the answers: whoever hears "done" finds it in the feed.
+        self.publisher.after_commit(&mut self.writer).await;
         for outcome in outcomes {
             outcome.send(failure.as_ref());
         }

@@ -132,12 +132,27 @@ impl Daemon {
                 self.unix_policy.clone(),
                 auth::unix_auth,
             ))
+            .layer(middleware::from_fn_with_state(
+                self.state.clone(),
+                api::observe,
+            ))
             .layer(middleware::map_response(api::stamp_headers));
+        // Event streams never end by themselves; a graceful stop would wait for them forever.
+        let feed = self.state.leases.feed().clone();
+        let mut feed_stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = feed_stop.wait_for(|s| *s).await;
+            feed.close();
+        });
         tracing::info!(socket = %self.socket.display(), "listening");
         let unix = tokio::spawn(serve_unix(self.unix, unix_app, stopped(stop.clone())));
         let tcp = self.tcp.map(|(listener, policy)| {
             let app: Router = api::router(self.state.clone())
                 .layer(middleware::from_fn_with_state(policy, auth::tcp_auth))
+                .layer(middleware::from_fn_with_state(
+                    self.state.clone(),
+                    api::observe,
+                ))
                 .layer(middleware::map_response(api::stamp_headers));
             tokio::spawn(serve_tcp(listener, app, stopped(stop.clone())))
         });

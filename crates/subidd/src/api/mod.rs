@@ -3,8 +3,11 @@
 
 mod leases;
 mod model;
+mod observe;
 mod processes;
 
+pub use model::rfc3339;
+pub use observe::observe;
 pub use processes::resource;
 
 use std::collections::BTreeMap;
@@ -48,6 +51,8 @@ pub struct Caller {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/_ping", get(ping))
+        .route("/metrics", get(observe::metrics))
+        .route("/v1/events", get(observe::events))
         .route("/v1/pool", get(leases::pool))
         .route("/v1/leases", get(leases::list).post(leases::post))
         .route(
@@ -69,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(observe::echo_caller))
         .layer(middleware::map_response(stamp_headers))
         .with_state(state)
 }
