@@ -7,6 +7,7 @@ mod concurrency;
 mod config;
 mod idmap;
 mod leases;
+mod observability;
 mod pool;
 mod quarantine;
 mod restart;

@@ -30,6 +30,10 @@ struct Args {
     /// File holding the bearer token TCP clients must send
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Write the configured pool as the `subidd` entry of subuid_file and subgid_file
+    /// (default /etc/subuid, /etc/subgid), then exit
+    #[arg(long)]
+    register: bool,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    if args.register {
+        return register(&config);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,6 +72,39 @@ fn main() -> ExitCode {
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("subidd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--register`: 0 when the entry is written or already there, 1 when refused.
+fn register(config: &Config) -> ExitCode {
+    match subidd::pool::register(config) {
+        Ok(done) => {
+            let entry = format!(
+                "{}:{}:{}",
+                subidd::pool::OWNER,
+                done.pool.base(),
+                done.pool.range().len()
+            );
+            if done.written.is_empty() {
+                println!(
+                    "{entry} is already registered in {} and {}",
+                    config.subuid_file.display(),
+                    config.subgid_file.display()
+                );
+            } else {
+                let files: Vec<String> = done
+                    .written
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                println!("registered {entry} in {}", files.join(" and "));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("subidd: cannot register the pool: {error}");
             ExitCode::FAILURE
         }
     }
