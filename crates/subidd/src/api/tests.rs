@@ -356,3 +356,58 @@ async fn events_stream_delivers_live_events() {
     assert_eq!(event["type"], "lease.created");
     assert_eq!(event["lease"], "live", "the earlier lease is not replayed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_event_stream_catches_up_from_the_database() {
+    let burst = crate::events::LIVE_BUFFER + 100;
+    let blocks = u32::try_from(burst).expect("small") + 8;
+    let (_dir, app, _) = app(blocks, Duration::from_secs(60)).await;
+    let request = Request::builder()
+        .uri("/v1/events")
+        .body(Body::empty())
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let mut body = response.into_body();
+    let mut buffer = Vec::new();
+    let mut next_line = async move || -> serde_json::Value {
+        loop {
+            if let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                return serde_json::from_slice(&line).expect("JSON line");
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(20), body.frame())
+                .await
+                .expect("a line within 20 s")
+                .expect("a frame")
+                .expect("no error");
+            buffer.extend_from_slice(&frame.into_data().expect("data"));
+        }
+    };
+    call(&app, Method::PUT, "/v1/leases/first", "").await;
+    let first = next_line().await;
+    assert_eq!(first["lease"], "first", "the stream is live now");
+    // More events than the live buffer holds, while the client reads nothing.
+    let mut tasks = Vec::new();
+    for i in 0..burst {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            call(&app, Method::PUT, &format!("/v1/leases/burst-{i}"), "").await
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("task").0, StatusCode::CREATED);
+    }
+    let mut last = first["id"].as_i64().expect("id");
+    for _ in 0..burst {
+        let event = next_line().await;
+        let id = event["id"].as_i64().expect("id");
+        assert_eq!(id, last + 1, "no gap and no repeat after {last}: {event}");
+        assert_eq!(event["type"], "lease.created");
+        last = id;
+    }
+    let (_, _, metrics) = get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("subidd_event_stream_catch_ups_total 1\n"),
+        "{metrics}"
+    );
+}
