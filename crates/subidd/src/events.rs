@@ -187,11 +187,17 @@ struct Line<'a> {
 
 /// One NDJSON line: `{"id","type","at","lease","caller_uid","details"}` and a newline.
 pub fn render(event: &EventRecord) -> Bytes {
-    let details = event
+    let mut details = event
         .detail
         .as_deref()
         .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
         .unwrap_or_else(|| serde_json::json!({}));
+    // Times are stored as unix milliseconds and shown as RFC 3339, as everywhere in the API.
+    if let Some(at) = details.get_mut("expires_at")
+        && let Some(ms) = at.as_i64()
+    {
+        *at = serde_json::Value::String(crate::api::rfc3339(ms));
+    }
     let line = Line {
         id: event.id,
         kind: event_type(&event.kind),
