@@ -315,3 +315,78 @@ async fn event_feed_has_lease_and_process_events_in_id_order() {
     assert_eq!(history.len(), 3, "{history:?}");
     assert_eq!(store.active_lease_count().await.expect("count"), 0);
 }
+
+#[tokio::test]
+async fn the_event_feed_migration_keeps_an_old_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The schema as a daemon before the event feed left it: migrations 0001-0003 only.
+    let old = dir.path().join("old-migrations");
+    std::fs::create_dir(&old).expect("mkdir");
+    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations");
+    for entry in std::fs::read_dir(&all).expect("read migrations") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if name.as_str() < "0004" {
+            std::fs::copy(&path, old.join(&name)).expect("copy migration");
+        }
+    }
+    let db = dir.path().join("subidd.db");
+    let options = SqliteConnectOptions::from_str("sqlite://")
+        .expect("options")
+        .filename(&db)
+        .create_if_missing(true)
+        .foreign_keys(true);
+    let mut conn = SqliteConnection::connect_with(&options)
+        .await
+        .expect("connect");
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .expect("old migrator")
+        .run(&mut conn)
+        .await
+        .expect("old schema");
+    sqlx::query(
+        "INSERT INTO lease (id, name, uid_base, gid_base, size, state, created_at) \
+         VALUES (1, 'old', 1879048192, 1879048192, 65536, 'active', 10)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("old lease");
+    for (id, kind) in [(1, "create"), (2, "renew")] {
+        sqlx::query(
+            "INSERT INTO event (id, at, kind, lease_id, lease_name, caller_uid) \
+             VALUES (?, 10, ?, 1, 'old', 0)",
+        )
+        .bind(id)
+        .bind(kind)
+        .execute(&mut conn)
+        .await
+        .expect("old event");
+    }
+    conn.close().await.expect("close");
+
+    let (store, mut writer) = open(&db).await.expect("open migrates");
+    let kept = store.events_after(0, 10).await.expect("feed");
+    assert_eq!(
+        kept.iter()
+            .map(|e| (e.id, e.kind.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, "create"), (2, "renew")],
+        "ids and rows survive the rebuild"
+    );
+    assert_eq!(writer.last_event_id().await.expect("last"), 2);
+    let lease = store.get_lease("old").await.expect("get").expect("exists");
+    let mut tx = writer.begin().await.expect("begin");
+    tx.release(&lease, EventKind::Release, false, 20, None)
+        .await
+        .expect("release");
+    tx.commit().await.expect("commit");
+    let after = store.events_after(2, 10).await.expect("feed");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].id, 3, "new ids continue after the old ones");
+    assert_eq!(store.events("old").await.expect("history").len(), 3);
+}
