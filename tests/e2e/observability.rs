@@ -76,11 +76,7 @@ fn metric(samples: &[(String, f64)], series: &str) -> f64 {
 async fn scrape(client: &Client) -> Vec<(String, f64)> {
     let reply = client.get("/metrics").await.expect("GET /metrics");
     assert_status(&reply, StatusCode::OK, "GET /metrics");
-    let content_type = reply
-        .headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let content_type = reply.header("content-type");
     assert!(
         content_type.starts_with("text/plain; version=0.0.4"),
         "content type {content_type:?}"

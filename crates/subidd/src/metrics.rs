@@ -299,20 +299,12 @@ impl Metrics {
             "Spawn requests that reached the process service, successful or not.",
             inner.spawns,
         );
-        header(
+        by_code(
             &mut out,
             "subidd_spawn_failures_total",
-            "counter",
             "Failed spawns by error code.",
+            &inner.spawn_failures,
         );
-        for (code, value) in &inner.spawn_failures {
-            sample(
-                &mut out,
-                "subidd_spawn_failures_total",
-                &[("code", code)],
-                value,
-            );
-        }
         header(
             &mut out,
             "subidd_spawn_duration_seconds",
@@ -350,20 +342,12 @@ impl Metrics {
                 &[("method", method), ("route", route)],
             );
         }
-        header(
+        by_code(
             &mut out,
             "subidd_http_errors_total",
-            "counter",
             "Error answers by stable error code.",
+            &inner.errors,
         );
-        for (code, value) in &inner.errors {
-            sample(
-                &mut out,
-                "subidd_http_errors_total",
-                &[("code", code)],
-                value,
-            );
-        }
         counter(
             &mut out,
             "subidd_event_stream_catch_ups_total",
@@ -403,6 +387,14 @@ fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
     header(out, name, "counter", help);
     sample(out, name, &[], value);
+}
+
+/// A counter with one series per error code.
+fn by_code(out: &mut String, name: &str, help: &str, counts: &BTreeMap<&'static str, u64>) {
+    header(out, name, "counter", help);
+    for (code, value) in counts {
+        sample(out, name, &[("code", code)], value);
+    }
 }
 
 fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
