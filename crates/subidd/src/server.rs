@@ -139,9 +139,9 @@ impl Daemon {
             .layer(middleware::map_response(api::stamp_headers));
         // Event streams never end by themselves; a graceful stop would wait for them forever.
         let feed = self.state.leases.feed().clone();
-        let mut feed_stop = stop.clone();
+        let feed_stop = stopped(stop.clone());
         tokio::spawn(async move {
-            let _ = feed_stop.wait_for(|s| *s).await;
+            feed_stop.await;
             feed.close();
         });
         tracing::info!(socket = %self.socket.display(), "listening");
