@@ -144,7 +144,7 @@ async fn allowed_uid_and_allowed_gid_are_served() {
 }
 
 /// Starts a daemon serving loopback TCP with a token; returns it and `host:port`.
-fn tcp_daemon(token: &str) -> (Daemon, String) {
+pub(crate) fn tcp_daemon(token: &str) -> (Daemon, String) {
     let port = free_tcp_port().expect("free port");
     let addr = format!("127.0.0.1:{port}");
     let dir = tempfile::tempdir().expect("tempdir");

@@ -11,6 +11,7 @@ mod integrations;
 mod leases;
 mod limits;
 mod load;
+mod observability;
 mod pool;
 mod quarantine;
 mod reconcile;

@@ -255,6 +255,14 @@ impl Reply {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// A header's value as text; empty when absent or not text.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
     /// The `code` of an error body.
     pub fn code(&self) -> String {
         self.json()["code"].as_str().unwrap_or_default().to_string()

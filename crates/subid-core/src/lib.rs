@@ -23,4 +23,7 @@ pub use pool::{
     Pool, PoolError, PoolSpec,
 };
 pub use range::{IdRange, RangeError};
-pub use subid::{SubidEntry, SubidParseError, find_entry, parse_subid, render_subid_line};
+pub use subid::{
+    SubidEntry, SubidOverlap, SubidParseError, find_entry, parse_subid, register_subid,
+    render_subid_line,
+};

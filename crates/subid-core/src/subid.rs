@@ -120,6 +120,83 @@ pub fn render_subid_line(owner: &str, range: IdRange) -> String {
     format!("{owner}:{}:{}", range.start(), range.len())
 }
 
+/// Another owner's entry that a range to be registered would overlap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubidOverlap {
+    /// 1-based line number of the other entry.
+    pub line: usize,
+    pub owner: String,
+    pub start: u32,
+    pub count: u32,
+}
+
+impl fmt::Display for SubidOverlap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "line {}: {}:{}:{} overlaps it",
+            self.line, self.owner, self.start, self.count
+        )
+    }
+}
+
+impl std::error::Error for SubidOverlap {}
+
+/// The text of a subid file with `owner:start:count` registered for `range`: the first line of
+/// `owner` is replaced in place (other lines of `owner` are dropped: the pool is one range),
+/// or the entry is appended; every other line, comments and malformed ones included, is kept
+/// byte for byte. `Ok(None)` when the file already says exactly that. Refused when `range`
+/// overlaps another owner's entry, which belongs to someone's rootless containers.
+pub fn register_subid(
+    text: &str,
+    owner: &str,
+    range: IdRange,
+) -> Result<Option<String>, SubidOverlap> {
+    let (entries, _malformed) = parse_subid(text);
+    if let Some(other) = entries
+        .iter()
+        .filter(|e| e.owner != owner)
+        .find(|e| e.range().is_some_and(|r| r.overlaps(&range)))
+    {
+        return Err(SubidOverlap {
+            line: other.line,
+            owner: other.owner.clone(),
+            start: other.start,
+            count: other.count,
+        });
+    }
+    let own: Vec<&SubidEntry> = entries.iter().filter(|e| e.owner == owner).collect();
+    if let [only] = own.as_slice()
+        && (only.start, only.count) == (range.start(), range.len())
+    {
+        return Ok(None);
+    }
+    let rendered = render_subid_line(owner, range);
+    let mut out = String::with_capacity(text.len() + rendered.len() + 1);
+    let mut written = false;
+    // `split_inclusive` numbers lines as `parse_subid` (`str::lines`) does.
+    for (idx, raw) in text.split_inclusive('\n').enumerate() {
+        let line = idx.saturating_add(1);
+        if !own.iter().any(|e| e.line == line) {
+            out.push_str(raw);
+            continue;
+        }
+        if !written {
+            out.push_str(&rendered);
+            out.push_str(if raw.ends_with("\r\n") { "\r\n" } else { "\n" });
+            written = true;
+        }
+    }
+    if !written {
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(&rendered);
+        out.push('\n');
+    }
+    Ok(Some(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +291,70 @@ mod tests {
         assert!(errs.is_empty());
         assert_eq!(back[0].range(), Some(r));
         assert_eq!(entry("x", 1, 0, 1).range(), None);
+    }
+
+    #[test]
+    fn register_writes_replaces_keeps_and_refuses() {
+        let pool = IdRange::new(1_879_048_192, 655_360).expect("valid");
+        let line = "subidd:1879048192:655360";
+        let cases: &[(&str, Option<&str>)] = &[
+            // (file before, file after; None = unchanged)
+            ("", Some("subidd:1879048192:655360\n")),
+            (
+                "# users\nalice:100000:65536\n",
+                Some("# users\nalice:100000:65536\nsubidd:1879048192:655360\n"),
+            ),
+            (
+                "alice:100000:65536",
+                Some("alice:100000:65536\nsubidd:1879048192:655360\n"),
+            ),
+            ("alice:100000:65536\nsubidd:1879048192:655360\n", None),
+            (
+                "subidd:5:5\nalice:100000:65536\n",
+                Some("subidd:1879048192:655360\nalice:100000:65536\n"),
+            ),
+            (
+                "a:1:1\r\nsubidd:5:5\r\nb:2:1\r\nsubidd:9:9\r\n",
+                Some("a:1:1\r\nsubidd:1879048192:655360\r\nb:2:1\r\n"),
+            ),
+            (
+                "subidd:1879048192:655360\nsubidd:1879048192:655360\n",
+                Some("subidd:1879048192:655360\n"),
+            ),
+            (
+                "broken line\n  # note\nbob:1879703552:65536\n",
+                Some("broken line\n  # note\nbob:1879703552:65536\nsubidd:1879048192:655360\n"),
+            ),
+            (
+                "bob:1878982656:65536\n",
+                Some("bob:1878982656:65536\nsubidd:1879048192:655360\n"),
+            ),
+        ];
+        for &(before, after) in cases {
+            let got = register_subid(before, "subidd", pool).expect("no overlap");
+            assert_eq!(got.as_deref(), after, "{before:?}");
+            if let Some(text) = &got {
+                assert_eq!(
+                    register_subid(text, "subidd", pool).expect("again"),
+                    None,
+                    "registering twice changes nothing: {text:?}"
+                );
+                assert!(text.lines().any(|l| l == line));
+            }
+        }
+        let refused =
+            register_subid("x:1:1\nbob:1879048191:2\n", "subidd", pool).expect_err("overlap");
+        assert_eq!(
+            refused,
+            SubidOverlap {
+                line: 2,
+                owner: "bob".into(),
+                start: 1_879_048_191,
+                count: 2
+            }
+        );
+        assert_eq!(refused.to_string(), "line 2: bob:1879048191:2 overlaps it");
+        let end = register_subid("carol:1879703551:1\n", "subidd", pool).expect_err("last id");
+        assert_eq!(end.owner, "carol");
     }
 }

@@ -315,13 +315,33 @@ impl Store {
     pub async fn events(&self, name: &str) -> Result<Vec<EventRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, at, kind, lease_id, lease_name, caller_uid, detail FROM event \
-             WHERE lease_name = ? ORDER BY id",
+             WHERE lease_name = ? AND kind IN ('create', 'renew', 'release', 'expire', 'purge') \
+             ORDER BY id",
         )
         .bind(name)
         .fetch_all(&self.readers)
         .await
         .map_err(StoreError::read)?;
         rows.iter().map(EventRecord::from_row).collect()
+    }
+
+    /// Up to `limit` events of every kind (processes too) with an id above `after`, in id order:
+    /// the backlog of the event feed.
+    pub async fn events_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        events_after_on(&self.readers, after, limit).await
+    }
+
+    /// How many leases are active.
+    pub async fn active_lease_count(&self) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM lease WHERE state = 'active'")
+            .fetch_one(&self.readers)
+            .await
+            .map_err(StoreError::read)?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 }
 
@@ -359,6 +379,25 @@ impl Writer {
             .await
             .map_err(StoreError::read)?;
         rows.iter().map(BlockRow::from_row).collect()
+    }
+
+    /// The newest event id (0 when there is none): where the live feed starts.
+    pub async fn last_event_id(&mut self) -> Result<i64, StoreError> {
+        let id: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM event")
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(StoreError::read)?;
+        Ok(id.unwrap_or(0))
+    }
+
+    /// As [`Store::events_after`], on the writer's connection: what the last commit added,
+    /// read right after it.
+    pub async fn events_after(
+        &mut self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        events_after_on(&mut self.conn, after, limit).await
     }
 
     /// The active leases, for checking them against the configured pool at start.
@@ -575,13 +614,21 @@ impl WriteTx<'_> {
                 return Err(StoreError::BlockHeld { start });
             }
         }
+        let detail = serde_json::json!({
+            "uid_base": new.uid_base,
+            "gid_base": new.gid_base,
+            "size": new.size,
+            "ttl_seconds": new.ttl_seconds,
+            "expires_at": new.expires_at,
+        })
+        .to_string();
         self.event(
             new.created_at,
             EventKind::Create,
             id,
             &new.name,
             new.created_by,
-            None,
+            Some(&detail),
         )
         .await?;
         Ok(LeaseRecord {
@@ -621,13 +668,14 @@ impl WriteTx<'_> {
         if done.rows_affected() != 1 {
             return Err(StoreError::NotActive { id: lease.id });
         }
+        let detail = serde_json::json!({ "expires_at": expires_at }).to_string();
         self.event(
             now_ms,
             EventKind::Renew,
             lease.id,
             &lease.name,
             caller,
-            None,
+            Some(&detail),
         )
         .await
     }
@@ -666,7 +714,13 @@ impl WriteTx<'_> {
             .execute(&mut *self.tx)
             .await
             .map_err(StoreError::write)?;
-        self.event(now_ms, kind, lease.id, &lease.name, caller, None)
+        let detail = serde_json::json!({
+            "uid_base": lease.uid_base,
+            "size": lease.size,
+            "purge": purge,
+        })
+        .to_string();
+        self.event(now_ms, kind, lease.id, &lease.name, caller, Some(&detail))
             .await?;
         if purge {
             self.event(
@@ -787,6 +841,24 @@ async fn insert_process_on(
     .await
     .map_err(StoreError::write)?;
     Ok(())
+}
+
+/// Events above `after`, oldest first, on any connection or pool.
+async fn events_after_on<'e, E: sqlx::SqliteExecutor<'e>>(
+    executor: E,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<EventRecord>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, at, kind, lease_id, lease_name, caller_uid, detail FROM event \
+         WHERE id > ? ORDER BY id LIMIT ?",
+    )
+    .bind(after)
+    .bind(i64::from(limit))
+    .fetch_all(executor)
+    .await
+    .map_err(StoreError::read)?;
+    rows.iter().map(EventRecord::from_row).collect()
 }
 
 /// `UPDATE` of a running process row to how it ended, on any connection or transaction.

@@ -234,3 +234,159 @@ async fn synchronous(w: &mut Writer) -> i64 {
         .await
         .expect("pragma")
 }
+
+#[tokio::test]
+async fn event_feed_has_lease_and_process_events_in_id_order() {
+    let (_dir, store, mut writer) = fresh().await;
+    assert_eq!(writer.last_event_id().await.expect("last id"), 0);
+    let mut tx = writer.begin().await.expect("begin");
+    let lease = tx
+        .insert_lease(&new_lease("feed", BASE, BLOCK, 1_000), BLOCK)
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    let process = ProcessRecord {
+        id: "p1".into(),
+        lease_id: lease.id,
+        lease_name: lease.name.clone(),
+        pid: 4242,
+        start_ticks: 7,
+        boot_id: "boot".into(),
+        host_uid: BASE,
+        host_gid: BASE,
+        argv: vec!["/bin/true".into()],
+        state: ProcessState::Running,
+        exit_code: None,
+        signal: None,
+        started_at: 1_500,
+        ended_at: None,
+    };
+    writer
+        .insert_process_alone(&process)
+        .await
+        .expect("insert process");
+    writer
+        .finish_process_alone("p1", ProcessState::Exited, Some(3), None, 1_600)
+        .await
+        .expect("finish process");
+    // A second finish changes nothing, so it records nothing.
+    writer
+        .finish_process_alone("p1", ProcessState::Lost, None, None, 1_700)
+        .await
+        .expect("finish again");
+    let mut tx = writer.begin().await.expect("begin");
+    tx.release(&lease, EventKind::Release, true, 2_000, None)
+        .await
+        .expect("release");
+    tx.commit().await.expect("commit");
+
+    let all = store.events_after(0, 100).await.expect("feed");
+    let kinds: Vec<&str> = all.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "create",
+            "process_start",
+            "process_exit",
+            "release",
+            "purge"
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
+    let exit: serde_json::Value =
+        serde_json::from_str(all[2].detail.as_deref().expect("detail")).expect("json");
+    assert_eq!(exit["exit_code"], 3, "{exit}");
+    assert_eq!(exit["process"], "p1", "{exit}");
+    let created: serde_json::Value =
+        serde_json::from_str(all[0].detail.as_deref().expect("detail")).expect("json");
+    assert_eq!(created["uid_base"], BASE, "{created}");
+    assert_eq!(
+        writer.last_event_id().await.expect("last"),
+        all[4].id,
+        "the writer sees the newest id"
+    );
+    let page = writer.events_after(all[1].id, 2).await.expect("page");
+    assert_eq!(
+        page.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [all[2].id, all[3].id]
+    );
+    // The per-name history stays lease events only.
+    let history = store.events("feed").await.expect("history");
+    assert_eq!(history.len(), 3, "{history:?}");
+    assert_eq!(store.active_lease_count().await.expect("count"), 0);
+}
+
+#[tokio::test]
+async fn the_event_feed_migration_keeps_an_old_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The schema as a daemon before the event feed left it: migrations 0001-0003 only.
+    let old = dir.path().join("old-migrations");
+    std::fs::create_dir(&old).expect("mkdir");
+    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations");
+    for entry in std::fs::read_dir(&all).expect("read migrations") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if name.as_str() < "0004" {
+            std::fs::copy(&path, old.join(&name)).expect("copy migration");
+        }
+    }
+    let db = dir.path().join("subidd.db");
+    let options = SqliteConnectOptions::from_str("sqlite://")
+        .expect("options")
+        .filename(&db)
+        .create_if_missing(true)
+        .foreign_keys(true);
+    let mut conn = SqliteConnection::connect_with(&options)
+        .await
+        .expect("connect");
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .expect("old migrator")
+        .run(&mut conn)
+        .await
+        .expect("old schema");
+    sqlx::query(
+        "INSERT INTO lease (id, name, uid_base, gid_base, size, state, created_at) \
+         VALUES (1, 'old', 1879048192, 1879048192, 65536, 'active', 10)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("old lease");
+    for (id, kind) in [(1, "create"), (2, "renew")] {
+        sqlx::query(
+            "INSERT INTO event (id, at, kind, lease_id, lease_name, caller_uid) \
+             VALUES (?, 10, ?, 1, 'old', 0)",
+        )
+        .bind(id)
+        .bind(kind)
+        .execute(&mut conn)
+        .await
+        .expect("old event");
+    }
+    conn.close().await.expect("close");
+
+    let (store, mut writer) = open(&db).await.expect("open migrates");
+    let kept = store.events_after(0, 10).await.expect("feed");
+    assert_eq!(
+        kept.iter()
+            .map(|e| (e.id, e.kind.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, "create"), (2, "renew")],
+        "ids and rows survive the rebuild"
+    );
+    assert_eq!(writer.last_event_id().await.expect("last"), 2);
+    let lease = store.get_lease("old").await.expect("get").expect("exists");
+    let mut tx = writer.begin().await.expect("begin");
+    tx.release(&lease, EventKind::Release, false, 20, None)
+        .await
+        .expect("release");
+    tx.commit().await.expect("commit");
+    let after = store.events_after(2, 10).await.expect("feed");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].id, 3, "new ids continue after the old ones");
+    assert_eq!(store.events("old").await.expect("history").len(), 3);
+}

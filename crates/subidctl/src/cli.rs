@@ -64,12 +64,37 @@ pub enum Command {
         stream: Stream,
     },
     /// Show the pool of ids and how much of it is leased.
-    Pool,
+    Pool {
+        #[command(subcommand)]
+        action: Option<PoolCommand>,
+    },
+    /// Print lease and process events as they happen (newline-delimited JSON with --json).
+    Events(EventsArgs),
     /// Show this client's version and the daemon's.
     Version,
     /// Write man pages or shell completions (for packaging).
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Register the pool in /etc/subuid and /etc/subgid: says to run `subidd --register`, which
+    /// reads the daemon's own configuration on the daemon's host.
+    Register,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Start after this event id (0: the whole history); default: only events from now on.
+    #[arg(long, value_name = "ID")]
+    pub since: Option<u64>,
+    /// Print the stored events and exit instead of following.
+    #[arg(long)]
+    pub no_follow: bool,
+    /// Only the events of this lease.
+    #[arg(long, value_name = "NAME")]
+    pub lease: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -112,6 +112,69 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<Reply> {
+        let response = self.send(method.clone(), path, body).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{method} {path}: reading the answer: {e}"))?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// `GET path` and hands each line of a streamed answer to `line` as it arrives; a non-2xx
+    /// answer becomes a [`DaemonError`].
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut line: impl FnMut(&[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let response = self.send(Method::GET, path, None).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| anyhow::anyhow!("GET {path}: reading the answer: {e}"))?
+                .to_bytes();
+            let reply = Reply {
+                status,
+                headers,
+                body,
+            };
+            return Err(daemon_error(&reply).into());
+        }
+        let mut buffer = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| anyhow::anyhow!("GET {path}: reading the stream: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                buffer.extend_from_slice(&data);
+                while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                    let rest = buffer.split_off(end + 1);
+                    line(&buffer[..end])?;
+                    buffer = rest;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects and sends one request; the answer's body is still to be read.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ConnectError {
@@ -137,23 +200,10 @@ impl Client {
             None => Bytes::new(),
         };
         let request = request.body(Full::new(bytes))?;
-        let response = sender
+        sender
             .send_request(request)
             .await
-            .map_err(|e| anyhow::anyhow!("{method} {path}: {e}"))?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("{method} {path}: reading the answer: {e}"))?
-            .to_bytes();
-        Ok(Reply {
-            status,
-            headers,
-            body,
-        })
+            .map_err(|e| anyhow::anyhow!("{method} {path}: {e}"))
     }
 }
 

@@ -11,7 +11,8 @@ use hyper::header::SERVER;
 use serde_json::{Map, Value, json};
 
 use crate::cli::{
-    Cli, Command, GenerateCommand, LeaseCommand, LookupArgs, PutArgs, RunArgs, value_name,
+    Cli, Command, EventsArgs, GenerateCommand, LeaseCommand, LookupArgs, PoolCommand, PutArgs,
+    RunArgs, value_name,
 };
 use crate::client::{Client, Reply, encode, with_query};
 use crate::table;
@@ -68,10 +69,23 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let reply = client.call(Method::GET, &path, None).await?;
             write_raw(&mut std::io::stdout(), &reply.body)?;
         }
-        Command::Pool => {
+        Command::Pool { action: None } => {
             let reply = client.call(Method::GET, "/v1/pool", None).await?;
             out.print(&reply, pool_fields)?;
         }
+        Command::Pool {
+            action: Some(PoolCommand::Register),
+        } => {
+            // The daemon binary registers: it reads the daemon's own configuration (pool keys,
+            // subuid_file, subgid_file) on the daemon's host, which this client may not share.
+            eprintln!(
+                "subidctl: run `subidd --register` as root on the daemon's host (with the \
+                 daemon's --config, if it has one); it writes the configured pool as the \
+                 subidd entry of /etc/subuid and /etc/subgid"
+            );
+            return Ok(ExitCode::from(2));
+        }
+        Command::Events(args) => events(&client, out, args).await?,
         Command::Version => version(&client, out).await?,
         Command::Generate(GenerateCommand::Man { dir }) => {
             let written = write_man_pages(&dir)?;
@@ -83,6 +97,45 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Follows `GET /v1/events`: raw JSON lines with `--json`, one aligned line each otherwise.
+async fn events(client: &Client, out: Output, args: EventsArgs) -> anyhow::Result<()> {
+    let mut query = Vec::new();
+    if let Some(since) = args.since {
+        query.push(("since", since.to_string()));
+    }
+    if args.no_follow {
+        query.push(("follow", "false".to_string()));
+    }
+    if let Some(lease) = args.lease {
+        query.push(("lease", lease));
+    }
+    let path = with_query("/v1/events", &query);
+    let mut stdout = std::io::stdout();
+    client
+        .stream_lines(&path, |line| {
+            if out.json {
+                let mut raw = line.to_vec();
+                raw.push(b'\n');
+                return write_raw(&mut stdout, &raw);
+            }
+            let event: Value = serde_json::from_slice(line)
+                .with_context(|| format!("event is not JSON: {}", String::from_utf8_lossy(line)))?;
+            let text = format!(
+                "{:>6}  {}  {:<16} {:<20} {}\n",
+                table::cell(&event["id"]),
+                table::cell(&event["at"]),
+                table::cell(&event["type"]),
+                table::cell(&event["lease"]),
+                event
+                    .get("details")
+                    .map(Value::to_string)
+                    .unwrap_or_default(),
+            );
+            write_raw(&mut stdout, text.as_bytes())
+        })
+        .await
 }
 
 /// Whether to print JSON or tables.

@@ -555,3 +555,37 @@ fn run_ps_kill_wait_logs() {
     assert_eq!(errs.stdout, "");
     daemon.ctl(&["lease", "rm", "box"]).ok();
 }
+
+#[test]
+fn events_print_the_history_and_pool_register_points_at_subidd() {
+    let daemon = Daemon::start();
+    daemon.ctl(&["lease", "put", "ev-1"]).ok();
+    daemon.ctl(&["lease", "rm", "ev-1"]).ok();
+    let json = daemon
+        .ctl(&["--json", "events", "--since", "0", "--no-follow"])
+        .ok();
+    let types: Vec<String> = json
+        .stdout
+        .lines()
+        .map(|l| {
+            let event: Value = serde_json::from_str(l).expect("a JSON line");
+            event["type"].as_str().expect("type").to_string()
+        })
+        .collect();
+    assert_eq!(types, ["lease.created", "lease.released"], "{json:?}");
+    let table = daemon
+        .ctl(&["events", "--since", "0", "--no-follow", "--lease", "ev-1"])
+        .ok();
+    assert_eq!(table.stdout.lines().count(), 2, "{table:?}");
+    assert!(table.stdout.contains("lease.created"), "{table:?}");
+    let bad = daemon.ctl(&["events", "--lease", "no/such"]);
+    assert_eq!(bad.code, Some(1), "{bad:?}");
+    assert!(bad.stderr.contains("invalid_request"), "{bad:?}");
+
+    let register = daemon.ctl(&["pool", "register"]);
+    assert_eq!(register.code, Some(2), "{register:?}");
+    assert!(
+        register.stderr.contains("subidd --register"),
+        "{register:?}"
+    );
+}

@@ -140,6 +140,9 @@ fn error_code_schema() -> utoipa::openapi::Object {
         .description(Some("Stable and snake_case: scripts match on it."))
         .build()
 }
+/// The code of an error answer, on the response's extensions for the request log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
 
 /// What a client hears when the store failed; the log has the details.
 pub const STORE_UNAVAILABLE: &str = "the lease store cannot be used right now; retry later";
@@ -173,6 +176,7 @@ impl IntoResponse for ApiError {
             message: self.to_string(),
         };
         let mut response = (status, axum::Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(self.code()));
         if matches!(self, ApiError::Unauthorized) {
             response
                 .headers_mut()

@@ -20,6 +20,8 @@ use subid_store::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ApiError, STORE_UNAVAILABLE};
+use crate::events::{EventFeed, Publisher};
+use crate::metrics::Metrics;
 
 /// Most commands committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -186,6 +188,8 @@ pub struct LeaseService {
     store: Store,
     warnings: Arc<Mutex<Vec<PoolWarning>>>,
     claims: Arc<Mutex<Vec<AppliedClaim>>>,
+    metrics: Arc<Metrics>,
+    feed: EventFeed,
 }
 
 impl LeaseService {
@@ -221,11 +225,14 @@ impl LeaseService {
         }
         let allocator = rebuild(&mut writer, pool, quarantine_ms).await?;
         let allocator = Arc::new(Mutex::new(allocator));
+        let metrics = Arc::new(Metrics::new());
+        let feed = EventFeed::new(writer.last_event_id().await?);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let task = WriterTask {
             writer,
             allocator: Arc::clone(&allocator),
             rx,
+            publisher: Publisher::new(feed.clone(), Arc::clone(&metrics)),
         };
         tokio::spawn(task.run());
         Ok(LeaseService {
@@ -234,6 +241,8 @@ impl LeaseService {
             store,
             warnings: Arc::new(Mutex::new(Vec::new())),
             claims: Arc::new(Mutex::new(Vec::new())),
+            metrics,
+            feed,
         })
     }
 
@@ -352,6 +361,16 @@ impl LeaseService {
         lock(&self.warnings).clone()
     }
 
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The live event feed, published after each commit.
+    pub fn feed(&self) -> &EventFeed {
+        &self.feed
+    }
+
     /// Read access to the store.
     pub fn store(&self) -> &Store {
         &self.store
@@ -460,6 +479,7 @@ struct WriterTask {
     writer: Writer,
     allocator: Arc<Mutex<Allocator>>,
     rx: mpsc::Receiver<Command>,
+    publisher: Publisher,
 }
 
 impl WriterTask {
@@ -510,6 +530,8 @@ impl WriterTask {
                         .await
                 }
             };
+            // Published before the answer: whoever hears "done" finds it in the feed.
+            self.publisher.after_commit(&mut self.writer).await;
             // The answer is all there is to do: process rows do not touch the allocator.
             let _ = reply.send(result.map_err(ApiError::from));
             return;
@@ -552,6 +574,8 @@ impl WriterTask {
                 Err(e) => tracing::error!(error = %e, "cannot rebuild the allocator"),
             }
         }
+        // Published before the answers: whoever hears "done" finds it in the feed.
+        self.publisher.after_commit(&mut self.writer).await;
         for outcome in outcomes {
             outcome.send(failure.as_ref());
         }

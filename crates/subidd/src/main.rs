@@ -46,6 +46,10 @@ struct Args {
     /// Write the man page subidd.8 into DIR and exit (for packaging)
     #[arg(long, hide = true, value_name = "DIR")]
     generate_man: Option<PathBuf>,
+    /// Write the configured pool as the `subidd` entry of subuid_file and subgid_file
+    /// (default /etc/subuid, /etc/subgid), then exit
+    #[arg(long)]
+    register: bool,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +91,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    if args.register {
+        return register(&config);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -119,6 +126,39 @@ fn write_man_page(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
         .context("rendering the man page")?;
     std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+/// `--register`: 0 when the entry is written or already there, 1 when refused.
+fn register(config: &Config) -> ExitCode {
+    match subidd::pool::register(config) {
+        Ok(done) => {
+            let entry = format!(
+                "{}:{}:{}",
+                subidd::pool::OWNER,
+                done.pool.base(),
+                done.pool.range().len()
+            );
+            if done.written.is_empty() {
+                println!(
+                    "{entry} is already registered in {} and {}",
+                    config.subuid_file.display(),
+                    config.subgid_file.display()
+                );
+            } else {
+                let files: Vec<String> = done
+                    .written
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                println!("registered {entry} in {}", files.join(" and "));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("subidd: cannot register the pool: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Human lines by default, JSON with `log_format = "json"`; no timestamps under journald,

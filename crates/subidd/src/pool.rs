@@ -291,3 +291,124 @@ async fn recheck(leases: &LeaseService, config: &WatchConfig, last: &mut Vec<App
     }
     *last = applied;
 }
+
+/// Why `subidd --register` did not register the pool.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Pool(#[from] PoolSetupError),
+    #[error(
+        "the pool {OWNER}:{base}:{size} overlaps another owner's entry in {file}, {overlap}; \
+         move that entry or configure [pool] base/size elsewhere"
+    )]
+    Overlap {
+        file: String,
+        base: u32,
+        size: u32,
+        overlap: subid_core::SubidOverlap,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What `subidd --register` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub pool: Pool,
+    /// The files rewritten; empty when both already held the entry.
+    pub written: Vec<std::path::PathBuf>,
+}
+
+/// Computes the pool exactly as start-up does and writes it as the `subidd` entry of the
+/// subuid and subgid files (each atomically, keeping every other line), so that useradd and
+/// other tools steer clear of it. Nothing is written unless both files can take it.
+pub fn register(config: &Config) -> Result<Registration, RegisterError> {
+    let (uids, gids) = (subid_sys::userdb::all_uids(), subid_sys::userdb::all_gids());
+    let (pool, _) = choose(config, &uids, &gids)?;
+    let range = pool.range();
+    let mut plans = Vec::new();
+    for path in [&config.subuid_file, &config.subgid_file] {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(RegisterError::Pool(PoolSetupError::Read {
+                    path: path.display().to_string(),
+                    source,
+                }));
+            }
+        };
+        match subid_core::register_subid(&text, OWNER, range) {
+            Ok(Some(new)) => plans.push((path.clone(), new)),
+            Ok(None) => {}
+            Err(overlap) => {
+                return Err(RegisterError::Overlap {
+                    file: path.display().to_string(),
+                    base: range.start(),
+                    size: range.len(),
+                    overlap,
+                });
+            }
+        }
+    }
+    let mut written = Vec::new();
+    for (path, text) in plans {
+        write_atomically(&path, &text).map_err(|source| RegisterError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+        written.push(path);
+    }
+    Ok(Registration { pool, written })
+}
+
+/// Replaces `path` with `text`: a temp file in the same directory with the old file's mode and
+/// owner (0644 root for a new file), fsync'd, renamed over it, and the directory fsync'd. A
+/// symlink is followed, so the file it names is replaced, not the link.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let target = match std::fs::canonicalize(path) {
+        Ok(real) => real,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
+        Err(e) => return Err(e),
+    };
+    let old = match std::fs::metadata(&target) {
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let dir = match target.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(".{name}.subidd-{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        file.write_all(text.as_bytes())?;
+        let mode = old.as_ref().map_or(0o644, |m| m.mode() & 0o7777);
+        if let Some(meta) = &old {
+            std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        std::fs::rename(&temp, &target)?;
+        std::fs::File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}

@@ -277,11 +277,27 @@ impl ProcessService {
     /// Starts a process in the lease's namespace and records it before answering.
     pub async fn spawn(&self, name: String, spec: SpawnSpec) -> Result<ProcessRecord, ApiError> {
         let this = self.clone();
+        let started = Instant::now();
         // Detached from the request: if the client disconnects, the spawn still finishes and is
         // recorded (or is undone), never left half-way.
-        tokio::spawn(async move { this.spawn_detached(name, spec).await })
+        let result = tokio::spawn(async move { this.spawn_detached(name, spec).await })
             .await
-            .map_err(|e| ApiError::Internal(format!("spawn task failed: {e}")))?
+            .map_err(|e| ApiError::Internal(format!("spawn task failed: {e}")))
+            .and_then(|r| r);
+        let failure = result.as_ref().err().map(ApiError::code);
+        self.inner
+            .leases
+            .metrics()
+            .observe_spawn(started.elapsed(), failure);
+        result
+    }
+
+    /// How many processes this daemon watches now.
+    pub fn running(&self) -> usize {
+        lock_map(&self.inner.live)
+            .values()
+            .filter(|l| l.done.borrow().is_none())
+            .count()
     }
 
     async fn spawn_detached(

@@ -191,7 +191,18 @@ impl Daemon {
                 limiter.clone(),
                 limits::limit,
             ))
+            .layer(middleware::from_fn_with_state(
+                self.state.clone(),
+                api::observe,
+            ))
             .layer(middleware::map_response(api::stamp_headers));
+        // Event streams never end by themselves; a graceful stop would wait for them forever.
+        let feed = self.state.leases.feed().clone();
+        let feed_stop = stopped(stop.clone());
+        tokio::spawn(async move {
+            feed_stop.await;
+            feed.close();
+        });
         tracing::info!(socket = %self.socket.display(), "listening");
         let unix = tokio::spawn(serve_unix(
             self.unix,
@@ -204,6 +215,10 @@ impl Daemon {
             let app: Router = api::router(self.state.clone())
                 .layer(middleware::from_fn_with_state(policy, auth::tcp_auth))
                 .layer(middleware::from_fn_with_state(limiter, limits::limit))
+                .layer(middleware::from_fn_with_state(
+                    self.state.clone(),
+                    api::observe,
+                ))
                 .layer(middleware::map_response(api::stamp_headers));
             tokio::spawn(serve_tcp(listener, app, limits, stopped(stop.clone())))
         });

@@ -3,9 +3,12 @@
 
 mod leases;
 mod model;
+mod observe;
 pub mod openapi;
 mod processes;
 
+pub use model::rfc3339;
+pub use observe::observe;
 pub use processes::resource;
 
 use std::collections::BTreeMap;
@@ -51,6 +54,8 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
     vec![
         ("GET", "/_ping", get(ping)),
         ("GET", "/openapi.json", get(openapi::serve)),
+        ("GET", "/metrics", get(observe::metrics)),
+        ("GET", "/v1/events", get(observe::events)),
         ("GET", "/v1/pool", get(leases::pool)),
         ("GET", "/v1/leases", get(leases::list)),
         ("POST", "/v1/leases", post(leases::post)),
@@ -85,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(observe::echo_caller))
         .layer(middleware::map_response(stamp_headers))
         .with_state(state)
 }

@@ -25,6 +25,8 @@ use crate::error::ErrorBody;
     paths(
         super::ping,
         serve,
+        super::observe::metrics,
+        super::observe::events,
         leases::pool,
         leases::list,
         leases::post,
@@ -45,7 +47,7 @@ use crate::error::ErrorBody;
     components(schemas(ErrorBody, model::LeaseStateName, processes::ProcessStateName)),
     modifiers(&Transport),
     tags(
-        (name = "daemon", description = "liveness and this description"),
+        (name = "daemon", description = "liveness, this description, metrics and the event feed"),
         (name = "leases", description = "the pool, leases, their id maps and history"),
         (name = "processes", description = "processes started in a lease's user namespace"),
     )

@@ -238,9 +238,13 @@ async fn release_quarantines_and_purge_frees() {
 async fn every_listed_route_answers_its_method() {
     let (_dir, app, _) = app(2, Duration::from_secs(60)).await;
     for (method, path, _) in routes() {
-        let uri = path
-            .replace("{name}", "probe")
-            .replace("{id}", "0123456789abcdef");
+        // The event feed stays open unless asked not to follow.
+        let uri = match path {
+            "/v1/events" => "/v1/events?follow=false".to_string(),
+            _ => path
+                .replace("{name}", "probe")
+                .replace("{id}", "0123456789abcdef"),
+        };
         let method = Method::from_bytes(method.as_bytes()).expect("method");
         let (status, body) = call(&app, method.clone(), &uri, "").await;
         assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
@@ -251,4 +255,191 @@ async fn every_listed_route_answers_its_method() {
             "{method} {path} is not routed"
         );
     }
+}
+
+/// GET `uri` and returns status, content type and the body as text.
+async fn get_text(app: &Router, uri: &str) -> (StatusCode, String, String) {
+    let request = Request::builder()
+        .uri(uri)
+        .body(Body::empty())
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        content_type,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn metrics_count_committed_leases() {
+    let (_dir, app, _) = app(4, Duration::from_secs(60)).await;
+    call(&app, Method::PUT, "/v1/leases/m1", "").await;
+    call(&app, Method::PUT, "/v1/leases/m2", "").await;
+    call(&app, Method::DELETE, "/v1/leases/m1", "").await;
+    let (status, content_type, text) = get_text(&app, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, crate::metrics::CONTENT_TYPE);
+    for line in [
+        "subidd_leases_created_total 2\n",
+        "subidd_leases_released_total 1\n",
+        "subidd_leases_active 1\n",
+        "subidd_pool_blocks{state=\"active\"} 1\n",
+        "subidd_pool_blocks{state=\"quarantined\"} 1\n",
+        "subidd_pool_blocks{state=\"free\"} 2\n",
+        "subidd_processes_running 0\n",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    let (status, _, _) = get_text(&app, "/metrics?x=1").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn events_backlog_and_bad_parameters() {
+    let (_dir, app, _) = app(4, Duration::from_secs(60)).await;
+    call(&app, Method::PUT, "/v1/leases/e1", r#"{"ttl_seconds":60}"#).await;
+    call(&app, Method::POST, "/v1/leases/e1/renew", "").await;
+    call(&app, Method::PUT, "/v1/leases/e2", "").await;
+    call(&app, Method::DELETE, "/v1/leases/e1?purge=true", "").await;
+    let (status, content_type, text) = get_text(&app, "/v1/events?since=0&follow=false").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, "application/x-ndjson");
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "lease.created",
+            "lease.renewed",
+            "lease.created",
+            "lease.released",
+            "lease.purged"
+        ],
+        "{text}"
+    );
+    let ids: Vec<i64> = events.iter().filter_map(|e| e["id"].as_i64()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert_eq!(events[0]["lease"], "e1");
+    assert_eq!(events[0]["details"]["uid_base"], BASE);
+    assert!(
+        events[1]["details"]["expires_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{}",
+        events[1]
+    );
+    // Resuming after the second event gives the rest; a lease filter keeps one name.
+    let (_, _, rest) = get_text(&app, &format!("/v1/events?since={}&follow=false", ids[1])).await;
+    assert_eq!(rest.lines().count(), 3, "{rest}");
+    let (_, _, only) = get_text(&app, "/v1/events?since=0&follow=false&lease=e2").await;
+    assert_eq!(only.lines().count(), 1, "{only}");
+    // Without since, the stream starts after the newest event: no backlog.
+    let (_, _, none) = get_text(&app, "/v1/events?follow=false").await;
+    assert_eq!(none, "");
+    for bad in [
+        "/v1/events?since=-1",
+        "/v1/events?since=x",
+        "/v1/events?follow=maybe",
+        "/v1/events?lease=a/b",
+        "/v1/events?other=1",
+    ] {
+        let (status, _, body) = get_text(&app, bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(body.contains("invalid_request"), "{bad}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn events_stream_delivers_live_events() {
+    let (_dir, app, _) = app(4, Duration::from_secs(60)).await;
+    call(&app, Method::PUT, "/v1/leases/before", "").await;
+    let request = Request::builder()
+        .uri("/v1/events")
+        .body(Body::empty())
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    call(&app, Method::PUT, "/v1/leases/live", "").await;
+    let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("a live event within 10 s")
+        .expect("a frame")
+        .expect("no error");
+    let data = frame.into_data().expect("data frame");
+    let event: serde_json::Value = serde_json::from_slice(&data).expect("JSON line");
+    assert_eq!(event["type"], "lease.created");
+    assert_eq!(event["lease"], "live", "the earlier lease is not replayed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_event_stream_catches_up_from_the_database() {
+    let burst = crate::events::LIVE_BUFFER + 100;
+    let blocks = u32::try_from(burst).expect("small") + 8;
+    let (_dir, app, _) = app(blocks, Duration::from_secs(60)).await;
+    let request = Request::builder()
+        .uri("/v1/events")
+        .body(Body::empty())
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let mut body = response.into_body();
+    let mut buffer = Vec::new();
+    let mut next_line = async move || -> serde_json::Value {
+        loop {
+            if let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                return serde_json::from_slice(&line).expect("JSON line");
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(20), body.frame())
+                .await
+                .expect("a line within 20 s")
+                .expect("a frame")
+                .expect("no error");
+            buffer.extend_from_slice(&frame.into_data().expect("data"));
+        }
+    };
+    call(&app, Method::PUT, "/v1/leases/first", "").await;
+    let first = next_line().await;
+    assert_eq!(first["lease"], "first", "the stream is live now");
+    // More events than the live buffer holds, while the client reads nothing.
+    let mut tasks = Vec::new();
+    for i in 0..burst {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            call(&app, Method::PUT, &format!("/v1/leases/burst-{i}"), "").await
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.expect("task").0, StatusCode::CREATED);
+    }
+    let mut last = first["id"].as_i64().expect("id");
+    for _ in 0..burst {
+        let event = next_line().await;
+        let id = event["id"].as_i64().expect("id");
+        assert_eq!(id, last + 1, "no gap and no repeat after {last}: {event}");
+        assert_eq!(event["type"], "lease.created");
+        last = id;
+    }
+    let (_, _, metrics) = get_text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("subidd_event_stream_catch_ups_total 1\n"),
+        "{metrics}"
+    );
 }
