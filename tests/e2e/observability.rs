@@ -110,7 +110,17 @@ async fn metrics_reflect_a_lease_and_a_spawn() {
         .json();
     assert_eq!(waited["state"], "exited", "{waited}");
 
-    let s = scrape(&client).await;
+    // Event counters are bumped by the writer right after it answers: poll briefly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let s = loop {
+        let s = scrape(&client).await;
+        if metric(&s, "subidd_processes_exited_total") == 1.0
+            || std::time::Instant::now() > deadline
+        {
+            break s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     for (series, want) in [
         ("subidd_leases_created_total", 1.0),
         ("subidd_leases_active", 1.0),

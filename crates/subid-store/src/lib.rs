@@ -335,6 +335,11 @@ impl Store {
         events_after_on(&self.readers, after, limit).await
     }
 
+    /// The newest committed event id (0 when there is none).
+    pub async fn last_event_id(&self) -> Result<i64, StoreError> {
+        last_event_id_on(&self.readers).await
+    }
+
     /// How many leases are active.
     pub async fn active_lease_count(&self) -> Result<u64, StoreError> {
         let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM lease WHERE state = 'active'")
@@ -383,21 +388,7 @@ impl Writer {
 
     /// The newest event id (0 when there is none): where the live feed starts.
     pub async fn last_event_id(&mut self) -> Result<i64, StoreError> {
-        let id: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM event")
-            .fetch_one(&mut self.conn)
-            .await
-            .map_err(StoreError::read)?;
-        Ok(id.unwrap_or(0))
-    }
-
-    /// As [`Store::events_after`], on the writer's connection: what the last commit added,
-    /// read right after it.
-    pub async fn events_after(
-        &mut self,
-        after: i64,
-        limit: u32,
-    ) -> Result<Vec<EventRecord>, StoreError> {
-        events_after_on(&mut self.conn, after, limit).await
+        last_event_id_on(&mut self.conn).await
     }
 
     /// The active leases, for checking them against the configured pool at start.
@@ -844,6 +835,14 @@ async fn insert_process_on(
 }
 
 /// Events above `after`, oldest first, on any connection or pool.
+async fn last_event_id_on<'e, E: sqlx::SqliteExecutor<'e>>(executor: E) -> Result<i64, StoreError> {
+    let id: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM event")
+        .fetch_one(executor)
+        .await
+        .map_err(StoreError::read)?;
+    Ok(id.unwrap_or(0))
+}
+
 async fn events_after_on<'e, E: sqlx::SqliteExecutor<'e>>(
     executor: E,
     after: i64,

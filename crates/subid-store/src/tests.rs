@@ -305,7 +305,7 @@ async fn event_feed_has_lease_and_process_events_in_id_order() {
         all[4].id,
         "the writer sees the newest id"
     );
-    let page = writer.events_after(all[1].id, 2).await.expect("page");
+    let page = store.events_after(all[1].id, 2).await.expect("page");
     assert_eq!(
         page.iter().map(|e| e.id).collect::<Vec<_>>(),
         [all[2].id, all[3].id]

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use axum::body::Bytes;
-use subid_store::{EventRecord, Store, Writer};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
+use subid_store::{EventRecord, Store};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 
 use crate::metrics::Metrics;
 
@@ -109,28 +109,48 @@ impl EventFeed {
     }
 }
 
-/// Publishes what each commit added; owned by the writer task.
+/// Publishes what each commit added, from a task of its own: the writer only pokes it after
+/// answering a group, so no client waits for the events to be read back. One writer commits in
+/// id order, so reading `id > last` from a read connection after a commit never skips a row.
 pub struct Publisher {
     feed: EventFeed,
     metrics: Arc<Metrics>,
+    store: Store,
     last: i64,
+    poke: Arc<Notify>,
 }
 
 impl Publisher {
-    pub fn new(feed: EventFeed, metrics: Arc<Metrics>) -> Publisher {
+    pub fn new(feed: EventFeed, metrics: Arc<Metrics>, store: Store) -> Publisher {
         let last = feed.last_id();
         Publisher {
             feed,
             metrics,
+            store,
             last,
+            poke: Arc::new(Notify::new()),
         }
     }
 
-    /// Reads the events the last commit added and publishes them in id order. A read failure
-    /// is logged and retried after the next commit; the rows stay in the database either way.
-    pub async fn after_commit(&mut self, writer: &mut Writer) {
+    /// What the writer calls after each commit.
+    pub fn poke(&self) -> Arc<Notify> {
+        Arc::clone(&self.poke)
+    }
+
+    /// Publishes after every poke (a poke while it works is kept for the next turn); runs until
+    /// the task is dropped.
+    pub async fn run(mut self) {
         loop {
-            let page = match writer.events_after(self.last, PAGE).await {
+            self.poke.notified().await;
+            self.publish_new().await;
+        }
+    }
+
+    /// Reads the events committed since the last turn and publishes them in id order. A read
+    /// failure is logged and retried after the next commit; the rows stay in the database.
+    async fn publish_new(&mut self) {
+        loop {
+            let page = match self.store.events_after(self.last, PAGE).await {
                 Ok(page) => page,
                 Err(error) => {
                     tracing::warn!(%error, "cannot read new events for the feed; retrying after the next commit");

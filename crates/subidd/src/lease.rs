@@ -228,12 +228,14 @@ impl LeaseService {
         let metrics = Arc::new(Metrics::new());
         let feed = EventFeed::new(writer.last_event_id().await?);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let publisher = Publisher::new(feed.clone(), Arc::clone(&metrics), store.clone());
         let task = WriterTask {
             writer,
             allocator: Arc::clone(&allocator),
             rx,
-            publisher: Publisher::new(feed.clone(), Arc::clone(&metrics)),
+            published: publisher.poke(),
         };
+        tokio::spawn(publisher.run());
         tokio::spawn(task.run());
         Ok(LeaseService {
             tx,
@@ -479,7 +481,8 @@ struct WriterTask {
     writer: Writer,
     allocator: Arc<Mutex<Allocator>>,
     rx: mpsc::Receiver<Command>,
-    publisher: Publisher,
+    /// Tells the event publisher that a commit may have added events.
+    published: Arc<tokio::sync::Notify>,
 }
 
 impl WriterTask {
@@ -530,10 +533,12 @@ impl WriterTask {
                         .await
                 }
             };
-            // Published before the answer: whoever hears "done" finds it in the feed.
-            self.publisher.after_commit(&mut self.writer).await;
             // The answer is all there is to do: process rows do not touch the allocator.
             let _ = reply.send(result.map_err(ApiError::from));
+            // Events are published by a task of their own: reading the new rows back is one more
+            // round trip to SQLite, which neither this client nor the next should wait for.
+            // Streams may see an event a moment after its request was answered; none is missed.
+            self.published.notify_one();
             return;
         }
         let failure = match self.writer.begin_with(durability).await {
@@ -574,14 +579,14 @@ impl WriterTask {
                 Err(e) => tracing::error!(error = %e, "cannot rebuild the allocator"),
             }
         }
-        // Published before the answers: whoever hears "done" finds it in the feed.
-        self.publisher.after_commit(&mut self.writer).await;
         for outcome in outcomes {
             outcome.send(failure.as_ref());
         }
         for command in unreached {
             unreached_outcome(command).send(failure.as_ref());
         }
+        // Published by the event task (see the lone process row above).
+        self.published.notify_one();
     }
 }
 

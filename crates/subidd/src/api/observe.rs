@@ -77,12 +77,18 @@ pub async fn events(State(state): St, query: QueryParams) -> ApiResult {
                 .map_err(|e| ApiError::InvalidRequest(format!("invalid lease name: {e}")))
         })
         .transpose()?;
+    // Without `since`: what is committed now, read from the database rather than from the feed,
+    // which publishes each commit only after answering it (the backlog step covers the gap).
+    let since = match since {
+        Some(since) => since,
+        None => state.leases.store().last_event_id().await?,
+    };
     let cursor = state
         .leases
         .feed()
         .cursor(
             state.leases.store().clone(),
-            since,
+            Some(since),
             follow,
             lease,
             state.leases.metrics().clone(),

@@ -290,10 +290,7 @@ async fn metrics_count_committed_leases() {
     call(&app, Method::PUT, "/v1/leases/m1", "").await;
     call(&app, Method::PUT, "/v1/leases/m2", "").await;
     call(&app, Method::DELETE, "/v1/leases/m1", "").await;
-    let (status, content_type, text) = get_text(&app, "/metrics").await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(content_type, crate::metrics::CONTENT_TYPE);
-    for line in [
+    let want = [
         "subidd_leases_created_total 2\n",
         "subidd_leases_released_total 1\n",
         "subidd_leases_active 1\n",
@@ -301,8 +298,20 @@ async fn metrics_count_committed_leases() {
         "subidd_pool_blocks{state=\"quarantined\"} 1\n",
         "subidd_pool_blocks{state=\"free\"} 2\n",
         "subidd_processes_running 0\n",
-    ] {
-        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    ];
+    // Event counters are bumped by the writer right after it answers: poll briefly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, content_type, text) = get_text(&app, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, crate::metrics::CONTENT_TYPE);
+        match want.iter().find(|line| !text.contains(*line)) {
+            None => break,
+            Some(line) if std::time::Instant::now() > deadline => {
+                panic!("missing {line:?} in:\n{text}")
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
     }
     let (status, _, _) = get_text(&app, "/metrics?x=1").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
