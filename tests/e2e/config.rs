@@ -50,3 +50,40 @@ fn unknown_keys_and_bad_values_are_refused_by_name() {
         "names the variable: {message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_format_flag_gives_json_lines_and_beats_the_environment() {
+    let daemon = Daemon::start_with(
+        "",
+        &["--log-format", "json"],
+        &[("SUBIDD_LOG_FORMAT", "text")],
+    )
+    .expect("start daemon");
+    let reply = daemon
+        .client()
+        .put("/v1/leases/logged", None)
+        .await
+        .expect("PUT");
+    assert_status(&reply, StatusCode::CREATED, "PUT");
+    // The request line is written once the answer has gone out: poll for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let log = daemon.log_text();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let found = lines
+            .iter()
+            .any(|l| l["fields"]["path"] == "/v1/leases/logged" && l["fields"]["status"] == 201);
+        if found {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no JSON request line for the PUT:\n{log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -44,7 +44,7 @@ pub struct PoolConfig {
     pub block: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -89,6 +89,7 @@ pub struct Flags {
     pub runtime_dir: Option<PathBuf>,
     pub listen_tcp: Option<String>,
     pub token_file: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,17 +178,18 @@ impl Config {
             size: env_num(&env, "SUBIDD_POOL_SIZE")?.or(file.pool.size),
             block: env_num(&env, "SUBIDD_POOL_BLOCK")?.or(file.pool.block),
         };
-        let log_format = match env("SUBIDD_LOG_FORMAT") {
-            Some(v) if v == "json" => LogFormat::Json,
-            Some(v) if v == "text" => LogFormat::Text,
-            Some(value) => {
+        let log_format = match (flags.log_format, env("SUBIDD_LOG_FORMAT")) {
+            (Some(format), _) => format,
+            (None, Some(v)) if v == "json" => LogFormat::Json,
+            (None, Some(v)) if v == "text" => LogFormat::Text,
+            (None, Some(value)) => {
                 return Err(ConfigError::Env {
                     name: "SUBIDD_LOG_FORMAT",
                     value,
                     reason: "must be text or json".into(),
                 });
             }
-            None => file.log_format.unwrap_or_default(),
+            (None, None) => file.log_format.unwrap_or_default(),
         };
         let config = Config {
             state_dir,
@@ -413,8 +415,14 @@ mod tests {
             state_dir: Some(PathBuf::from("/flag")),
             ..flags
         };
-        let c = load(flags, &[("SUBIDD_STATE_DIR", "/env")]).expect("load");
+        let c = load(flags.clone(), &[("SUBIDD_STATE_DIR", "/env")]).expect("load");
         assert_eq!(c.state_dir, PathBuf::from("/flag"), "flag beats env");
+        let flags = Flags {
+            log_format: Some(LogFormat::Json),
+            ..flags
+        };
+        let c = load(flags, &[("SUBIDD_LOG_FORMAT", "text")]).expect("load");
+        assert_eq!(c.log_format, LogFormat::Json, "--log-format beats env");
     }
 
     #[test]

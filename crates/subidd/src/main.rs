@@ -43,6 +43,9 @@ struct Args {
     /// File holding the bearer token TCP clients must send
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Log lines as text (default) or JSON (env SUBIDD_LOG_FORMAT, config log_format)
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
     /// Write the man page subidd.8 into DIR and exit (for packaging)
     #[arg(long, hide = true, value_name = "DIR")]
     generate_man: Option<PathBuf>,
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         runtime_dir: args.runtime_dir,
         listen_tcp: args.listen_tcp,
         token_file: args.token_file,
+        log_format: args.log_format,
     };
     let config = match Config::load(&flags, |k| std::env::var(k).ok()) {
         Ok(config) => config,
