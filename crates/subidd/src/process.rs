@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use subid_store::{LeaseRecord, ProcessRecord, ProcessState};
 use subid_sys::cgroup::{CgroupHost, CgroupParent, LeaseCgroup, SpawnCgroup};
+use subid_sys::logfile::Trimmed;
 use subid_sys::spawn::{Command, Namespace};
 use subid_sys::userns::{self, LeaseNs, UserNsSpec};
 use subid_sys::{ChildStep, Errno, ExitStatus, PidFd, SysError, members};
@@ -576,6 +577,17 @@ impl ProcessService {
     /// A log file of a process, if it exists.
     pub fn log_path(&self, id: &str, stream: &str) -> PathBuf {
         self.inner.config.log_dir.join(format!("{id}.{stream}"))
+    }
+
+    /// What a process wrote to `stream` (its last `log_max_bytes`).
+    pub async fn read_log(&self, id: &str, stream: &str) -> Result<Vec<u8>, ApiError> {
+        let path = self.log_path(id, stream);
+        let max = self.inner.config.log_max_bytes;
+        tokio::task::spawn_blocking(move || {
+            read_log_tail(&path, max).map_err(|e| internal(&format!("read {}", path.display()), e))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("log read task failed: {e}")))?
     }
 
     /// Creates (or finds) a lease; a new lease that asks for extra namespaces gets them made and
@@ -1156,11 +1168,17 @@ fn open_log(path: &Path) -> std::io::Result<OwnedFd> {
         .map(OwnedFd::from)
 }
 
-/// Keeps the last `max` bytes of a log file (copy-truncate, as logrotate does: bytes the
-/// process appends between the copy and the truncate are lost; O_APPEND writers carry on at
-/// the new end).
+/// Keeps at least the last `max` bytes of a log file: whole blocks are cut from its head in one
+/// step where the filesystem can (nothing the process appends meanwhile is lost; see
+/// `subid_sys::logfile`); elsewhere copy-truncate, as logrotate does (bytes appended during the
+/// copy can be lost).
 fn trim_log(path: &Path, max: u64) -> std::io::Result<()> {
     use std::io::{Seek, SeekFrom, Write};
+    match subid_sys::logfile::trim_head(path, max) {
+        Ok(Trimmed::Nothing | Trimmed::Collapsed(_)) => return Ok(()),
+        Ok(Trimmed::Unsupported) => {}
+        Err(error) => return Err(std::io::Error::other(error)),
+    }
     let mut file = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -1181,6 +1199,21 @@ fn trim_log(path: &Path, max: u64) -> std::io::Result<()> {
     file.seek(SeekFrom::Start(0))?;
     file.write_all(&tail)?;
     Ok(())
+}
+
+/// The last `max` bytes of a log file (a trimmed file may hold up to a block more).
+fn read_log_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut tail = Vec::with_capacity(usize::try_from(max.min(len)).unwrap_or(0));
+    (&mut file).take(max).read_to_end(&mut tail)?;
+    Ok(tail)
 }
 
 fn internal(what: &str, error: std::io::Error) -> ApiError {

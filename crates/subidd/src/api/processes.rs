@@ -308,12 +308,7 @@ pub async fn logs(State(state): St, ProcessId(id): ProcessId, query: QueryParams
         }
     };
     state.processes.get(&id).await?;
-    let path = state.processes.log_path(&id, stream);
-    let body = match tokio::fs::read(&path).await {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(ApiError::Internal(format!("read {}: {e}", path.display()))),
-    };
+    let body = state.processes.read_log(&id, stream).await?;
     let mut response = (StatusCode::OK, body).into_response();
     response.headers_mut().insert(
         CONTENT_TYPE,
