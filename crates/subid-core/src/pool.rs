@@ -162,26 +162,6 @@ impl Pool {
         id.checked_sub(self.spec.base)?.checked_div(self.spec.block)
     }
 
-    /// Refuses a pool that overlaps another owner's /etc/subuid or /etc/subgid entry (entries whose
-    /// owner == `own_name` are skipped), since those ids already belong to someone's rootless
-    /// containers. `file` is a label used in the message ("/etc/subuid"). Reports the first offending
-    /// entry in file order.
-    pub fn check_subid_conflicts(
-        &self,
-        file: &str,
-        entries: &[SubidEntry],
-        own_name: &str,
-    ) -> Result<(), PoolError> {
-        match self
-            .subid_claims(file, entries, own_name)
-            .into_iter()
-            .next()
-        {
-            Some(claim) => Err(claim.into_error()),
-            None => Ok(()),
-        }
-    }
-
     /// Refuses a pool containing an id of the user (or group) database: a container root mapped onto a
     /// real account would own that account's files. Names the lowest conflicting id.
     pub fn check_id_conflicts(&self, kind: IdKind, ids: &[u32]) -> Result<(), PoolError> {
@@ -429,6 +409,19 @@ impl std::error::Error for PoolError {}
 mod tests {
     use super::*;
 
+    /// What start-up refuses for these entries: the first claim, as an error.
+    fn first_subid_conflict(
+        pool: &Pool,
+        file: &str,
+        entries: &[SubidEntry],
+        own: &str,
+    ) -> Result<(), PoolError> {
+        match pool.subid_claims(file, entries, own).into_iter().next() {
+            Some(claim) => Err(claim.into_error()),
+            None => Ok(()),
+        }
+    }
+
     fn spec(base: u32, size: u32, block: u32) -> PoolSpec {
         PoolSpec { base, size, block }
     }
@@ -659,14 +652,14 @@ mod tests {
             e("carol", 0x7010_0000, 5, 4),      // starts exactly at end: no overlap
         ];
         assert_eq!(
-            pool.check_subid_conflicts("/etc/subuid", &entries, "subidd"),
+            first_subid_conflict(&pool, "/etc/subuid", &entries, "subidd"),
             Ok(())
         );
         let mut bad = entries.clone();
         bad.push(e("dave", 0x700F_FFFF, 1, 5));
         bad.push(e("erin", 0x7000_0000, 1, 6));
         assert_eq!(
-            pool.check_subid_conflicts("/etc/subgid", &bad, "subidd"),
+            first_subid_conflict(&pool, "/etc/subgid", &bad, "subidd"),
             Err(PoolError::OverlapsSubid {
                 file: "/etc/subgid".into(),
                 line: 5,
@@ -676,18 +669,15 @@ mod tests {
             })
         );
         // Our own entry is refused when the daemon runs under another name.
-        assert!(
-            pool.check_subid_conflicts("/etc/subuid", &entries, "other")
-                .is_err()
-        );
+        assert!(first_subid_conflict(&pool, "/etc/subuid", &entries, "other").is_err());
         // Unrepresentable hand-built entries still count, clamped to the id space.
         let wide = vec![e("x", 0x6000_0000, u32::MAX, 9), e("y", 1, 0, 10)];
         assert!(matches!(
-            pool.check_subid_conflicts("/etc/subuid", &wide, "subidd"),
+            first_subid_conflict(&pool, "/etc/subuid", &wide, "subidd"),
             Err(PoolError::OverlapsSubid { line: 9, .. })
         ));
         assert_eq!(
-            pool.check_subid_conflicts("/etc/subuid", &wide[1..], "subidd"),
+            first_subid_conflict(&pool, "/etc/subuid", &wide[1..], "subidd"),
             Ok(())
         );
     }
