@@ -186,7 +186,6 @@ pub struct LeaseService {
     tx: mpsc::Sender<Command>,
     allocator: Arc<Mutex<Allocator>>,
     store: Store,
-    warnings: Arc<Mutex<Vec<PoolWarning>>>,
     claims: Arc<Mutex<Vec<AppliedClaim>>>,
     metrics: Arc<Metrics>,
     feed: EventFeed,
@@ -241,7 +240,6 @@ impl LeaseService {
             tx,
             allocator,
             store,
-            warnings: Arc::new(Mutex::new(Vec::new())),
             claims: Arc::new(Mutex::new(Vec::new())),
             metrics,
             feed,
@@ -277,7 +275,6 @@ impl LeaseService {
             let withheld = allocator.counts(now_ms_u64()).withheld;
             (*allocator.pool(), conflicts, withheld)
         };
-        let mut warnings = Vec::new();
         let mut applied = Vec::new();
         for claim in claims {
             let status = match self.delegated_to(claim).await? {
@@ -290,13 +287,8 @@ impl LeaseService {
                         let Some(start) = pool.block_start(block) else {
                             continue;
                         };
-                        if let Some(lease) = self.store.lease_holding(start).await?
-                            && named.insert(lease.name.clone())
-                        {
-                            warnings.push(PoolWarning {
-                                lease: lease.name,
-                                claim: claim.source.to_string(),
-                            });
+                        if let Some(lease) = self.store.lease_holding(start).await? {
+                            named.insert(lease.name);
                         }
                     }
                     if named.is_empty() {
@@ -312,7 +304,11 @@ impl LeaseService {
                 status,
             });
         }
-        let old = std::mem::replace(&mut *lock(&self.warnings), warnings.clone());
+        let old = warnings_of(&std::mem::replace(
+            &mut *lock(&self.claims),
+            applied.clone(),
+        ));
+        let warnings = warnings_of(&applied);
         for w in warnings.iter().filter(|w| !old.contains(w)) {
             tracing::error!(
                 lease = %w.lease,
@@ -327,7 +323,6 @@ impl LeaseService {
         if withheld > 0 {
             tracing::debug!(withheld, "pool blocks withheld for other id owners");
         }
-        lock(&self.claims).clone_from(&applied);
         Ok(applied)
     }
 
@@ -360,7 +355,7 @@ impl LeaseService {
 
     /// The conflicts found by the last [`LeaseService::apply_claims`].
     pub fn pool_warnings(&self) -> Vec<PoolWarning> {
-        lock(&self.warnings).clone()
+        warnings_of(&lock(&self.claims))
     }
 
     /// The daemon's metrics.
@@ -916,6 +911,23 @@ fn quarantine_of(allocator: &Mutex<Allocator>) -> i64 {
 
 /// Locks the allocator; a panic while holding it cannot leave it half-changed in a way the
 /// next rebuild would not repair, so a poisoned lock is taken over.
+/// One warning per claim and active lease it touches.
+fn warnings_of(claims: &[AppliedClaim]) -> Vec<PoolWarning> {
+    claims
+        .iter()
+        .flat_map(|a| match &a.status {
+            ClaimStatus::Conflicts(leases) => leases
+                .iter()
+                .map(|lease| PoolWarning {
+                    lease: lease.clone(),
+                    claim: a.claim.clone(),
+                })
+                .collect(),
+            ClaimStatus::HandsOn(_) | ClaimStatus::Withheld => Vec::new(),
+        })
+        .collect()
+}
+
 /// Locks a mutex; a panic elsewhere while it was held leaves data that is still consistent (every
 /// critical section here is a plain read or a whole-value update), so poisoning is ignored.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
