@@ -41,6 +41,11 @@ fn unknown_keys_and_bad_values_are_refused_by_name() {
         message.contains("expiry_interval_ms"),
         "names expiry_interval_ms: {message}"
     );
+    let message = Daemon::start_failure("pool_check_interval_ms = 0\n").expect("zero refused");
+    assert!(
+        message.contains("pool_check_interval_ms"),
+        "names pool_check_interval_ms: {message}"
+    );
     let message = match Daemon::start_with("", &[], &[("SUBIDD_POOL_BASE", "lots")]) {
         Ok(_) => panic!("subidd started with SUBIDD_POOL_BASE=lots"),
         Err(e) => format!("{e:#}"),
