@@ -124,7 +124,7 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
 }
 
 /// Refuses an existing, non-empty file that is not an SQLite database or is shorter than its
-/// header says, before SQLite opens it (and makes its `-shm` and `-wal` files beside it).
+/// header says (with no write-ahead log left to replay), before SQLite opens it (and makes its `-shm` and `-wal` files beside it).
 /// SQLite's own check (`PRAGMA quick_check` in [`open`]) catches what this does not.
 fn check_header(path: &Path) -> Result<(), StoreError> {
     use std::io::Read;
@@ -160,7 +160,13 @@ fn check_header(path: &Path) -> Result<(), StoreError> {
         header[28], header[29], header[30], header[31],
     ]));
     let valid = header[24..28] == header[92..96] && pages > 0;
-    if valid && pages.saturating_mul(page_size) > len {
+    // A crash during a checkpoint can leave the header (page 1, written first) ahead of the
+    // pages still to be copied; the write-ahead log holds them and SQLite replays it at open. So
+    // the size is only a sign of truncation when there is no log to replay.
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal_pending = std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0);
+    if valid && !wal_pending && pages.saturating_mul(page_size) > len {
         return Err(damaged(format!(
             "malformed: its header says {pages} pages of {page_size} bytes, but the file holds \
              only {len} bytes (truncated?)"

@@ -390,3 +390,26 @@ async fn the_event_feed_migration_keeps_an_old_history() {
     assert_eq!(after[0].id, 3, "new ids continue after the old ones");
     assert_eq!(store.events("old").await.expect("history").len(), 3);
 }
+
+/// A crash during a checkpoint leaves page 1 (with the new size) ahead of pages still in the
+/// write-ahead log: not damage while that log is there to replay; truncation when it is not.
+#[test]
+fn header_size_beyond_the_file_is_damage_only_without_a_log_to_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("subidd.db");
+    let mut page1 = vec![0u8; 4096];
+    page1[..16].copy_from_slice(b"SQLite format 3\0");
+    page1[16..18].copy_from_slice(&4096u16.to_be_bytes());
+    page1[24..28].copy_from_slice(&7u32.to_be_bytes());
+    page1[28..32].copy_from_slice(&55u32.to_be_bytes());
+    page1[92..96].copy_from_slice(&7u32.to_be_bytes());
+    let mut file = page1.clone();
+    file.resize(41 * 4096, 0);
+    std::fs::write(&db, &file).expect("write db");
+    let refused = super::check_header(&db).expect_err("41 of 55 pages, no log");
+    assert!(refused.to_string().contains("55 pages"), "{refused}");
+    std::fs::write(dir.path().join("subidd.db-wal"), [1u8; 32]).expect("write wal");
+    super::check_header(&db).expect("the log holds the rest");
+    std::fs::write(dir.path().join("subidd.db-wal"), []).expect("empty wal");
+    super::check_header(&db).expect_err("an empty log replays nothing");
+}
