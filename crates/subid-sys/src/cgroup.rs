@@ -630,7 +630,9 @@ impl LeaseCgroup {
         self.hierarchy.cgroup_path_of(&self.dir)
     }
 
-    /// Whether process `pid`'s `/proc/PID/cgroup` puts it in this cgroup or below.
+    /// Whether process `pid`'s `/proc/PID/cgroup` puts it in this cgroup or below. On a v1
+    /// hierarchy the kernel shows an exiting process (`PF_EXITING`) at `/`, so a process on its
+    /// way out reads as outside while `cgroup.procs` may still list it.
     pub fn contains_pid(&self, pid: i32) -> Result<bool> {
         let path = format!("/proc/{pid}/cgroup");
         let text = fs::read_to_string(&path).map_err(|e| SysError::io_path("read", &path, &e))?;
