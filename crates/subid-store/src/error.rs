@@ -38,13 +38,15 @@ pub enum StoreError {
     #[error("the disk holding the database is full: {source}")]
     Full {
         #[source]
-        source: sqlx::Error,
+        source: DbError,
     },
     #[error("the database cannot be written: {source}")]
     Unwritable {
         #[source]
-        source: sqlx::Error,
+        source: DbError,
     },
+    #[error("the process writer is busy; retry from a thread that may wait")]
+    Contended,
     #[error("database read failed: {source}")]
     Read {
         #[source]
@@ -65,8 +67,9 @@ pub enum StoreError {
 
 impl StoreError {
     /// Sorts an error met while writing: a full disk, or a database that cannot take writes.
-    pub(crate) fn write(source: sqlx::Error) -> StoreError {
-        match primary_code(&source) {
+    pub(crate) fn write(source: impl Into<DbError>) -> StoreError {
+        let source = source.into();
+        match source.primary_code() {
             Some(SQLITE_FULL) => StoreError::Full { source },
             _ => StoreError::Unwritable { source },
         }
@@ -80,6 +83,12 @@ impl StoreError {
         StoreError::Encode { source }
     }
 
+    /// True when a write that must not wait found the connection or the write lock taken (see
+    /// [`crate::ProcessWriter`]); retry it where waiting is allowed.
+    pub fn is_contended(&self) -> bool {
+        matches!(self, StoreError::Contended)
+    }
+
     /// True when the disk is full: the caller should answer `storage_full`.
     pub fn is_full(&self) -> bool {
         matches!(self, StoreError::Full { .. })
@@ -88,27 +97,50 @@ impl StoreError {
     /// True when the database file itself is damaged, not a stranger to subidd, or unreadable:
     /// an operator must look at it; subidd never recreates it.
     pub fn is_damaged(&self) -> bool {
-        let source = match self {
+        let code = match self {
             StoreError::Damaged { .. } | StoreError::NotWritable { .. } => return true,
-            StoreError::Open { source, .. }
-            | StoreError::Full { source }
-            | StoreError::Unwritable { source }
-            | StoreError::Read { source } => source,
+            StoreError::Open { source, .. } | StoreError::Read { source } => primary_code(source),
+            StoreError::Full { source } | StoreError::Unwritable { source } => {
+                source.primary_code()
+            }
             _ => return false,
         };
         matches!(
-            primary_code(source),
+            code,
             Some(SQLITE_CORRUPT | SQLITE_NOTADB | SQLITE_READONLY | SQLITE_CANTOPEN | SQLITE_IOERR)
         )
     }
 
     /// True when another process holds the write lock for longer than the busy timeout.
     pub fn is_busy(&self) -> bool {
+        let code = match self {
+            StoreError::Unwritable { source } => source.primary_code(),
+            StoreError::Read { source } => primary_code(source),
+            _ => return false,
+        };
+        matches!(code, Some(SQLITE_BUSY | SQLITE_LOCKED))
+    }
+}
+
+/// A failed write, from either connection kind: the lease writer's (sqlx) or the process
+/// writer's (rusqlite, see [`crate::ProcessWriter`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+impl DbError {
+    /// The primary SQLite result code, when SQLite gave one.
+    fn primary_code(&self) -> Option<u32> {
         match self {
-            StoreError::Unwritable { source } | StoreError::Read { source } => {
-                matches!(primary_code(source), Some(SQLITE_BUSY | SQLITE_LOCKED))
+            DbError::Sqlx(e) => primary_code(e),
+            DbError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                u32::try_from(e.extended_code & 0xff).ok()
             }
-            _ => false,
+            DbError::Sqlite(_) => None,
         }
     }
 }

@@ -1,14 +1,18 @@
-//! The durable store of leases, blocks and history: SQLite in WAL mode with `synchronous=FULL`.
+//! The durable store of leases, blocks and history: SQLite in WAL mode with `synchronous=FULL`
+//! for leases; process rows through [`ProcessWriter`], a second connection.
 //!
-//! This is the only crate that speaks SQL. The daemon sees two handles: [`Store`], a pool of
-//! read connections anyone may clone, and [`Writer`], the one connection that writes. Every write
-//! happens in a `BEGIN IMMEDIATE` transaction ([`WriteTx`]) so that concurrent writers (a second
-//! daemon pointed at the same file by mistake) wait for the lock instead of failing at commit.
+//! This is the only crate that speaks SQL. The daemon sees three handles: [`Store`], a pool of
+//! read connections anyone may clone, [`Writer`], the connection that writes leases, and
+//! [`ProcessWriter`], which writes process rows on the caller's thread. Every lease write
+//! happens in a `BEGIN IMMEDIATE` transaction ([`WriteTx`]) so that concurrent writers (the
+//! process writer, or a second daemon pointed at the same file by mistake) wait for the lock
+//! instead of failing at commit.
 //! A PostgreSQL back end would provide the same methods; nothing above this crate sees a query.
 
 #![forbid(unsafe_code)]
 
 mod error;
+mod process_writer;
 mod record;
 
 use std::collections::BTreeMap;
@@ -23,7 +27,8 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row};
 use subid_core::LeaseState;
 
-pub use error::StoreError;
+pub use error::{DbError, StoreError};
+pub use process_writer::ProcessWriter;
 pub use record::{
     BlockRow, EventKind, EventRecord, LeaseRecord, NewLease, ProcessRecord, ProcessState,
 };
@@ -56,18 +61,6 @@ pub struct Writer {
     /// How `conn` was opened, for [`Writer::reopen`].
     options: SqliteConnectOptions,
     path: PathBuf,
-    durability: Durability,
-}
-
-/// How hard a commit holds on to its data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// `synchronous=FULL`: on disk (fsync'd) when the commit returns. Leases, always.
-    Full,
-    /// `synchronous=NORMAL` (WAL): survives a crash of the daemon, not a power loss. Only for
-    /// groups that change nothing but process rows: after a power loss every process is gone
-    /// anyway, and the next start marks the rows it cannot find as lost.
-    Process,
 }
 
 /// Opens (creating when absent) the database at `path`, applies migrations, and returns the read
@@ -118,7 +111,6 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
             conn,
             options: options.create_if_missing(false),
             path: path.to_path_buf(),
-            durability: Durability::Full,
         },
     ))
 }
@@ -292,6 +284,14 @@ impl Store {
         rows.iter().map(ProcessRecord::from_row).collect()
     }
 
+    /// The id of every recorded process (their log files are kept; any other goes at start).
+    pub async fn process_ids(&self) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar("SELECT id FROM process")
+            .fetch_all(&self.readers)
+            .await
+            .map_err(StoreError::read)
+    }
+
     /// Every process recorded as running, for reconciling with the kernel at start.
     pub async fn running_processes(&self) -> Result<Vec<ProcessRecord>, StoreError> {
         let sql =
@@ -377,7 +377,6 @@ impl Writer {
                 source,
             })?;
         let old = std::mem::replace(&mut self.conn, fresh);
-        self.durability = Durability::Full;
         // Closing may report the failed transaction again; the new connection is what counts.
         let _ = old.close().await;
         Ok(())
@@ -436,55 +435,9 @@ impl Writer {
         Ok(settled)
     }
 
-    /// Records a running process in a statement of its own (autocommit, process durability):
-    /// one round trip instead of three when nothing else is waiting to be committed.
-    pub async fn insert_process_alone(&mut self, p: &ProcessRecord) -> Result<(), StoreError> {
-        self.set_durability(Durability::Process).await?;
-        insert_process_on(&mut self.conn, p).await
-    }
-
-    /// As [`WriteTx::finish_process`], in a statement of its own (see
-    /// [`Writer::insert_process_alone`]).
-    pub async fn finish_process_alone(
-        &mut self,
-        id: &str,
-        state: ProcessState,
-        exit_code: Option<i32>,
-        signal: Option<i32>,
-        ended_at: i64,
-    ) -> Result<(), StoreError> {
-        self.set_durability(Durability::Process).await?;
-        finish_process_on(&mut self.conn, id, state, exit_code, signal, ended_at).await
-    }
-
-    async fn set_durability(&mut self, durability: Durability) -> Result<(), StoreError> {
-        if durability != self.durability {
-            let pragma = match durability {
-                Durability::Full => "PRAGMA synchronous = FULL",
-                Durability::Process => "PRAGMA synchronous = NORMAL",
-            };
-            sqlx::query(pragma)
-                .execute(&mut self.conn)
-                .await
-                .map_err(StoreError::write)?;
-            self.durability = durability;
-        }
-        Ok(())
-    }
-
-    /// Starts a `BEGIN IMMEDIATE` transaction with the given durability.
-    pub async fn begin_with(&mut self, durability: Durability) -> Result<WriteTx<'_>, StoreError> {
-        self.set_durability(durability).await?;
-        self.begin_immediate().await
-    }
-
     /// Starts a `BEGIN IMMEDIATE` transaction with full durability: it holds the write lock from
     /// its first statement and its commit is fsync'd.
     pub async fn begin(&mut self) -> Result<WriteTx<'_>, StoreError> {
-        self.begin_with(Durability::Full).await
-    }
-
-    async fn begin_immediate(&mut self) -> Result<WriteTx<'_>, StoreError> {
         let tx = self
             .conn
             .begin_with("BEGIN IMMEDIATE")
@@ -760,24 +713,6 @@ impl WriteTx<'_> {
         .await
     }
 
-    /// Records a process that is now running.
-    pub async fn insert_process(&mut self, p: &ProcessRecord) -> Result<(), StoreError> {
-        insert_process_on(&mut self.tx, p).await
-    }
-
-    /// Records how a running process ended (`Exited` or `Lost`). A process already ended is
-    /// left as it is.
-    pub async fn finish_process(
-        &mut self,
-        id: &str,
-        state: ProcessState,
-        exit_code: Option<i32>,
-        signal: Option<i32>,
-        ended_at: i64,
-    ) -> Result<(), StoreError> {
-        finish_process_on(&mut self.tx, id, state, exit_code, signal, ended_at).await
-    }
-
     async fn event(
         &mut self,
         at: i64,
@@ -809,37 +744,6 @@ impl WriteTx<'_> {
     }
 }
 
-/// `INSERT` of a process row on any connection or transaction.
-async fn insert_process_on(
-    conn: &mut SqliteConnection,
-    p: &ProcessRecord,
-) -> Result<(), StoreError> {
-    let argv = serde_json::to_string(&p.argv).map_err(StoreError::encode)?;
-    sqlx::query(
-        "INSERT INTO process (id, lease_id, lease_name, pid, start_ticks, boot_id, host_uid, \
-         host_gid, argv, state, exit_code, signal, started_at, ended_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&p.id)
-    .bind(p.lease_id)
-    .bind(&p.lease_name)
-    .bind(i64::from(p.pid))
-    .bind(i64::try_from(p.start_ticks).unwrap_or(i64::MAX))
-    .bind(&p.boot_id)
-    .bind(i64::from(p.host_uid))
-    .bind(i64::from(p.host_gid))
-    .bind(argv)
-    .bind(p.state.as_str())
-    .bind(p.exit_code.map(i64::from))
-    .bind(p.signal.map(i64::from))
-    .bind(p.started_at)
-    .bind(p.ended_at)
-    .execute(conn)
-    .await
-    .map_err(StoreError::write)?;
-    Ok(())
-}
-
 /// Events above `after`, oldest first, on any connection or pool.
 async fn last_event_id_on<'e, E: sqlx::SqliteExecutor<'e>>(executor: E) -> Result<i64, StoreError> {
     let id: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM event")
@@ -864,30 +768,6 @@ async fn events_after_on<'e, E: sqlx::SqliteExecutor<'e>>(
     .await
     .map_err(StoreError::read)?;
     rows.iter().map(EventRecord::from_row).collect()
-}
-
-/// `UPDATE` of a running process row to how it ended, on any connection or transaction.
-async fn finish_process_on(
-    conn: &mut SqliteConnection,
-    id: &str,
-    state: ProcessState,
-    exit_code: Option<i32>,
-    signal: Option<i32>,
-    ended_at: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE process SET state = ?, exit_code = ?, signal = ?, ended_at = ? \
-         WHERE id = ? AND state = 'running'",
-    )
-    .bind(state.as_str())
-    .bind(exit_code.map(i64::from))
-    .bind(signal.map(i64::from))
-    .bind(ended_at)
-    .bind(id)
-    .execute(conn)
-    .await
-    .map_err(StoreError::write)?;
-    Ok(())
 }
 
 /// Reads an integer column that must fit a `u32`.

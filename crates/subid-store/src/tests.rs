@@ -212,20 +212,78 @@ async fn a_foreign_file_is_refused_not_recreated() {
 }
 
 #[tokio::test]
-async fn lease_commits_are_always_full_even_after_a_process_only_group() {
-    let (_dir, _store, mut writer) = fresh().await;
-    assert_eq!(synchronous(&mut writer).await, 2, "FULL at open");
-    writer
-        .begin_with(Durability::Process)
+async fn process_rows_go_through_their_own_connection_and_leases_stay_full() {
+    let (dir, store, mut writer) = fresh().await;
+    let path = dir.path().join("subidd.db");
+    let rows = ProcessWriter::open(&path).expect("process writer");
+    let mut tx = writer.begin().await.expect("begin");
+    let lease = tx
+        .insert_lease(&new_lease("rows", BASE, BLOCK, 1_000), BLOCK)
         .await
-        .expect("begin")
-        .commit()
-        .await
-        .expect("commit");
-    assert_eq!(synchronous(&mut writer).await, 1, "NORMAL for process rows");
-    let tx = writer.begin().await.expect("begin");
+        .expect("insert");
     tx.commit().await.expect("commit");
-    assert_eq!(synchronous(&mut writer).await, 2, "back to FULL for leases");
+    rows.insert(&process("p1", &lease, 1_500), false)
+        .expect("insert row");
+    let got = store.get_process("p1").await.expect("get").expect("there");
+    assert_eq!(got, process("p1", &lease, 1_500), "readers see it at once");
+    rows.finish("p1", ProcessState::Exited, Some(3), None, 1_600, false)
+        .expect("finish");
+    let got = store.get_process("p1").await.expect("get").expect("there");
+    assert_eq!(
+        (got.state, got.exit_code, got.ended_at),
+        (ProcessState::Exited, Some(3), Some(1_600))
+    );
+    // A row must name a lease (foreign keys are on for this connection too).
+    let mut orphan = process("p2", &lease, 1_700);
+    orphan.lease_id = 999;
+    let err = rows.insert(&orphan, false).expect_err("no lease 999");
+    assert!(matches!(err, StoreError::Unwritable { .. }), "{err:?}");
+    // The lease writer keeps fsync'ing its commits.
+    assert_eq!(synchronous(&mut writer).await, 2, "FULL for leases");
+    let normal: i64 = rows
+        .conn(false)
+        .expect("free")
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .expect("pragma");
+    assert_eq!(normal, 1, "NORMAL for process rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_rows_wait_for_a_lease_commit_holding_the_write_lock() {
+    let (dir, _store, mut writer) = fresh().await;
+    let path = dir.path().join("subidd.db");
+    let rows = std::sync::Arc::new(ProcessWriter::open(&path).expect("process writer"));
+    let mut tx = writer.begin().await.expect("begin");
+    let lease = tx
+        .insert_lease(&new_lease("busy", BASE, BLOCK, 1_000), BLOCK)
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    // The lease writer holds the write lock (BEGIN IMMEDIATE) while a row is written: a write
+    // that must not wait says so at once; one that may wait gets through after the commit.
+    let held = writer.begin().await.expect("begin");
+    let err = rows
+        .insert(&process("eager", &lease, 1_400), false)
+        .expect_err("the lock is held");
+    assert!(err.is_contended(), "{err:?}");
+    let (writer_rows, row_lease) = (std::sync::Arc::clone(&rows), lease.clone());
+    let insert = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        writer_rows
+            .insert(&process("waited", &row_lease, 1_500), true)
+            .map(|()| started.elapsed())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!insert.is_finished(), "the row waits for the lock");
+    held.commit().await.expect("commit");
+    let waited = insert
+        .join()
+        .expect("thread")
+        .expect("insert after the commit");
+    assert!(
+        waited >= std::time::Duration::from_millis(100),
+        "{waited:?}"
+    );
 }
 
 async fn synchronous(w: &mut Writer) -> i64 {
@@ -233,6 +291,25 @@ async fn synchronous(w: &mut Writer) -> i64 {
         .fetch_one(&mut w.conn)
         .await
         .expect("pragma")
+}
+
+fn process(id: &str, lease: &LeaseRecord, at: i64) -> ProcessRecord {
+    ProcessRecord {
+        id: id.into(),
+        lease_id: lease.id,
+        lease_name: lease.name.clone(),
+        pid: 4242,
+        start_ticks: 7,
+        boot_id: "boot".into(),
+        host_uid: lease.uid_base,
+        host_gid: lease.gid_base,
+        argv: vec!["/bin/true".into()],
+        state: ProcessState::Running,
+        exit_code: None,
+        signal: None,
+        started_at: at,
+        ended_at: None,
+    }
 }
 
 #[tokio::test]
@@ -245,34 +322,13 @@ async fn event_feed_has_lease_and_process_events_in_id_order() {
         .await
         .expect("insert");
     tx.commit().await.expect("commit");
-    let process = ProcessRecord {
-        id: "p1".into(),
-        lease_id: lease.id,
-        lease_name: lease.name.clone(),
-        pid: 4242,
-        start_ticks: 7,
-        boot_id: "boot".into(),
-        host_uid: BASE,
-        host_gid: BASE,
-        argv: vec!["/bin/true".into()],
-        state: ProcessState::Running,
-        exit_code: None,
-        signal: None,
-        started_at: 1_500,
-        ended_at: None,
-    };
-    writer
-        .insert_process_alone(&process)
-        .await
+    let rows = ProcessWriter::open(&_dir.path().join("subidd.db")).expect("process writer");
+    rows.insert(&process("p1", &lease, 1_500), true)
         .expect("insert process");
-    writer
-        .finish_process_alone("p1", ProcessState::Exited, Some(3), None, 1_600)
-        .await
+    rows.finish("p1", ProcessState::Exited, Some(3), None, 1_600, true)
         .expect("finish process");
     // A second finish changes nothing, so it records nothing.
-    writer
-        .finish_process_alone("p1", ProcessState::Lost, None, None, 1_700)
-        .await
+    rows.finish("p1", ProcessState::Lost, None, None, 1_700, true)
         .expect("finish again");
     let mut tx = writer.begin().await.expect("begin");
     tx.release(&lease, EventKind::Release, true, 2_000, None)

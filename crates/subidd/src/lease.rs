@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use subid_core::{AllocError, Allocator, ClaimSource, ForeignClaim, IdRange, Pool, PoolCounts};
 use subid_store::{
-    Durability, EventKind, LeaseRecord, NewLease, ProcessRecord, ProcessState, Store, StoreError,
-    WriteTx, Writer,
+    EventKind, LeaseRecord, NewLease, ProcessRecord, ProcessState, ProcessWriter, Store,
+    StoreError, WriteTx, Writer,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -117,10 +117,6 @@ enum Command {
         kind: ReleaseKind,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
-    Process {
-        op: ProcessOp,
-        reply: oneshot::Sender<Result<(), ApiError>>,
-    },
     /// A health check: answered as soon as the writer has finished the group it was taken with.
     Ping { reply: oneshot::Sender<()> },
 }
@@ -134,7 +130,7 @@ pub enum ReleaseKind {
     Expire,
 }
 
-/// A change to the process table, committed with the lease changes of its group.
+/// A change to the process table (see [`LeaseService::record_process`]).
 #[derive(Debug, Clone)]
 pub enum ProcessOp {
     Insert(ProcessRecord),
@@ -189,6 +185,10 @@ pub struct LeaseService {
     claims: Arc<Mutex<Vec<AppliedClaim>>>,
     metrics: Arc<Metrics>,
     feed: EventFeed,
+    /// Process rows, written on the caller's thread (see `subid_store::ProcessWriter`).
+    rows: Arc<ProcessWriter>,
+    /// Tells the event publisher that a write may have added events.
+    published: Arc<tokio::sync::Notify>,
 }
 
 impl LeaseService {
@@ -228,11 +228,13 @@ impl LeaseService {
         let feed = EventFeed::new(writer.last_event_id().await?);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let publisher = Publisher::new(feed.clone(), Arc::clone(&metrics), store.clone());
+        let rows = Arc::new(ProcessWriter::open(store.path())?);
+        let published = publisher.poke();
         let task = WriterTask {
             writer,
             allocator: Arc::clone(&allocator),
             rx,
-            published: publisher.poke(),
+            published: Arc::clone(&published),
         };
         tokio::spawn(publisher.run());
         tokio::spawn(task.run());
@@ -243,6 +245,8 @@ impl LeaseService {
             claims: Arc::new(Mutex::new(Vec::new())),
             metrics,
             feed,
+            rows,
+            published,
         })
     }
 
@@ -432,11 +436,27 @@ impl LeaseService {
         rx.await.map_err(|_| gone())?
     }
 
-    /// Commits a change to the process table; `Ok` once it is on disk.
-    pub async fn process_write(&self, op: ProcessOp) -> Result<(), ApiError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Process { op, reply }).await?;
-        rx.await.map_err(|_| gone())?
+    /// Writes a change to the process table; `Ok` once it is in the database file, where it
+    /// survives a crash of the daemon. Written on this thread when the process writer's
+    /// connection and SQLite's write lock are free, which is the common case and costs one
+    /// statement with no hand-off to another thread (see `subid_store::ProcessWriter`);
+    /// otherwise on the blocking pool, which may wait for the lock (a worker thread must not:
+    /// the lease writer holding it may need that worker to reach its commit).
+    pub async fn record_process(&self, op: &ProcessOp) -> Result<(), ApiError> {
+        let result = match write_row(&self.rows, op, false) {
+            Err(e) if e.is_contended() => {
+                let (rows, op) = (Arc::clone(&self.rows), op.clone());
+                tokio::task::spawn_blocking(move || write_row(&rows, &op, true))
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("process row thread: {e}")))?
+            }
+            other => other,
+        };
+        if result.is_ok() {
+            // The rows' triggers added events; the publisher reads them back on its own task.
+            self.published.notify_one();
+        }
+        result.map_err(ApiError::from)
     }
 
     /// Answers once the writer task has taken the ping and finished the group it came with: a
@@ -503,40 +523,7 @@ impl WriterTask {
     async fn commit_group(&mut self, batch: &mut Vec<Command>) {
         let now = now_ms();
         let mut outcomes = Vec::with_capacity(batch.len());
-        // Leases are always fsync'd; a group of nothing but process rows is not (see Durability).
-        let durability = if batch.iter().all(|c| matches!(c, Command::Process { .. })) {
-            Durability::Process
-        } else {
-            Durability::Full
-        };
-        // A lone process row: one autocommit statement, no BEGIN/COMMIT round trips.
-        if durability == Durability::Process
-            && batch.len() == 1
-            && let Some(Command::Process { op, reply }) = batch.pop()
-        {
-            let result = match &op {
-                ProcessOp::Insert(record) => self.writer.insert_process_alone(record).await,
-                ProcessOp::Finish {
-                    id,
-                    state,
-                    exit_code,
-                    signal,
-                    ended_at,
-                } => {
-                    self.writer
-                        .finish_process_alone(id, *state, *exit_code, *signal, *ended_at)
-                        .await
-                }
-            };
-            // The answer is all there is to do: process rows do not touch the allocator.
-            let _ = reply.send(result.map_err(ApiError::from));
-            // Events are published by a task of their own: reading the new rows back is one more
-            // round trip to SQLite, which neither this client nor the next should wait for.
-            // Streams may see an event a moment after its request was answered; none is missed.
-            self.published.notify_one();
-            return;
-        }
-        let failure = match self.writer.begin_with(durability).await {
+        let failure = match self.writer.begin().await {
             Err(error) => Some(error),
             Ok(mut tx) => {
                 let mut failure = None;
@@ -580,8 +567,24 @@ impl WriterTask {
         for command in unreached {
             unreached_outcome(command).send(failure.as_ref());
         }
-        // Published by the event task (see the lone process row above).
+        // Events are published by a task of their own: reading the new rows back is one more
+        // round trip to SQLite, which neither this client nor the next should wait for.
+        // Streams may see an event a moment after its request was answered; none is missed.
         self.published.notify_one();
+    }
+}
+
+/// One process row change through the process writer (`wait`: see `ProcessWriter`).
+fn write_row(rows: &ProcessWriter, op: &ProcessOp, wait: bool) -> Result<(), StoreError> {
+    match op {
+        ProcessOp::Insert(record) => rows.insert(record, wait),
+        ProcessOp::Finish {
+            id,
+            state,
+            exit_code,
+            signal,
+            ended_at,
+        } => rows.finish(id, *state, *exit_code, *signal, *ended_at, wait),
     }
 }
 
@@ -593,9 +596,7 @@ fn unreached_outcome(command: Command) -> Outcome {
     match command {
         Command::Create { reply, .. } => Outcome::Create(reply, e()),
         Command::Renew { reply, .. } => Outcome::Renew(reply, e()),
-        Command::Release { reply, .. } | Command::Process { reply, .. } => {
-            Outcome::Release(reply, e())
-        }
+        Command::Release { reply, .. } => Outcome::Release(reply, e()),
         Command::Ping { reply } => Outcome::Ping(reply),
     }
 }
@@ -646,28 +647,6 @@ async fn decide(
                 e,
             )),
         },
-        Command::Process { op, reply } => {
-            let done = match op {
-                ProcessOp::Insert(record) => tx.insert_process(&record).await,
-                ProcessOp::Finish {
-                    id,
-                    state,
-                    exit_code,
-                    signal,
-                    ended_at,
-                } => {
-                    tx.finish_process(&id, state, exit_code, signal, ended_at)
-                        .await
-                }
-            };
-            match done {
-                Ok(()) => Ok(Outcome::Release(reply, Ok(()))),
-                Err(e) => Err((
-                    Outcome::Release(reply, Err(ApiError::Unavailable(STORE_UNAVAILABLE))),
-                    e,
-                )),
-            }
-        }
         // `run` takes pings out of the group; one that got here is answered with the group.
         Command::Ping { reply } => Ok(Outcome::Ping(reply)),
     }

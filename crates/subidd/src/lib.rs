@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod lease;
 pub mod limits;
+pub mod logs;
 pub mod metrics;
 pub mod pool;
 pub mod process;

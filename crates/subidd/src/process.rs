@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -34,6 +33,7 @@ enum LeaseGuard {
 
 use crate::error::ApiError;
 use crate::lease::{Caller, LeaseService, ProcessOp, ReleaseKind, is_expired, now_ms};
+use crate::logs::{LogPool, STREAMS};
 
 /// What to start; checked by the API layer (ids against the lease's size here).
 #[derive(Debug, Clone)]
@@ -94,6 +94,8 @@ struct Inner {
     cgroups: Mutex<HashMap<i64, LeaseCg>>,
     /// Active leases by name, as last read (see `active_lease`).
     lease_cache: Mutex<HashMap<String, LeaseRecord>>,
+    /// Log files made ahead of the spawns that take them.
+    logs: Arc<LogPool>,
 }
 
 /// Shared handle to the process service; cheap to clone.
@@ -124,6 +126,7 @@ impl ProcessService {
                 None
             }
         };
+        let logs = LogPool::new(config.log_dir.clone());
         let service = ProcessService {
             inner: Arc::new(Inner {
                 leases,
@@ -136,6 +139,7 @@ impl ProcessService {
                 cgroup_parent: Mutex::new(None),
                 cgroups: Mutex::new(HashMap::new()),
                 lease_cache: Mutex::new(HashMap::new()),
+                logs,
             }),
         };
         for row in service.inner.leases.store().running_processes().await? {
@@ -149,7 +153,7 @@ impl ProcessService {
                     service
                         .inner
                         .leases
-                        .process_write(ProcessOp::Finish {
+                        .record_process(&ProcessOp::Finish {
                             id: row.id.clone(),
                             state: ProcessState::Lost,
                             exit_code: None,
@@ -162,6 +166,8 @@ impl ProcessService {
         }
         service.sweep_stale_pins().await?;
         service.sweep_stale_cgroups().await?;
+        service.sweep_orphan_logs().await?;
+        service.inner.logs.refill();
         Ok(service)
     }
 
@@ -207,6 +213,25 @@ impl ProcessService {
             }
         })
         .await?;
+        Ok(())
+    }
+
+    /// Removes log files that belong to no recorded process: pairs a previous daemon made ahead
+    /// of need, and those of a spawn a crash cut short before its process was recorded.
+    async fn sweep_orphan_logs(&self) -> Result<(), anyhow::Error> {
+        let known: std::collections::HashSet<String> = self
+            .inner
+            .leases
+            .store()
+            .process_ids()
+            .await?
+            .into_iter()
+            .collect();
+        let logs = Arc::clone(&self.inner.logs);
+        let removed = tokio::task::spawn_blocking(move || logs.remove_orphans(&known)).await??;
+        if removed > 0 {
+            tracing::info!(removed, "removed log files of no recorded process");
+        }
         Ok(())
     }
 
@@ -335,11 +360,19 @@ impl ProcessService {
                 )));
             }
         }
-        let id = new_id();
         // The process writes its log files itself (no pipe through the daemon), so its output
         // survives a restart of the daemon; the supervisor trims them to `log_max_bytes`.
-        let out_w = open_log(&self.log_path(&id, "stdout")).map_err(|e| internal("log file", e))?;
-        let err_w = open_log(&self.log_path(&id, "stderr")).map_err(|e| internal("log file", e))?;
+        let files = self
+            .inner
+            .logs
+            .take()
+            .map_err(|e| internal("log file", e))?;
+        let id = files.id;
+        // Until the process is recorded, its log files go again with any failure.
+        let unrecorded = Unrecorded {
+            pool: &self.inner.logs,
+            id: &id,
+        };
         let mut command = Command::new(&spec.program, &spec.argv);
         for (k, v) in &spec.env {
             command.env(k, v);
@@ -349,8 +382,8 @@ impl ProcessService {
             .user(spec.user, spec.group)
             .groups(spec.groups.iter().copied())
             .umask(spec.umask)
-            .stdout(out_w)
-            .stderr(err_w);
+            .stdout(files.stdout)
+            .stderr(files.stderr);
         let mut rlimits = lease.rlimits.clone();
         rlimits.extend(spec.rlimits.clone());
         // A cap the client set: pids_max, max_processes, or an nproc rlimit.
@@ -418,10 +451,12 @@ impl ProcessService {
             started_at: now_ms(),
             ended_at: None,
         };
+        // Written on this thread when nothing holds the write lock: a hand-off to another
+        // thread costs more than the write (see `LeaseService::record_process`).
         if let Err(error) = self
             .inner
             .leases
-            .process_write(ProcessOp::Insert(record.clone()))
+            .record_process(&ProcessOp::Insert(record.clone()))
             .await
         {
             // Not recorded means not started: take it back.
@@ -430,6 +465,8 @@ impl ProcessService {
             let _ = tokio::task::spawn_blocking(move || reaper.wait()).await;
             return Err(error);
         }
+        // Recorded: the files are the process's now, and go with its lease.
+        std::mem::forget(unrecorded);
         tracing::info!(id = %id, pid = record.pid, lease = %name, host_uid = record.host_uid, "process started");
         self.supervise(record.clone(), pidfd, true);
         drop(guard);
@@ -479,7 +516,7 @@ impl ProcessService {
             };
             // Retry a failed write a few times: the status is worth keeping.
             for attempt in 0..5u32 {
-                match this.inner.leases.process_write(op.clone()).await {
+                match this.inner.leases.record_process(&op).await {
                     Ok(()) => break,
                     Err(error) => {
                         tracing::warn!(%id, %error, attempt, "cannot record exit status");
@@ -576,7 +613,7 @@ impl ProcessService {
 
     /// A log file of a process, if it exists.
     pub fn log_path(&self, id: &str, stream: &str) -> PathBuf {
-        self.inner.config.log_dir.join(format!("{id}.{stream}"))
+        self.inner.logs.path(id, stream)
     }
 
     /// What a process wrote to `stream` (its last `log_max_bytes`).
@@ -640,6 +677,10 @@ impl ProcessService {
                 self.undo_lease(&name, caller).await;
                 return Err(error);
             }
+        }
+        if done.lease.state == subid_core::LeaseState::Active {
+            // Its first spawn, which often follows at once, need not read it back.
+            lock_map(&self.inner.lease_cache).insert(name, done.lease.clone());
         }
         Ok(done)
     }
@@ -1158,16 +1199,6 @@ fn spawn_error(spec: &SpawnSpec, capped: bool, error: SysError) -> ApiError {
 
 /// Opens (creates) a log file for a process to append to: mode 0640, close-on-exec in the
 /// daemon (the spawn engine dups it onto fd 1 or 2 of the child).
-fn open_log(path: &Path) -> std::io::Result<OwnedFd> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
-        .map(OwnedFd::from)
-}
-
 /// Keeps at least the last `max` bytes of a log file: whole blocks are cut from its head in one
 /// step where the filesystem can (nothing the process appends meanwhile is lost; see
 /// `subid_sys::logfile`); elsewhere copy-truncate, as logrotate does (bytes appended during the
@@ -1220,19 +1251,18 @@ fn internal(what: &str, error: std::io::Error) -> ApiError {
     ApiError::Internal(format!("{what}: {error}"))
 }
 
-/// A process id: 16 random hex digits.
-fn new_id() -> String {
-    let mut bytes = [0u8; 8];
-    let filled = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .is_ok();
-    if !filled {
-        // Time and a counter still make ids unique within this daemon.
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        bytes = (u64::try_from(now_ms()).unwrap_or(0) ^ (n << 48)).to_be_bytes();
+/// The log files of a spawn not (yet) recorded; dropping this removes them.
+struct Unrecorded<'a> {
+    pool: &'a LogPool,
+    id: &'a str,
+}
+
+impl Drop for Unrecorded<'_> {
+    fn drop(&mut self) {
+        for stream in STREAMS {
+            let _ = std::fs::remove_file(self.pool.path(self.id, stream));
+        }
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,0 +1,214 @@
+//! Process rows, written on the caller's thread through a connection of their own.
+//!
+//! A spawn records its process before it answers, and a process's exit is recorded before a
+//! waiting client hears of it. Through the lease writer (a tokio task driving an sqlx
+//! connection, which runs every statement on a thread of its own) each such row cost four
+//! thread hand-offs; on a VM whose idle CPUs take 0.1-0.3 ms to wake, that was most of the
+//! daemon's share of a spawn. Here the caller runs the statement itself: one autocommit
+//! `INSERT` or `UPDATE` on a second SQLite connection, about 20-80 us.
+//!
+//! Durability: `synchronous=NORMAL` in WAL mode, so a row survives a crash of the daemon but
+//! not a power loss. That is enough for process rows (after a power loss every process is gone
+//! anyway, and the next start marks the rows it cannot find as lost); lease commits stay
+//! `FULL` on the lease writer's connection.
+//!
+//! Both connections write the same file; SQLite's write lock orders them. A caller on an async
+//! runtime's worker thread must never wait for that lock: the lease writer that holds it may
+//! need that very worker to reach its commit. So every write has two modes: `wait = false`
+//! returns [`StoreError::Contended`] at once when another caller has this connection or the
+//! lease writer has the write lock (the caller then retries with `wait = true` from a thread
+//! that may block), and `wait = true` waits for the lock in steps of 50 us (a lease commit holds
+//! it for about one fsync) up to 5 s. The lease writer's connection keeps SQLite's own busy
+//! handler.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, params};
+
+use crate::error::StoreError;
+use crate::record::{ProcessRecord, ProcessState};
+
+/// How long a write waits for the lease writer to let go of the write lock.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
+/// One step of that wait.
+const BUSY_STEP: Duration = Duration::from_micros(50);
+
+const INSERT: &str = "INSERT INTO process (id, lease_id, lease_name, pid, start_ticks, boot_id, \
+     host_uid, host_gid, argv, state, exit_code, signal, started_at, ended_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+
+const FINISH: &str = "UPDATE process SET state = ?1, exit_code = ?2, signal = ?3, ended_at = ?4 \
+     WHERE id = ?5 AND state = 'running'";
+
+/// Writes process rows synchronously (see the module docs). Shared by every thread that spawns
+/// or reaps; one statement at a time.
+#[derive(Debug)]
+pub struct ProcessWriter {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+thread_local! {
+    /// Whether the statement running on this thread may wait for the write lock (read by the
+    /// busy handler, which SQLite calls on the thread that runs the statement).
+    static WAITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl ProcessWriter {
+    /// Opens a second connection to a database that [`crate::open`] has checked and migrated;
+    /// it never creates one.
+    pub fn open(path: &Path) -> Result<ProcessWriter, StoreError> {
+        let open_err = |source: rusqlite::Error| StoreError::Damaged {
+            path: path.to_path_buf(),
+            reason: format!("cannot open a second connection for process rows: {source}"),
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(open_err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(open_err)?;
+        conn.busy_handler(Some(busy_wait)).map_err(open_err)?;
+        Ok(ProcessWriter {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records a process that is now running (see the module docs for `wait`).
+    pub fn insert(&self, p: &ProcessRecord, wait: bool) -> Result<(), StoreError> {
+        let argv = serde_json::to_string(&p.argv).map_err(StoreError::encode)?;
+        let conn = self.conn(wait)?;
+        let _mode = Mode::set(wait);
+        let result = conn.prepare_cached(INSERT).and_then(|mut stmt| {
+            stmt.execute(params![
+                p.id,
+                p.lease_id,
+                p.lease_name,
+                i64::from(p.pid),
+                i64::try_from(p.start_ticks).unwrap_or(i64::MAX),
+                p.boot_id,
+                i64::from(p.host_uid),
+                i64::from(p.host_gid),
+                argv,
+                p.state.as_str(),
+                p.exit_code.map(i64::from),
+                p.signal.map(i64::from),
+                p.started_at,
+                p.ended_at,
+            ])
+        });
+        settle(&conn, result)
+    }
+
+    /// Records how a running process ended (`Exited` or `Lost`). A process already ended is
+    /// left as it is. See the module docs for `wait`.
+    pub fn finish(
+        &self,
+        id: &str,
+        state: ProcessState,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        ended_at: i64,
+        wait: bool,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn(wait)?;
+        let _mode = Mode::set(wait);
+        let result = conn.prepare_cached(FINISH).and_then(|mut stmt| {
+            stmt.execute(params![
+                state.as_str(),
+                exit_code.map(i64::from),
+                signal.map(i64::from),
+                ended_at,
+                id,
+            ])
+        });
+        settle(&conn, result)
+    }
+
+    /// The connection; without `wait`, only if nobody else has it now.
+    pub(crate) fn conn(&self, wait: bool) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        // A panic while holding the lock cannot leave a statement half-run: SQLite rolls back.
+        if wait {
+            return Ok(self.conn.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        match self.conn.try_lock() {
+            Ok(guard) => Ok(guard),
+            Err(TryLockError::Poisoned(e)) => Ok(e.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(StoreError::Contended),
+        }
+    }
+}
+
+/// Sets, for the statement about to run on this thread, whether the busy handler may wait.
+struct Mode;
+
+impl Mode {
+    fn set(wait: bool) -> Mode {
+        WAITING.with(|w| w.set(wait));
+        Mode
+    }
+}
+
+impl Drop for Mode {
+    fn drop(&mut self) {
+        WAITING.with(|w| w.set(false));
+    }
+}
+
+/// Turns a statement's outcome into the store's error; after a failure, makes sure no
+/// transaction stays open on the connection (a failed autocommit statement rolls itself back,
+/// but a full disk may leave the journal mid-way), so the next write starts clean.
+fn settle(conn: &Connection, result: rusqlite::Result<usize>) -> Result<(), StoreError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            let busy = matches!(
+                &error,
+                rusqlite::Error::SqliteFailure(e, _)
+                    if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            );
+            if busy && !WAITING.with(|w| w.get()) {
+                return Err(StoreError::Contended);
+            }
+            Err(StoreError::write(error))
+        }
+    }
+}
+
+/// SQLite's busy handler: give up at once unless this statement may wait; else sleep one step
+/// and try again, until [`BUSY_WAIT`] has passed.
+fn busy_wait(attempt: i32) -> bool {
+    if !WAITING.with(|w| w.get()) {
+        return false;
+    }
+    thread_local! {
+        static SINCE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let since = SINCE.with(|s| {
+        if attempt == 0 || s.get().is_none() {
+            s.set(Some(Instant::now()));
+        }
+        s.get().unwrap_or_else(Instant::now)
+    });
+    if since.elapsed() >= BUSY_WAIT {
+        return false;
+    }
+    std::thread::sleep(BUSY_STEP);
+    true
+}
