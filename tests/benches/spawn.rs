@@ -49,6 +49,18 @@ fn stats(samples: Vec<Duration>) -> Stats {
     subidd_tests::latency_stats(samples)
 }
 
+/// A directory on a tmpfs for runtime files: /dev/shm, else /run, else the temp dir.
+fn tmpfs_dir() -> anyhow::Result<std::path::PathBuf> {
+    for dir in ["/dev/shm", "/run"] {
+        let on_tmpfs = nix::sys::statfs::statfs(dir)
+            .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        if on_tmpfs {
+            return Ok(dir.into());
+        }
+    }
+    Ok(std::env::temp_dir())
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -209,13 +221,20 @@ impl Bench {
 
 async fn run() -> anyhow::Result<String> {
     let machine_start = machine_jiffies()?;
-    let mut daemon = Daemon::start("quarantine_seconds = 0\nkill_grace_ms = 500")?;
+    // Runtime dirs (socket, namespace pins) on a tmpfs, as /run is under systemd: making a pin
+    // file on this machine's disk cost 0.4-1 ms at times (ext4, see "Where the time goes").
+    let run_base = tmpfs_dir()?;
+    let daemon_run = tempfile::tempdir_in(&run_base)?;
+    let mut daemon = Daemon::start_with_run_dir(
+        "quarantine_seconds = 0\nkill_grace_ms = 500",
+        daemon_run.path(),
+    )?;
     let client = daemon.client();
     let pid = daemon.pid().context("daemon pid")?;
     let rss_start = rss_kib(pid)?;
 
     // This process's own namespaces, for the floors and the in-process library rows.
-    let dir = tempfile::tempdir()?;
+    let dir = tempfile::tempdir_in(&run_base)?;
     let floor_pin = dir.path().join("ns/floor/user");
     let lib_pin = dir.path().join("ns/lib/user");
     let lib_first_pin = dir.path().join("ns/lib-first/user");
@@ -307,12 +326,14 @@ async fn run() -> anyhow::Result<String> {
     out.push_str(&format!(
         "Run {} on {} ({} cores), release build. `/bin/true`, started and waited for; \
          {SAMPLES} samples per row, rows taking turns so noise hits them alike; \
-         every floor forks this benchmark (RssAnon {:.1} MiB), the daemon spawns the vfork way. \
+         every floor forks this benchmark (RssAnon {:.1} MiB), the daemon spawns the vfork way; \
+         runtime dirs (socket, namespace pins) in {}. \
          Other work on the machine took {others_pct:.0}% of its CPU time during the run.\n\n",
         subidd_tests::run_date(),
         subidd_tests::kernel(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         self_anon as f64 / 1024.0,
+        run_base.display(),
     ));
     out.push_str("| path | n | p50 | p99 |\n|---|---|---|---|\n");
     let line = |out: &mut String, label: &str, s: &Stats| {

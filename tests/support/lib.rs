@@ -71,7 +71,13 @@ impl Daemon {
         Daemon::launch(config_toml, &[], &[], subuid_text, subgid_text)
     }
 
-    /// Writes the config (paths in the temp dir filled in) and the subid files, then starts.
+    /// As [`Daemon::start`], with the runtime dir (socket and namespace pins) in `run_dir`
+    /// instead of the temp dir: the benchmarks put it on a tmpfs, as `/run` is on a systemd
+    /// host.
+    pub fn start_with_run_dir(config_toml: &str, run_dir: &Path) -> anyhow::Result<Daemon> {
+        Daemon::launch_in(config_toml, &[], &[], "", "", Some(run_dir))
+    }
+
     fn launch(
         config_toml: &str,
         extra_args: &[&str],
@@ -79,9 +85,22 @@ impl Daemon {
         subuid_text: &str,
         subgid_text: &str,
     ) -> anyhow::Result<Daemon> {
+        Daemon::launch_in(config_toml, extra_args, env, subuid_text, subgid_text, None)
+    }
+
+    /// Writes the config (paths in the temp dir filled in) and the subid files, then starts.
+    fn launch_in(
+        config_toml: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        subuid_text: &str,
+        subgid_text: &str,
+        run_dir: Option<&Path>,
+    ) -> anyhow::Result<Daemon> {
         let dir = tempfile::tempdir().context("tempdir")?;
         let config = dir.path().join("subidd.toml");
-        let socket = dir.path().join("run").join("subidd.sock");
+        let run = run_dir.map_or_else(|| dir.path().join("run"), Path::to_path_buf);
+        let socket = run.join("subidd.sock");
         // Subid files of the test's own keep the host's from deciding the test's pool.
         let subuid = dir.path().join("subuid");
         let subgid = dir.path().join("subgid");
@@ -90,7 +109,6 @@ impl Daemon {
         let text = format!(
             "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\n{config_toml}\n",
             state = dir.path().join("state"),
-            run = dir.path().join("run"),
         );
         std::fs::write(&config, text).context("write config")?;
         let mut daemon = Daemon {
