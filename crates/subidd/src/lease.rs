@@ -459,23 +459,6 @@ impl LeaseService {
         result.map_err(ApiError::from)
     }
 
-    /// As [`LeaseService::record_process`], for code that must not yield (see
-    /// `ProcessService::spawn`): when the write must wait for the lock, it waits in place with
-    /// `block_in_place`, which hands this worker's other tasks to another thread. Only on the
-    /// multi-threaded runtime.
-    pub fn record_process_in_place(&self, op: &ProcessOp) -> Result<(), ApiError> {
-        let result = match write_row(&self.rows, op, false) {
-            Err(e) if e.is_contended() => {
-                tokio::task::block_in_place(|| write_row(&self.rows, op, true))
-            }
-            other => other,
-        };
-        if result.is_ok() {
-            self.published.notify_one();
-        }
-        result.map_err(ApiError::from)
-    }
-
     /// Answers once the writer task has taken the ping and finished the group it came with: a
     /// cheap proof that the writer is alive and not stuck in a commit (the watchdog's check).
     pub async fn ping(&self) -> Result<(), ApiError> {

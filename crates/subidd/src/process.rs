@@ -3,9 +3,8 @@
 //! The namespace of a lease is created on its first spawn by a helper running as the lease's
 //! base ids (so the namespace's owner, who is charged for per-user kernel counters, is per
 //! lease), pinned at `<runtime-dir>/ns/<lease>/user`, and joined by every later spawn. Spawns and
-//! teardowns of one lease are serialised by a per-lease lock; nothing from the clone until the
-//! process is recorded awaits the client, so a client that goes away leaves a recorded process
-//! or nothing (see `ProcessService::spawn`).
+//! teardowns of one lease are serialised by a per-lease lock; the spawn itself runs detached
+//! from the request, so a client that goes away leaves a recorded process or nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -302,24 +301,15 @@ impl ProcessService {
     }
 
     /// Starts a process in the lease's namespace and records it before answering.
-    ///
-    /// A client that disconnects mid-spawn must leave a recorded running process or nothing.
-    /// On the multi-threaded runtime (the daemon's) nothing from the clone until the row is
-    /// written and the supervisor started awaits: the clone and the row run in place
-    /// (`block_in_place` where they may block), so the request's future, if dropped, is dropped
-    /// before the clone or after the record. Elsewhere the spawn runs detached from the
-    /// request, as its own task.
     pub async fn spawn(&self, name: String, spec: SpawnSpec) -> Result<ProcessRecord, ApiError> {
+        let this = self.clone();
         let started = Instant::now();
-        let result = if multi_threaded() {
-            self.spawn_in_lease(name, spec).await
-        } else {
-            let this = self.clone();
-            tokio::spawn(async move { this.spawn_in_lease(name, spec).await })
-                .await
-                .map_err(|e| ApiError::Internal(format!("spawn task failed: {e}")))
-                .and_then(|r| r)
-        };
+        // Detached from the request: if the client disconnects, the spawn still finishes and is
+        // recorded (or is undone), never left half-way.
+        let result = tokio::spawn(async move { this.spawn_detached(name, spec).await })
+            .await
+            .map_err(|e| ApiError::Internal(format!("spawn task failed: {e}")))
+            .and_then(|r| r);
         let failure = result.as_ref().err().map(ApiError::code);
         self.inner
             .leases
@@ -336,7 +326,7 @@ impl ProcessService {
             .count()
     }
 
-    async fn spawn_in_lease(
+    async fn spawn_detached(
         &self,
         name: String,
         spec: SpawnSpec,
@@ -423,7 +413,9 @@ impl ProcessService {
         };
         // The clone-to-exec handshake blocks for about a millisecond: on the multi-threaded
         // runtime it runs in place (no hop to another thread), elsewhere on the blocking pool.
-        let result = if multi_threaded() {
+        let result = if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
             tokio::task::block_in_place(run)
         } else {
             tokio::task::spawn_blocking(run)
@@ -459,16 +451,14 @@ impl ProcessService {
             started_at: now_ms(),
             ended_at: None,
         };
-        // Written on this thread: a hand-off to another thread costs more than the write (see
-        // `LeaseService::record_process`). In place, without awaiting, on the daemon's runtime
-        // (see `spawn`).
-        let insert = ProcessOp::Insert(record.clone());
-        let recorded = if multi_threaded() {
-            self.inner.leases.record_process_in_place(&insert)
-        } else {
-            self.inner.leases.record_process(&insert).await
-        };
-        if let Err(error) = recorded {
+        // Written on this thread when nothing holds the write lock: a hand-off to another
+        // thread costs more than the write (see `LeaseService::record_process`).
+        if let Err(error) = self
+            .inner
+            .leases
+            .record_process(&ProcessOp::Insert(record.clone()))
+            .await
+        {
             // Not recorded means not started: take it back.
             let _ = pidfd.send_signal(libc_sigkill());
             let reaper = Arc::clone(&pidfd);
@@ -1279,12 +1269,6 @@ impl Drop for Unrecorded<'_> {
             let _ = std::fs::remove_file(self.pool.path(self.id, stream));
         }
     }
-}
-
-/// Whether this runs on a multi-threaded tokio runtime, where `block_in_place` may be used.
-fn multi_threaded() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
