@@ -21,7 +21,7 @@
 //! it for about one fsync) up to 5 s. The lease writer's connection keeps SQLite's own busy
 //! handler.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,6 @@ const FINISH: &str = "UPDATE process SET state = ?1, exit_code = ?2, signal = ?3
 #[derive(Debug)]
 pub struct ProcessWriter {
     conn: Mutex<Connection>,
-    path: PathBuf,
 }
 
 thread_local! {
@@ -78,13 +77,7 @@ impl ProcessWriter {
         conn.busy_handler(Some(busy_wait)).map_err(open_err)?;
         Ok(ProcessWriter {
             conn: Mutex::new(conn),
-            path: path.to_path_buf(),
         })
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Records a process that is now running (see the module docs for `wait`).

@@ -178,7 +178,7 @@ fn is_id(s: &str) -> bool {
 }
 
 /// A process id: 16 random hex digits.
-pub fn new_id() -> String {
+fn new_id() -> String {
     let mut bytes = [0u8; 8];
     let filled = std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
