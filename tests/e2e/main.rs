@@ -5,6 +5,7 @@ mod bad_input;
 mod caps;
 mod concurrency;
 mod config;
+mod containment;
 mod crash;
 mod idmap;
 mod integrations;

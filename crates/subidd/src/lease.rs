@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ApiError, STORE_UNAVAILABLE};
 use crate::events::{EventFeed, Publisher};
+use crate::holds::HoldScan;
 use crate::metrics::Metrics;
 
 /// Most commands committed in one transaction.
@@ -183,6 +184,12 @@ pub struct LeaseService {
     allocator: Arc<Mutex<Allocator>>,
     store: Store,
     claims: Arc<Mutex<Vec<AppliedClaim>>>,
+    /// Blocks the last applied claims touch (see [`LeaseService::apply_claims`]).
+    claim_blocks: Arc<Mutex<BTreeSet<u32>>>,
+    /// Blocks, not active, where a live process holds ids: withheld like claimed ones (see
+    /// [`LeaseService::set_process_holds`]).
+    process_holds: Arc<Mutex<BTreeMap<u32, String>>>,
+    holds: HoldScan,
     metrics: Arc<Metrics>,
     feed: EventFeed,
     /// Process rows, written on the caller's thread (see `subid_store::ProcessWriter`).
@@ -243,6 +250,9 @@ impl LeaseService {
             allocator,
             store,
             claims: Arc::new(Mutex::new(Vec::new())),
+            claim_blocks: Arc::new(Mutex::new(BTreeSet::new())),
+            process_holds: Arc::new(Mutex::new(BTreeMap::new())),
+            holds: HoldScan::default(),
             metrics,
             feed,
             rows,
@@ -275,7 +285,10 @@ impl LeaseService {
         }
         let (pool, conflicts, withheld) = {
             let mut allocator = lock(&self.allocator);
-            let conflicts = allocator.set_foreign(&blocks);
+            let mut foreign = blocks.clone();
+            foreign.extend(lock(&self.process_holds).keys().copied());
+            *lock(&self.claim_blocks) = blocks;
+            let conflicts = allocator.set_foreign(&foreign);
             let withheld = allocator.counts(now_ms_u64()).withheld;
             (*allocator.pool(), conflicts, withheld)
         };
@@ -328,6 +341,51 @@ impl LeaseService {
             tracing::debug!(withheld, "pool blocks withheld for other id owners");
         }
         Ok(applied)
+    }
+
+    /// Withholds the blocks where a live process of the host holds ids (`holds`: block index ->
+    /// who, e.g. "process 4242 (sleep) holds uid 1879048200"), so no lease is issued a range
+    /// whose ids something still uses; blocks no longer held come back. Holds on active blocks
+    /// are ignored: the processes of a lease hold its ids. Returns the holds kept.
+    pub fn set_process_holds(&self, mut holds: BTreeMap<u32, String>) -> BTreeMap<u32, String> {
+        let (old, kept) = {
+            let mut allocator = lock(&self.allocator);
+            holds.retain(|&block, _| {
+                !matches!(
+                    allocator.block_state(block),
+                    Some(subid_core::BlockState::Active) | None
+                )
+            });
+            let mut foreign = lock(&self.claim_blocks).clone();
+            foreign.extend(holds.keys().copied());
+            allocator.set_foreign(&foreign);
+            let old = std::mem::replace(&mut *lock(&self.process_holds), holds.clone());
+            (old, holds)
+        };
+        for (block, who) in kept.iter().filter(|(b, _)| !old.contains_key(b)) {
+            tracing::warn!(block, holder = %who, "a live process holds ids of a pool block that is not leased; the block is withheld until it is gone");
+        }
+        for block in old.keys().filter(|b| !kept.contains_key(b)) {
+            tracing::info!(
+                block,
+                "no process holds ids of the block any more; it is free again"
+            );
+        }
+        kept
+    }
+
+    /// Scans `/proc` (every process when `full`, else the new ones) and withholds the blocks
+    /// whose ids a live process holds; see [`crate::holds`].
+    pub async fn check_holds(&self, full: bool) -> std::io::Result<()> {
+        let pool = *lock(&self.allocator).pool();
+        let holds = self.holds.holds(pool, full).await?;
+        self.set_process_holds(holds);
+        Ok(())
+    }
+
+    /// The blocks withheld because a live process holds their ids, as last set.
+    pub fn process_holds(&self) -> BTreeMap<u32, String> {
+        lock(&self.process_holds).clone()
     }
 
     /// The active lease an /etc/subuid or /etc/subgid entry hands on, when the entry lies wholly
@@ -391,6 +449,12 @@ impl LeaseService {
         mode: CreateMode,
         caller: Caller,
     ) -> Result<Created, ApiError> {
+        // Before a block can be issued: withhold those a process started since the last scan
+        // holds ids of (known processes are rescanned by the pool re-check).
+        self.check_holds(false).await.map_err(|error| {
+            tracing::error!(%error, "cannot scan /proc for processes holding pool ids");
+            ApiError::Unavailable("cannot check which ids live processes hold; see the daemon log")
+        })?;
         let (reply, rx) = oneshot::channel();
         self.send(Command::Create {
             name,

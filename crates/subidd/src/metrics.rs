@@ -146,6 +146,8 @@ pub struct Snapshot {
     pub event_streams: usize,
     /// Claims of other id owners on active leases (`GET /v1/pool` warnings).
     pub pool_conflicts: usize,
+    /// Pool blocks withheld because a live process holds their ids (`GET /v1/pool` warnings).
+    pub pool_process_holds: usize,
 }
 
 impl Default for Metrics {
@@ -286,6 +288,12 @@ impl Metrics {
             "subidd_pool_conflicts",
             "Claims of other id owners (/etc/subuid lines, host users) on ids of active leases; see GET /v1/pool warnings. Should be 0.",
             now.pool_conflicts,
+        );
+        gauge(
+            &mut out,
+            "subidd_pool_blocks_held_by_processes",
+            "Pool blocks not leased whose ids a live process holds; withheld until it is gone (see GET /v1/pool warnings). Should be 0.",
+            now.pool_process_holds,
         );
         gauge(
             &mut out,
@@ -459,6 +467,7 @@ mod tests {
             processes_running: 3,
             event_streams: 0,
             pool_conflicts: 0,
+            pool_process_holds: 0,
         }
     }
 

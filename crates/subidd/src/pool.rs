@@ -254,6 +254,11 @@ pub async fn watch(leases: LeaseService, config: WatchConfig) {
 
 /// One re-check: read the claims, apply them, log what changed.
 async fn recheck(leases: &LeaseService, config: &WatchConfig, last: &mut Vec<AppliedClaim>) {
+    // Processes that hold ids of blocks not leased: every process read again, since a known one
+    // may have changed its ids.
+    if let Err(error) = leases.check_holds(true).await {
+        tracing::warn!(%error, "cannot scan /proc for processes holding pool ids; keeping the previous holds");
+    }
     let (pool, _) = leases.pool_status();
     let (subuid, subgid) = (config.subuid_file.clone(), config.subgid_file.clone());
     let found = tokio::task::spawn_blocking(move || claims(&pool, &subuid, &subgid)).await;

@@ -9,7 +9,7 @@ use subid_core::{LeaseState, Pool, validate_labels, validate_name};
 
 use super::model::{
     CreateBody, EmptyBody, EventList, EventView, IdmapJson, IdmapView, LeaseBody, LeaseList,
-    LeaseView, LookupView, PoolView, TTL_MAX,
+    LeaseView, LookupView, PoolView, PoolWarningView, TTL_MAX,
 };
 use super::{
     ApiResult, AppState, Caller, JsonBody, LeaseName, QueryParams, St, caller_uid, json, parse_bool,
@@ -37,6 +37,13 @@ pub async fn pool(State(state): St, query: QueryParams) -> ApiResult {
             .pool_warnings()
             .into_iter()
             .map(Into::into)
+            .chain(
+                state
+                    .leases
+                    .process_holds()
+                    .into_iter()
+                    .map(|(block, who)| PoolWarningView::process_hold(block, who)),
+            )
             .collect(),
         claims: state
             .leases

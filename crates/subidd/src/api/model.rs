@@ -227,7 +227,8 @@ pub struct PoolView {
     pub blocks: BlockCounts,
     /// The host's cgroups, as detected at start: whether `pids_max` can be honoured.
     pub cgroup: Option<CgroupView>,
-    /// Active leases whose ids another id owner claims (found by the pool re-check).
+    /// Active leases whose ids another id owner claims (found by the pool re-check), and blocks
+    /// withheld because a live process holds their ids.
     pub warnings: Vec<PoolWarningView>,
     /// Every claim of another id owner on ids of the pool, and what it means.
     pub claims: Vec<ClaimView>,
@@ -269,9 +270,12 @@ impl From<crate::lease::AppliedClaim> for ClaimView {
 /// `GET /v1/pool` `warnings[]`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PoolWarningView {
-    /// Always `lease_ids_claimed` for now.
+    /// `lease_ids_claimed` (another id owner claims ids of an active lease) or
+    /// `ids_held_by_process` (a live process holds ids of a block that is not leased: the block
+    /// is withheld until it is gone).
     pub code: &'static str,
-    pub lease: String,
+    /// The lease concerned (`lease_ids_claimed`).
+    pub lease: Option<String>,
     /// Who claims the ids, e.g. `/etc/subuid line 3 (alice:1879048192:65536)`.
     pub claim: String,
     pub message: String,
@@ -286,8 +290,23 @@ impl From<crate::lease::PoolWarning> for PoolWarningView {
                  the other claim, or release the lease",
                 w.claim, w.lease
             ),
-            lease: w.lease,
+            lease: Some(w.lease),
             claim: w.claim,
+        }
+    }
+}
+
+impl PoolWarningView {
+    /// A block withheld because a live process holds its ids.
+    pub fn process_hold(block: u32, holder: String) -> PoolWarningView {
+        PoolWarningView {
+            code: "ids_held_by_process",
+            message: format!(
+                "{holder}, an id of pool block {block}, which is not leased: the block is \
+                 withheld until that process is gone; stop it if it is a leftover"
+            ),
+            lease: None,
+            claim: holder,
         }
     }
 }

@@ -30,6 +30,7 @@ pub async fn metrics(State(state): St, query: QueryParams) -> ApiResult {
         processes_running: state.processes.running(),
         event_streams: state.leases.feed().streams(),
         pool_conflicts: state.leases.pool_warnings().len(),
+        pool_process_holds: state.leases.process_holds().len(),
     });
     let mut response = (StatusCode::OK, text).into_response();
     response.headers_mut().insert(
