@@ -172,6 +172,14 @@ pub enum SysError {
         #[source]
         source: Errno,
     },
+    /// A child did not reach `execve` within the spawn's deadline (something in the lease stopped
+    /// or stalled it); it has been killed.
+    #[error("child {pid} ({program:?}) did not reach exec within {waited_ms} ms; it was killed")]
+    SpawnTimeout {
+        pid: i32,
+        program: String,
+        waited_ms: u64,
+    },
     /// The namespace creator (the helper running as the lease's base ids) failed.
     #[error("namespace creator {pid} failed at {step}: {source}")]
     Creator {

@@ -9,6 +9,7 @@ pub mod userdb;
 pub mod activation;
 pub mod cgroup;
 pub mod error;
+#[cfg(feature = "floors")]
 pub mod floor;
 pub mod idscan;
 pub mod logfile;

@@ -74,6 +74,11 @@ impl PidFd {
         self.pid
     }
 
+    /// The fd itself.
+    pub fn into_owned_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// `pidfd_send_signal(fd, signal)`; `ProcessGone` when it has already been reaped.
     pub fn send_signal(&self, signal: i32) -> Result<()> {
         // SAFETY: integers and a NULL siginfo, which means "as kill(2) would".

@@ -472,7 +472,7 @@ pub fn ns_inode(ns: impl AsFd) -> Result<u64> {
 /// beside it), leaving no process in them: the holder exits once the maps are written, loopback
 /// is up and the pins are in place.
 pub fn create_pinned(spec: &UserNsSpec, pin: &Path) -> Result<()> {
-    crate::spawn::create(spec, pin, None).map(|_| ())
+    crate::spawn::create_holder(spec, pin, crate::spawn::DEFAULT_TIMEOUT)
 }
 
 #[cfg(test)]

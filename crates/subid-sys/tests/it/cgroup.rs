@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use subid_sys::cgroup::{
-    CgroupHost, CgroupMode, CgroupParent, CgroupVersion, Hierarchy, LeaseCgroup,
+    CgroupHost, CgroupMode, CgroupParent, CgroupParents, CgroupVersion, Hierarchy, LeaseCgroup,
+    LeaseCgroups,
 };
 use subid_sys::{ChildStep, Command, Errno, PidFd, SysError};
 
@@ -27,16 +28,11 @@ impl TestParent {
 
 impl Drop for TestParent {
     fn drop(&mut self) {
-        if let Ok(entries) = fs::read_dir(self.0.dir()) {
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    let name = e.file_name().into_string().unwrap_or_default();
-                    if let Ok(cg) = LeaseCgroup::open(&self.0, &name)
-                        && let Err(err) = cg.kill_all_and_remove()
-                    {
-                        eprintln!("cleanup: {err}");
-                    }
-                }
+        for name in self.0.lease_names() {
+            if let Ok(cg) = LeaseCgroup::open(&self.0, &name)
+                && let Err(err) = cg.kill_all_and_remove()
+            {
+                eprintln!("cleanup: {err}");
             }
         }
         if let Err(e) = fs::remove_dir(self.0.dir()) {
@@ -88,7 +84,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 
 fn sleeper_in(cg: &LeaseCgroup) -> Command {
     let mut cmd = Command::new("/bin/sleep", ["sleep", "60"]);
-    cmd.cgroup(cg.spawn_handle().unwrap());
+    cmd.cgroup(cg.start_spawner().unwrap());
     cmd
 }
 
@@ -202,7 +198,7 @@ fn cgroup2_file_protocol_on_a_fake_tree() {
             ("cgroup.subtree_control", ""),
         ],
     );
-    let lease_dir = parent_dir.join("db-1");
+    let lease_dir = parent_dir.join("lease-db-1");
     fake_dir(
         &lease_dir,
         &[
@@ -211,7 +207,7 @@ fn cgroup2_file_protocol_on_a_fake_tree() {
             ("pids.events", "max 7\n"),
             ("cgroup.procs", ""),
             ("cgroup.kill", ""),
-            ("cgroup.events", "populated 1\nfrozen 0\n"),
+            ("cgroup.events", "populated 0\nfrozen 0\n"),
         ],
     );
 
@@ -234,10 +230,12 @@ fn cgroup2_file_protocol_on_a_fake_tree() {
     assert!(cg.procs().unwrap().is_empty());
     assert_eq!(
         cg.cgroup_path().unwrap(),
-        Path::new("/system.slice/subidd.service/subidd/db-1")
+        Path::new("/system.slice/subidd.service/subidd/lease-db-1")
     );
     cg.set_pids_max(None).unwrap();
     assert_eq!(cg.pids_max().unwrap(), None);
+    fs::write(lease_dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+    assert!(cg.has_members().unwrap());
 
     // The "kernel": once cgroup.kill reads 1, the cgroup becomes unpopulated.
     let kernel = {
@@ -261,7 +259,11 @@ fn cgroup2_file_protocol_on_a_fake_tree() {
     // A cgroup holding processes is not adopted by create.
     fake_dir(
         &lease_dir,
-        &[("cgroup.procs", "77\n"), ("pids.max", "max\n")],
+        &[
+            ("cgroup.procs", "77\n"),
+            ("pids.max", "max\n"),
+            ("cgroup.events", "populated 1\nfrozen 0\n"),
+        ],
     );
     let err = LeaseCgroup::create(&parent, "db-1", Some(5)).unwrap_err();
     assert_eq!(err.errno(), Some(Errno::EBUSY), "{err}");
@@ -293,98 +295,6 @@ fn no_pids_controller_is_refused_with_its_reason() {
 
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
-fn pids_max_caps_children_and_grandchildren_and_spares_other_leases() {
-    let h = pids_hierarchy();
-    let parent = TestParent::new(&h, "cap");
-    let a = LeaseCgroup::create(&parent.0, "a", Some(10)).unwrap();
-    let b = LeaseCgroup::create(&parent.0, "b", Some(10)).unwrap();
-    assert_eq!(a.pids_max().unwrap(), Some(10));
-
-    let mut lease_a = Lease::new(0x7100_0000);
-    let mut lease_b = Lease::new(0x7101_0000);
-    // sh gives up at its first refused fork ("Cannot fork"); the sleeps it started stay.
-    let mut cmd = sh("for i in $(seq 30); do sleep 60 & done; wait");
-    cmd.cgroup(a.spawn_handle().unwrap());
-    let first = lease_a.spawn(&cmd).unwrap();
-    let other = lease_b.spawn(&sleeper_in(&b)).unwrap();
-
-    wait_until("a refused fork in lease a", || {
-        a.pids_events_max().unwrap() > 0
-    });
-    let current = a.pids_current().unwrap();
-    eprintln!(
-        "lease a: pids.current {current}, refused forks {}",
-        a.pids_events_max().unwrap()
-    );
-    assert!(current <= 10, "pids.current {current}");
-    let procs = a.procs().unwrap();
-    // sh itself is a member until it exits (dash quits at the refused fork).
-    assert!(
-        procs.contains(&first) || lease_a.child(first).has_exited().unwrap(),
-        "{procs:?}"
-    );
-    assert!(procs.len() >= 5, "children of sh: {procs:?}");
-    for pid in &procs {
-        // sh may leave between the two reads (it quits at the refused fork): a process
-        // on its way out is no longer listed in its cgroup, but it is nowhere else either.
-        if *pid == first && !a.contains_pid(first).unwrap_or(false) {
-            wait_until("sh to exit", || lease_a.child(first).has_exited().unwrap());
-            continue;
-        }
-        assert!(a.contains_pid(*pid).unwrap(), "pid {pid} outside a");
-        assert!(!b.contains_pid(*pid).unwrap());
-    }
-    // The other lease: its one sleep, nothing refused.
-    assert_eq!(b.procs().unwrap(), vec![other]);
-    assert_eq!(b.pids_current().unwrap(), 1);
-    assert_eq!(b.pids_events_max().unwrap(), 0);
-
-    // A join into lease a also lands in its cgroup.
-    let joined = lease_a.spawn(&sleeper_in(&a)).unwrap();
-    assert!(a.contains_pid(joined).unwrap());
-
-    let before = members(&a);
-    let a_dir = a.path().to_path_buf();
-    a.kill_all_and_remove().unwrap();
-    assert!(!a_dir.exists());
-    assert_all_exited(&before);
-    // Lease b untouched.
-    assert!(!lease_b.child(other).has_exited().unwrap());
-    b.kill_all_and_remove().unwrap();
-}
-
-#[test]
-#[cfg_attr(not(subidd_root), ignore = "needs root")]
-fn first_spawn_join_and_grandchild_land_in_the_pids_cgroup() {
-    let h = pids_hierarchy();
-    let parent = TestParent::new(&h, "join");
-    let cg = LeaseCgroup::create(&parent.0, "l", None).unwrap();
-    assert_eq!(cg.pids_max().unwrap(), None);
-    let mut lease = Lease::new(0x7102_0000);
-    let first = lease.spawn(&sleeper_in(&cg)).unwrap();
-    let (out, path) = lease.output("gc");
-    let mut cmd = sh("sleep 60 & echo $!; wait");
-    cmd.cgroup(cg.spawn_handle().unwrap()).stdout(out);
-    let second = lease.spawn(&cmd).unwrap();
-    let grandchild: i32 = wait_for_lines(&path, 1).trim().parse().unwrap();
-    for pid in [first, second, grandchild] {
-        assert!(cg.contains_pid(pid).unwrap(), "pid {pid}");
-    }
-    let mut procs = cg.procs().unwrap();
-    procs.sort();
-    let mut want = vec![first, second, grandchild];
-    want.sort();
-    assert_eq!(procs, want);
-    assert_eq!(cg.pids_current().unwrap(), 3);
-    let before = members(&cg);
-    let dir = cg.path().to_path_buf();
-    cg.kill_all_and_remove().unwrap();
-    assert!(!dir.exists());
-    assert_all_exited(&before);
-}
-
-#[test]
-#[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn clone_into_cgroup_on_the_real_cgroup2_hierarchy() {
     let h = unified_hierarchy();
     let parent = TestParent::new(&h, "v2");
@@ -398,7 +308,7 @@ fn clone_into_cgroup_on_the_real_cgroup2_hierarchy() {
     let first = lease.spawn(&sleeper_in(&cg)).unwrap(); // creator's clone3
     let (out, path) = lease.output("gc");
     let mut cmd = sh("sleep 60 & echo $!; wait");
-    cmd.cgroup(cg.spawn_handle().unwrap()).stdout(out);
+    cmd.cgroup(cg.start_spawner().unwrap()).stdout(out);
     let second = lease.spawn(&cmd).unwrap(); // the join's clone3
     let grandchild: i32 = wait_for_lines(&path, 1).trim().parse().unwrap();
     let want = cg.cgroup_path().unwrap();
@@ -414,48 +324,6 @@ fn clone_into_cgroup_on_the_real_cgroup2_hierarchy() {
     cg.kill_all_and_remove().unwrap();
     assert!(!dir.exists());
     assert_all_exited(&before);
-}
-
-fn failed_spawns_leave_nothing(h: &Hierarchy, tag: &str, base: u32) {
-    let parent = TestParent::new(h, tag);
-    let cg = LeaseCgroup::create(&parent.0, "l", None).unwrap();
-    let mut missing = Command::new("/nonexistent/binary", ["binary"]);
-    missing.cgroup(cg.spawn_handle().unwrap());
-    let mut lease = Lease::new(base);
-    // First spawn (creates the namespace) fails: no process, no pin, nobody in the cgroup.
-    let err = lease.spawn(&missing).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            SysError::ChildSetup {
-                step: ChildStep::Execve,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(!mounted(&lease.pin));
-    assert!(cg.procs().unwrap().is_empty());
-    // A join fails the same way.
-    lease.spawn(&sleeper_in(&cg)).unwrap();
-    let err = lease.spawn(&missing).unwrap_err();
-    assert_eq!(err.errno(), Some(Errno::ENOENT), "{err}");
-    assert_eq!(cg.procs().unwrap().len(), 1);
-    let dir = cg.path().to_path_buf();
-    cg.kill_all_and_remove().unwrap();
-    assert!(!dir.exists());
-}
-
-#[test]
-#[cfg_attr(not(subidd_root), ignore = "needs root")]
-fn failed_spawns_leave_nothing_in_the_pids_cgroup() {
-    failed_spawns_leave_nothing(&pids_hierarchy(), "fail", 0x7104_0000);
-}
-
-#[test]
-#[cfg_attr(not(subidd_root), ignore = "needs root")]
-fn failed_spawns_leave_nothing_in_a_cgroup2_cgroup() {
-    failed_spawns_leave_nothing(&unified_hierarchy(), "fail2", 0x7105_0000);
 }
 
 #[test]
@@ -548,4 +416,208 @@ fn a_join_into_a_full_lease_is_refused_when_forked_inside() {
     assert!(cg.pids_events_max().unwrap() > 0);
     drop((cmd, handle));
     cg.kill_all_and_remove().unwrap();
+}
+
+/// The parents of one test's lease cgroups on every hierarchy this host uses (tracking, and pids
+/// when that is another one), removed with anything left in them on drop.
+struct TestParents(CgroupParents);
+
+impl TestParents {
+    fn new(tag: &str) -> Self {
+        let host = CgroupHost::detect().expect("detect");
+        let th = host.tracking().expect("a tracking hierarchy");
+        eprintln!(
+            "lease cgroups: tracking on {} at {}, pids on {:?}",
+            th.version.as_str(),
+            th.mount.display(),
+            host.pids().map(|h| (h.version.as_str(), h.mount.clone()))
+        );
+        let configured = th
+            .own
+            .join(format!("subidd-it-{tag}-{}", std::process::id()));
+        TestParents(CgroupParents::prepare(&host, Some(&configured), true).expect("prepare"))
+    }
+}
+
+impl Drop for TestParents {
+    fn drop(&mut self) {
+        for parent in [Some(self.0.track()), self.0.cap()].into_iter().flatten() {
+            for name in parent.lease_names() {
+                if let Ok(cg) = LeaseCgroup::open(parent, &name)
+                    && let Err(err) = cg.kill_all_and_remove()
+                {
+                    eprintln!("cleanup: {err}");
+                }
+            }
+            if let Err(e) = fs::remove_dir(parent.dir()) {
+                eprintln!("cleanup: rmdir {:?}: {e}", parent.dir());
+            }
+        }
+    }
+}
+
+fn spawn_in(lease: &mut Lease, cgs: &mut LeaseCgroups, mut cmd: Command) -> i32 {
+    cmd.cgroup(cgs.spawn_handle().unwrap());
+    lease.spawn(&cmd).unwrap()
+}
+
+/// `pids_max` is the lease's whole budget on every layout: with 25, a process of the lease
+/// forks 24 children and the 25th fork is refused, the v1 spawner (on hosts that need one)
+/// notwithstanding; the other lease is untouched; teardown ends them all.
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn pids_max_is_the_whole_budget_and_spares_other_leases() {
+    let parents = TestParents::new("budget");
+    let mut a = LeaseCgroups::open_or_create(&parents.0, "a", Some(25)).unwrap();
+    let mut b = LeaseCgroups::open_or_create(&parents.0, "b", Some(25)).unwrap();
+    let mut lease_a = Lease::new(0x7100_0000);
+    let mut lease_b = Lease::new(0x7101_0000);
+    let (out, path) = lease_a.output("forks");
+    let script = "import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(1000)\n        n += 1\nexcept OSError as e:\n    print(n, e.errno, flush=True)\ntime.sleep(1000)\n";
+    let mut cmd = Command::new("/usr/bin/python3", ["python3", "-c", script]);
+    cmd.stdout(out);
+    let first = spawn_in(&mut lease_a, &mut a, cmd);
+    let other = spawn_in(
+        &mut lease_b,
+        &mut b,
+        Command::new("/bin/sleep", ["sleep", "60"]),
+    );
+    let line = wait_for_lines(&path, 1);
+    let mut fields = line.split_whitespace();
+    let forked: u32 = fields.next().unwrap().parse().unwrap();
+    let errno: i32 = fields.next().unwrap().parse().unwrap();
+    eprintln!("lease a forked {forked} children, then errno {errno}");
+    assert_eq!(errno, libc::EAGAIN, "the fork was refused by the cap");
+    assert_eq!(forked, 24, "25 processes in all: python and 24 children");
+    let (current, denied) = a.pids_usage().unwrap();
+    assert_eq!(current, 25, "pids_current without the spawner");
+    assert!(denied > 0);
+    let members = a.members().unwrap();
+    assert_eq!(members.len(), 25, "{members:?}");
+    assert!(members.contains(&first));
+    for pid in &members {
+        assert!(a.track().contains_pid(*pid).unwrap(), "pid {pid} outside a");
+        assert!(!b.track().contains_pid(*pid).unwrap());
+    }
+    assert_eq!(b.members().unwrap(), vec![other]);
+    assert_eq!(b.pids_usage(), Some((1, 0)));
+
+    let before: Vec<PidFd> = members
+        .iter()
+        .filter_map(|&p| PidFd::open(p).ok())
+        .collect();
+    a.kill(Instant::now() + Duration::from_secs(10)).unwrap();
+    assert!(!a.populated().unwrap());
+    assert_all_exited(&before);
+    a.remove(Instant::now() + Duration::from_secs(10)).unwrap();
+    assert!(
+        !lease_b.child(other).has_exited().unwrap(),
+        "lease b untouched"
+    );
+    b.kill(Instant::now() + Duration::from_secs(10)).unwrap();
+    b.remove(Instant::now() + Duration::from_secs(10)).unwrap();
+}
+
+/// The first spawn (which makes the namespace), a join and a grandchild all live in the
+/// lease's tracking cgroup, and only they count as the lease's members.
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn first_spawn_join_and_grandchild_are_the_leases_members() {
+    let parents = TestParents::new("members");
+    let mut cgs = LeaseCgroups::open_or_create(&parents.0, "l", None).unwrap();
+    assert_eq!(cgs.pids_usage(), None, "no cap, no usage");
+    let mut lease = Lease::new(0x7102_0000);
+    let first = spawn_in(
+        &mut lease,
+        &mut cgs,
+        Command::new("/bin/sleep", ["sleep", "60"]),
+    );
+    let (out, path) = lease.output("gc");
+    let mut cmd = sh("sleep 60 & echo $!; wait");
+    cmd.stdout(out);
+    let second = spawn_in(&mut lease, &mut cgs, cmd);
+    let grandchild: i32 = wait_for_lines(&path, 1).trim().parse().unwrap();
+    let mut members = cgs.members().unwrap();
+    members.sort();
+    let mut want = vec![first, second, grandchild];
+    want.sort();
+    assert_eq!(members, want);
+    assert!(cgs.populated().unwrap());
+    let before: Vec<PidFd> = want.iter().filter_map(|&p| PidFd::open(p).ok()).collect();
+    cgs.kill(Instant::now() + Duration::from_secs(10)).unwrap();
+    assert_all_exited(&before);
+    let dir = cgs.track().path().to_path_buf();
+    cgs.remove(Instant::now() + Duration::from_secs(10))
+        .unwrap();
+    assert!(!dir.exists());
+}
+
+/// Failed spawns, first and join alike, leave no process in the lease's cgroups.
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn failed_spawns_leave_nothing_in_the_lease_cgroups() {
+    let parents = TestParents::new("fail");
+    let mut cgs = LeaseCgroups::open_or_create(&parents.0, "l", Some(10)).unwrap();
+    let mut lease = Lease::new(0x7104_0000);
+    let mut missing = Command::new("/nonexistent/binary", ["binary"]);
+    missing.cgroup(cgs.spawn_handle().unwrap());
+    let err = lease.spawn(&missing).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SysError::ChildSetup {
+                step: ChildStep::Execve,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!mounted(&lease.pin));
+    assert!(cgs.members().unwrap().is_empty());
+    spawn_in(
+        &mut lease,
+        &mut cgs,
+        Command::new("/bin/sleep", ["sleep", "60"]),
+    );
+    let err = lease.spawn(&missing).unwrap_err();
+    assert_eq!(err.errno(), Some(Errno::ENOENT), "{err}");
+    assert_eq!(cgs.members().unwrap().len(), 1);
+    cgs.kill(Instant::now() + Duration::from_secs(10)).unwrap();
+    cgs.remove(Instant::now() + Duration::from_secs(10))
+        .unwrap();
+}
+
+/// A process that hides in a nested user namespace, and one that forks and lets its parent exit
+/// as fast as it can, are both killed by the teardown: the cgroup holds them, not a /proc scan.
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn teardown_kills_nested_namespaces_and_fork_racers() {
+    let parents = TestParents::new("escape");
+    let mut cgs = LeaseCgroups::open_or_create(&parents.0, "l", None).unwrap();
+    let mut lease = Lease::new(0x7105_0000);
+    let (out, path) = lease.output("nested");
+    let mut nested = sh("setsid unshare -U /bin/sleep 1000 & echo $!");
+    nested.stdout(out);
+    spawn_in(&mut lease, &mut cgs, nested);
+    let hidden: i32 = wait_for_lines(&path, 1).trim().parse().unwrap();
+    wait_until("the nested namespace to be made", || {
+        crate::support::user_ns_of(hidden) != lease.pin_inode()
+    });
+    // A fork racer: every generation forks the next and exits at once.
+    let racer = "import os\nwhile True:\n    if os.fork() != 0:\n        os._exit(0)\n";
+    spawn_in(
+        &mut lease,
+        &mut cgs,
+        Command::new("/usr/bin/python3", ["python3", "-c", racer]),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let hidden_fd = PidFd::open(hidden).unwrap();
+    assert!(cgs.track().contains_pid(hidden).unwrap());
+    cgs.kill(Instant::now() + Duration::from_secs(10)).unwrap();
+    assert!(!cgs.populated().unwrap(), "nothing of the lease is left");
+    wait_until("the hidden sleeper to exit", || {
+        hidden_fd.has_exited().unwrap_or(true)
+    });
+    cgs.remove(Instant::now() + Duration::from_secs(10))
+        .unwrap();
 }

@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
 
 use subid_sys::userns::{self, UserNsSpec};
 use subid_sys::{ChildStep, Command, Errno, ExitStatus, Namespace, PidFd, SysError};
@@ -370,4 +371,38 @@ fn the_creator_keeps_its_capabilities_effective() {
     userns::create_pinned(&second.spec, &second.pin).unwrap();
     let fd = userns::open_pinned(&second.pin).unwrap();
     assert_eq!(userns::owner_uid(fd.as_fd()).unwrap(), 0x7066_0000);
+}
+
+/// A process of the lease that SIGSTOPs every process it may signal (as a lease's root may, once
+/// a spawning child has joined the lease's namespace) never holds the spawning thread: each
+/// spawn returns by its deadline plus the reaping grace, a stalled child is killed and reported
+/// as `SpawnTimeout`, and nothing is left running.
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn a_tenant_that_stops_spawning_children_cannot_hold_the_caller() {
+    let mut lease = Lease::new(0x7109_0000);
+    let stopper = "import os, signal\nme = os.getpid()\nwhile True:\n    for d in os.listdir('/proc'):\n        if d.isdigit() and int(d) != me:\n            try:\n                os.kill(int(d), signal.SIGSTOP)\n            except OSError:\n                pass\n";
+    lease
+        .spawn(&Command::new(
+            "/usr/bin/python3",
+            ["python3", "-c", stopper],
+        ))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut timeouts, mut started) = (0, 0);
+    for _ in 0..30 {
+        let mut cmd = Command::new("/bin/sleep", ["sleep", "60"]);
+        cmd.timeout(Duration::from_millis(300));
+        let t0 = Instant::now();
+        let result = lease.spawn(&cmd);
+        let took = t0.elapsed();
+        assert!(took < Duration::from_secs(3), "a spawn took {took:?}");
+        match result {
+            Ok(_) => started += 1,
+            Err(SysError::SpawnTimeout { .. }) => timeouts += 1,
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    eprintln!("{started} spawns reached exec, {timeouts} were stopped and killed at the deadline");
+    assert!(timeouts > 0, "the stopper never caught a spawning child");
 }
