@@ -11,8 +11,12 @@ const BUSYBOX: &str = "/bin/busybox";
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(subidd_root)");
     println!("cargo::rustc-check-cfg=cfg(subidd_pids)");
+    println!("cargo::rustc-check-cfg=cfg(subidd_pids_v1)");
     if has_pids_controller() {
         println!("cargo::rustc-cfg=subidd_pids");
+    }
+    if has_v1_pids_beside_cgroup2() {
+        println!("cargo::rustc-cfg=subidd_pids_v1");
     }
     println!("cargo::rerun-if-changed=build.rs");
     // Container tools the recipes of docs/INTEGRATIONS.md need; a missing one shows its tests
@@ -58,6 +62,29 @@ fn has_pids_controller() -> bool {
             _ => false,
         }
     })
+}
+
+/// Whether the pids controller is on a v1 hierarchy while a cgroup2 is mounted too (a hybrid:
+/// a lease's processes live on cgroup2 and its cap on v1).
+fn has_v1_pids_beside_cgroup2() -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let fstype_opts = |line: &str| {
+        let (_, rest) = line.split_once(" - ")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        Some((
+            fields.first()?.to_string(),
+            fields.get(2).unwrap_or(&"").to_string(),
+        ))
+    };
+    let v1_pids = mounts
+        .lines()
+        .filter_map(fstype_opts)
+        .any(|(t, opts)| t == "cgroup" && opts.split(',').any(|o| o == "pids"));
+    let v2 = mounts
+        .lines()
+        .filter_map(fstype_opts)
+        .any(|(t, _)| t == "cgroup2");
+    v1_pids && v2
 }
 
 /// Whether an executable file named `tool` is in a directory of PATH.

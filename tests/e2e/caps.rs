@@ -13,16 +13,37 @@ use crate::util::{assert_error, assert_status};
 /// Base of the pool the owner-cap test uses (0x78000000), apart from every other test's.
 const OWN_BASE: u32 = 0x7800_0000;
 
-/// The lease's cgroup directory, from what `GET /v1/pool` says about the host.
+/// The lease's pids cgroup directory, from what `GET /v1/pool` says about the host.
 async fn cgroup_dir(client: &Client, lease: &str) -> PathBuf {
     let pool = client.get("/v1/pool").await.expect("pool").json();
     let cgroup = &pool["cgroup"];
     println!(
-        "cgroup path under test: mode {}, pids on {} at {}",
-        cgroup["mode"], cgroup["pids_version"], cgroup["pids_mount"]
+        "cgroup path under test: mode {}, processes on {} at {}, pids on {} at {}",
+        cgroup["mode"],
+        cgroup["tracking_version"],
+        cgroup["lease_cgroups"],
+        cgroup["pids_version"],
+        cgroup["pids_cgroups"]
     );
-    let own = cgroup["own_cgroup"].as_str().expect("own cgroup");
-    PathBuf::from(own).join("subidd").join(lease)
+    let parent = cgroup["pids_cgroups"].as_str().expect("pids cgroups");
+    PathBuf::from(parent).join(format!("lease-{lease}"))
+}
+
+/// Runs `/bin/true` in the lease and waits for it: a lease's cgroups are made by its first spawn.
+async fn first_spawn(client: &Client, lease: &str) {
+    let reply = client
+        .post(
+            &format!("/v1/leases/{lease}/processes?wait=true"),
+            Some(r#"{"argv":["/bin/true"]}"#),
+        )
+        .await
+        .expect("spawn");
+    assert_eq!(
+        reply.status,
+        StatusCode::CREATED,
+        "first spawn: {}",
+        reply.text()
+    );
 }
 
 /// Polls the lease's `limits` until `done` says so (bounded), returning the last answer.
@@ -86,12 +107,16 @@ async fn pids_max_caps_children_and_grandchildren_and_spares_other_leases() {
         .expect("put");
     assert_eq!(b.status, StatusCode::CREATED, "{}", b.text());
     let dir = cgroup_dir(&client, "capped").await;
-    assert!(dir.is_dir(), "{} made at lease creation", dir.display());
+    first_spawn(&client, "capped").await;
+    assert!(dir.is_dir(), "{} made at the first spawn", dir.display());
+    // On v1 the lease's spawner sits in the cgroup: its limit is the lease's 10 plus it.
+    let pids_v1 =
+        client.get("/v1/pool").await.expect("pool").json()["cgroup"]["pids_version"] == "v1";
     assert_eq!(
         std::fs::read_to_string(dir.join("pids.max"))
             .expect("pids.max")
             .trim(),
-        "10"
+        if pids_v1 { "11" } else { "10" }
     );
 
     // Children fork grandchildren; python goes on when a fork is refused (a shell would stop).
@@ -113,10 +138,17 @@ async fn pids_max_caps_children_and_grandchildren_and_spares_other_leases() {
         capped["pids_current"].as_u64() <= Some(10),
         "never more than the cap: {capped}"
     );
-    assert!(members(&dir).len() <= 10, "cgroup.procs holds at most 10");
     // Every member, grandchildren included, runs with the lease's ids; the one exception is
     // the daemon's v1 spawner helper (root), which sits in the cgroup to clone the joins.
     let base = a.json()["uid_base"].as_u64().expect("base");
+    let lease_members = members(&dir)
+        .into_iter()
+        .filter(|&p| real_uid(p).is_some_and(|u| u != 0))
+        .count();
+    assert!(
+        lease_members <= 10,
+        "the lease runs at most 10: {lease_members}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     let uids = loop {
         let uids: Vec<(i32, u64)> = members(&dir)
@@ -155,9 +187,23 @@ async fn pids_max_caps_children_and_grandchildren_and_spares_other_leases() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
+#[cfg_attr(
+    not(subidd_pids_v1),
+    ignore = "needs the pids controller on a v1 hierarchy beside cgroup2"
+)]
 async fn a_cap_that_cannot_be_honoured_is_refused_with_its_reason() {
-    // A parent outside any pids hierarchy: the daemon cannot make lease cgroups there.
-    let daemon = Daemon::start("cgroup_parent = \"/tmp/not-a-cgroup-subidd-test\"").expect("start");
+    // A parent the pids hierarchy cannot have: on a v1 hierarchy every cgroup directory holds a
+    // file named `tasks`, so `<parent>/tasks/x` cannot be made there, while cgroup2 (where the
+    // lease's processes live) has no such file.
+    let root = format!("/subidd-tests/nocap-{}", std::process::id());
+    struct Clean(String);
+    impl Drop for Clean {
+        fn drop(&mut self) {
+            subidd_tests::clean_cgroup_path(&self.0);
+        }
+    }
+    let _clean = Clean(root.clone());
+    let daemon = Daemon::start(&format!("cgroup_parent = \"{root}/tasks/x\"")).expect("start");
     let client = daemon.client();
     let reply = client
         .put("/v1/leases/nocap", Some(r#"{"pids_max": 10}"#))
@@ -230,13 +276,11 @@ async fn the_owner_cap_holds_without_any_cgroup() {
         "fewer than the cap (python itself counts): {out:?}"
     );
     assert!(started > 0, "the lease can still run something: {out:?}");
-    let pool = client.get("/v1/pool").await.expect("pool").json();
-    let own = pool["cgroup"]["own_cgroup"]
-        .as_str()
-        .unwrap_or("/nonexistent");
+    let dir = cgroup_dir(&client, "owner").await;
     assert!(
-        !PathBuf::from(own).join("subidd/owner").exists(),
-        "no cgroup was made for the owner cap"
+        !dir.exists(),
+        "no pids cgroup was made for the owner cap: {}",
+        dir.display()
     );
 }
 
@@ -291,7 +335,8 @@ async fn a_stale_cgroup_of_a_released_lease_is_removed_at_start() {
         .expect("PUT");
     assert_status(&reply, StatusCode::CREATED, "capped lease");
     let dir = cgroup_dir(&client, name).await;
-    assert!(dir.is_dir(), "{} made with the lease", dir.display());
+    first_spawn(&client, name).await;
+    assert!(dir.is_dir(), "{} made at the first spawn", dir.display());
     let gone = client
         .delete(&format!("/v1/leases/{name}"))
         .await

@@ -6,9 +6,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
-use subidd_tests::Daemon;
+use serde_json::{Value, json};
+use subidd_tests::{Client, Daemon};
 
-use crate::util::{BLOCK, assert_status};
+use crate::util::{BLOCK, assert_error, assert_status, gone, processes_in_range};
 
 /// Base of the pool the id-holder test uses (block 4000 of the default pool), apart from the
 /// blocks other tests' leases take.
@@ -137,5 +138,420 @@ async fn a_block_whose_ids_a_live_process_holds_is_never_issued() {
     assert!(
         pool["warnings"].as_array().is_some_and(|w| w.is_empty()),
         "no warnings left: {pool}"
+    );
+}
+
+/// The config of a pool of `blocks` blocks starting at block `first` of the default pool (each
+/// test its own region, so no other test's processes ever hold its ids), with `extra` keys.
+fn region(first: u32, blocks: u32, extra: &str) -> (String, u64) {
+    let base = 0x7000_0000 + first * BLOCK;
+    let config = format!(
+        "quarantine_seconds = 0\nkill_grace_ms = 300\n{extra}\n[pool]\nbase = {base}\nsize = {}\nblock = {BLOCK}\n",
+        blocks * BLOCK
+    );
+    (config, u64::from(base))
+}
+
+async fn put(client: &Client, name: &str, body: Option<&str>) -> Value {
+    let reply = client
+        .put(&format!("/v1/leases/{name}"), body)
+        .await
+        .expect("PUT");
+    assert_status(&reply, StatusCode::CREATED, &format!("PUT {name}"));
+    reply.json()
+}
+
+async fn spawn(client: &Client, lease: &str, argv: &[&str]) -> Value {
+    let body = json!({ "argv": argv }).to_string();
+    let reply = client
+        .post(&format!("/v1/leases/{lease}/processes"), Some(&body))
+        .await
+        .expect("spawn");
+    assert_status(&reply, StatusCode::CREATED, &format!("spawn in {lease}"));
+    reply.json()
+}
+
+/// The first line a process wrote to stdout (bounded wait).
+async fn first_line(client: &Client, id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = client
+            .get(&format!("/v1/processes/{id}/logs"))
+            .await
+            .expect("logs")
+            .text();
+        if let Some(line) = text.lines().next() {
+            return line.to_string();
+        }
+        assert!(Instant::now() < deadline, "process {id} wrote nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A sleeper that hides in a nested user namespace (invisible to a scan of the lease's own
+/// namespace) is killed by a forced release, and the next tenant of the range finds nothing of
+/// the last one running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_process_in_a_nested_namespace_does_not_outlive_a_forced_release() {
+    let (config, base) = region(4010, 1, "");
+    let daemon = Daemon::start(&config).expect("start");
+    let client = daemon.client();
+    put(&client, "a", None).await;
+    let p = spawn(
+        &client,
+        "a",
+        &[
+            "/bin/sh",
+            "-c",
+            "setsid unshare -U /bin/sleep 1000 & echo $!; exec sleep 1000",
+        ],
+    )
+    .await;
+    let hidden: i64 = first_line(&client, p["id"].as_str().expect("id"))
+        .await
+        .parse()
+        .expect("pid");
+    let size = u64::from(BLOCK);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_in_range(base, size).contains(&(hidden as i32)) {
+        assert!(
+            Instant::now() < deadline,
+            "the hidden sleeper never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = client
+        .delete("/v1/leases/a?force=true&purge=true")
+        .await
+        .expect("DELETE");
+    assert_status(&reply, StatusCode::NO_CONTENT, "forced release");
+    assert!(
+        processes_in_range(base, size).is_empty(),
+        "nothing runs in the released range: {:?}",
+        processes_in_range(base, size)
+    );
+    assert!(gone(hidden).await, "the hidden sleeper {hidden} is gone");
+    let next = put(&client, "b", None).await;
+    assert_eq!(
+        next["uid_base"].as_u64(),
+        Some(base),
+        "the next tenant gets the range"
+    );
+    assert!(processes_in_range(base, size).is_empty());
+}
+
+/// A process that forks and lets its parent exit as fast as it can cannot outrun a forced
+/// release: the cgroup holds every generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_fork_racer_does_not_outrun_a_forced_release() {
+    let (config, base) = region(4012, 1, "");
+    let daemon = Daemon::start(&config).expect("start");
+    let client = daemon.client();
+    put(&client, "racer", None).await;
+    let racer = "import os\nwhile True:\n    if os.fork() != 0:\n        os._exit(0)\n";
+    spawn(&client, "racer", &["/usr/bin/python3", "-c", racer]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let size = u64::from(BLOCK);
+    let reply = client
+        .delete("/v1/leases/racer?force=true")
+        .await
+        .expect("DELETE");
+    assert_status(&reply, StatusCode::NO_CONTENT, "forced release");
+    for _ in 0..20 {
+        let left = processes_in_range(base, size);
+        assert!(left.is_empty(), "the racer survived the release: {left:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plain release of a lease whose only process sits in a nested user namespace is refused
+/// (`lease_busy`), and the process keeps running; wherever in the lease a process is, the lease
+/// has processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_plain_release_is_refused_while_a_nested_process_lives() {
+    let (config, base) = region(4014, 2, "");
+    let daemon = Daemon::start(&config).expect("start");
+    let client = daemon.client();
+    for (lease, body) in [("capped", Some(r#"{"pids_max": 50}"#)), ("plain", None)] {
+        put(&client, lease, body).await;
+        let p = spawn(
+            &client,
+            lease,
+            &[
+                "/bin/sh",
+                "-c",
+                "setsid unshare -U /bin/sleep 1000 & echo $!",
+            ],
+        )
+        .await;
+        let id = p["id"].as_str().expect("id");
+        let hidden: i64 = first_line(&client, id).await.parse().expect("pid");
+        let done = client
+            .post(&format!("/v1/processes/{id}/wait?timeout_seconds=10"), None)
+            .await
+            .expect("wait")
+            .json();
+        assert_eq!(
+            done["state"], "exited",
+            "the recorded process ended: {done}"
+        );
+        let reply = client
+            .delete(&format!("/v1/leases/{lease}"))
+            .await
+            .expect("DELETE");
+        assert_error(&reply, StatusCode::CONFLICT, "lease_busy", "plain release");
+        assert!(
+            reply.json()["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&hidden.to_string())),
+            "the message names what is left: {}",
+            reply.text()
+        );
+        assert!(!gone_now(hidden), "the nested process still runs");
+        let reply = client
+            .delete(&format!("/v1/leases/{lease}?force=true"))
+            .await
+            .expect("DELETE");
+        assert_status(&reply, StatusCode::NO_CONTENT, "forced release");
+        assert!(gone(hidden).await);
+    }
+    assert!(processes_in_range(base, 2 * u64::from(BLOCK)).is_empty());
+}
+
+fn gone_now(pid: i64) -> bool {
+    !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// Lease names equal to cgroup interface files work like any other, with a cap: a lease's
+/// cgroup is `lease-<name>`, never the kernel's file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+#[cfg_attr(
+    not(subidd_pids),
+    ignore = "needs a pids cgroup controller on this host"
+)]
+async fn lease_names_like_cgroup_files_get_cgroups_of_their_own() {
+    let (config, _) = region(4016, 4, "");
+    let daemon = Daemon::start(&config).expect("start");
+    let client = daemon.client();
+    for name in ["tasks", "cgroup.procs", "notify_on_release"] {
+        put(&client, name, Some(r#"{"pids_max": 500}"#)).await;
+        let reply = client
+            .post(
+                &format!("/v1/leases/{name}/processes?wait=true"),
+                Some(r#"{"argv":["/bin/true"]}"#),
+            )
+            .await
+            .expect("spawn");
+        assert_status(&reply, StatusCode::CREATED, name);
+        assert_eq!(reply.json()["exit_code"], 0, "{}", reply.text());
+        let limits = client
+            .get(&format!("/v1/leases/{name}"))
+            .await
+            .expect("GET")
+            .json()["limits"]
+            .clone();
+        assert_eq!(limits["pids_max"], 500, "{limits}");
+        let reply = client
+            .delete(&format!("/v1/leases/{name}"))
+            .await
+            .expect("DELETE");
+        assert_status(&reply, StatusCode::NO_CONTENT, name);
+    }
+}
+
+/// `pids_max` is the lease's whole budget on every layout: with 25, a process of the lease forks
+/// 24 children and no more, whatever helper the daemon keeps beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+#[cfg_attr(
+    not(subidd_pids),
+    ignore = "needs a pids cgroup controller on this host"
+)]
+async fn pids_max_is_the_leases_whole_budget() {
+    let (config, _) = region(4020, 1, "");
+    let daemon = Daemon::start(&config).expect("start");
+    let client = daemon.client();
+    put(&client, "budget", Some(r#"{"pids_max": 25}"#)).await;
+    // A first spawn makes the namespace; the count runs in a join, through any spawner.
+    let first = client
+        .post(
+            "/v1/leases/budget/processes?wait=true",
+            Some(r#"{"argv":["/bin/true"]}"#),
+        )
+        .await
+        .expect("spawn");
+    assert_status(&first, StatusCode::CREATED, "first spawn");
+    let script = "import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(1000)\n        n += 1\nexcept OSError as e:\n    print(n, e.errno, flush=True)\ntime.sleep(1000)\n";
+    let p = spawn(&client, "budget", &["/usr/bin/python3", "-c", script]).await;
+    let line = first_line(&client, p["id"].as_str().expect("id")).await;
+    let forked: u32 = line
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("count");
+    assert_eq!(forked, 24, "python and 24 children are the 25 ({line})");
+    let limits = client.get("/v1/leases/budget").await.expect("GET").json()["limits"].clone();
+    assert_eq!(limits["pids_current"], 25, "{limits}");
+    assert!(limits["pids_denied"].as_u64() > Some(0), "{limits}");
+    let reply = client
+        .delete("/v1/leases/budget?force=true")
+        .await
+        .expect("DELETE");
+    assert_status(&reply, StatusCode::NO_CONTENT, "forced release");
+}
+
+/// A tenant that SIGSTOPs every process it may signal (as a lease's root may, once a spawning
+/// child has joined its namespace) stalls nothing: each spawn into its lease answers within the
+/// spawn deadline (201, or 503 `spawn_timeout` with the child killed), another lease's spawns
+/// answer meanwhile, a ttl expiry happens on time, a forced release of the lease answers, and
+/// SIGTERM still stops the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_tenant_that_stops_spawning_children_stalls_nothing() {
+    let (config, base) = region(4022, 3, "spawn_timeout_ms = 500\nexpiry_interval_ms = 200");
+    let mut daemon = Daemon::start(&config).expect("start");
+    let client = daemon.client();
+    put(&client, "victim", None).await;
+    put(&client, "bystander", None).await;
+    let stopper = "import os, signal\nme = os.getpid()\nwhile True:\n    for d in os.listdir('/proc'):\n        if d.isdigit() and int(d) != me:\n            try:\n                os.kill(int(d), signal.SIGSTOP)\n            except OSError:\n                pass\n";
+    spawn(&client, "victim", &["/usr/bin/python3", "-c", stopper]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Spawns into the victim, in a task of their own.
+    let victim_client = daemon.client();
+    let victim = tokio::spawn(async move {
+        let (mut created, mut timeouts, mut slowest) = (0, 0, Duration::ZERO);
+        for _ in 0..60 {
+            let t0 = Instant::now();
+            let reply = victim_client
+                .post(
+                    "/v1/leases/victim/processes",
+                    Some(r#"{"argv":["/bin/sleep","1000"]}"#),
+                )
+                .await
+                .expect("spawn");
+            slowest = slowest.max(t0.elapsed());
+            match reply.status {
+                StatusCode::CREATED => created += 1,
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    assert_eq!(reply.code(), "spawn_timeout", "{}", reply.text());
+                    timeouts += 1;
+                }
+                other => panic!("unexpected {other}: {}", reply.text()),
+            }
+            if timeouts >= 3 {
+                break;
+            }
+        }
+        (created, timeouts, slowest)
+    });
+    // Meanwhile another lease's spawns answer, and a lease with a ttl expires.
+    let ttl = put(&client, "short", Some(r#"{"ttl_seconds": 1}"#)).await;
+    assert!(ttl["expires_at"].is_string());
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let reply = client
+            .post(
+                "/v1/leases/bystander/processes?wait=true",
+                Some(r#"{"argv":["/bin/true"]}"#),
+            )
+            .await
+            .expect("spawn");
+        assert_status(&reply, StatusCode::CREATED, "bystander spawn");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "a bystander's spawn took {:?}",
+            t0.elapsed()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = client.get("/v1/leases/short").await.expect("GET");
+        if state.status == StatusCode::NOT_FOUND || state.json()["state"] == "released" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ttl lease never expired: {}",
+            state.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (created, timeouts, slowest) = victim.await.expect("victim task");
+    println!(
+        "victim: {created} spawns started, {timeouts} stopped and killed at the deadline, slowest answer {slowest:?}"
+    );
+    assert!(timeouts > 0, "the stopper never caught a spawning child");
+    assert!(
+        slowest < Duration::from_secs(5),
+        "a spawn into the stalled lease took {slowest:?}"
+    );
+    let t0 = Instant::now();
+    let reply = client
+        .delete("/v1/leases/victim?force=true")
+        .await
+        .expect("DELETE");
+    assert_status(
+        &reply,
+        StatusCode::NO_CONTENT,
+        "forced release of the stalled lease",
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    assert!(processes_in_range(base, u64::from(BLOCK)).is_empty());
+    let t0 = Instant::now();
+    let code = daemon.stop().expect("SIGTERM stops the daemon");
+    assert_eq!(code, Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+}
+
+/// A test's daemon, dropped while its leases run processes, leaves nothing: no namespace pin
+/// mounted under its runtime dir, no process in its range, no cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_dropped_test_daemon_leaves_no_mount_process_or_cgroup() {
+    let (config, base) = region(4026, 2, "");
+    let daemon = Daemon::start(&config).expect("start");
+    let client = daemon.client();
+    for lease in ["one", "two"] {
+        put(&client, lease, Some(r#"{"namespaces": ["mnt", "net"]}"#)).await;
+        spawn(&client, lease, &["/bin/sleep", "1000"]).await;
+    }
+    let run = daemon.run.clone();
+    let parent = daemon.cgroup_parent.clone().expect("a test cgroup parent");
+    let pool = client.get("/v1/pool").await.expect("pool").json();
+    let lease_cgroups = std::path::PathBuf::from(
+        pool["cgroup"]["lease_cgroups"]
+            .as_str()
+            .expect("lease cgroups"),
+    );
+    assert!(lease_cgroups.ends_with(parent.trim_start_matches('/')));
+    let mounted = |dir: &std::path::Path| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| m.starts_with(dir.to_str().unwrap_or("-")))
+            })
+            .count()
+    };
+    assert!(mounted(&run) > 0, "pins are mounted while it runs");
+    assert_eq!(processes_in_range(base, 2 * u64::from(BLOCK)).len(), 2);
+    drop(client);
+    drop(daemon);
+    assert_eq!(mounted(&run), 0, "no mount left under {}", run.display());
+    assert!(
+        processes_in_range(base, 2 * u64::from(BLOCK)).is_empty(),
+        "no lease process left"
+    );
+    assert!(
+        !lease_cgroups.exists(),
+        "{} removed",
+        lease_cgroups.display()
     );
 }

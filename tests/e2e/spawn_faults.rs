@@ -13,7 +13,7 @@ use subidd_tests::{Client, Daemon};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
-use crate::util::{BASE, BLOCK, assert_error, assert_status};
+use crate::util::{BASE, BLOCK, assert_error, assert_status, processes_in_range};
 
 /// A pool of its own for each test (16 blocks from `first_block`, in 3100..3132), so the uids
 /// its processes run as are nobody else's.
@@ -27,38 +27,6 @@ fn config(first_block: u32) -> String {
 
 fn pin(daemon: &Daemon, lease: &str) -> PathBuf {
     daemon.path("run").join("ns").join(lease).join("user")
-}
-
-/// Live (non-zombie) processes whose real uid is in `[base, base + size)`.
-fn processes_in_range(base: u64, size: u64) -> BTreeSet<i32> {
-    let mut found = BTreeSet::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-            continue;
-        };
-        if status
-            .lines()
-            .any(|l| l.starts_with("State:") && l.contains("zombie"))
-        {
-            continue;
-        }
-        let uid: Option<u64> = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|u| u.parse().ok());
-        if uid.is_some_and(|u| u >= base && u < base + size) {
-            found.insert(pid);
-        }
-    }
-    found
 }
 
 async fn records(client: &Client, lease: &str) -> Vec<Value> {
@@ -277,12 +245,20 @@ async fn a_lease_cgroup_removed_behind_the_daemons_back_is_made_again() {
     let client = daemon.client();
     let (base, size) = lease(&client, "cg", Some(r#"{"pids_max": 10}"#)).await;
     let pool = client.get("/v1/pool").await.expect("pool").json();
-    let own = pool["cgroup"]["own_cgroup"]
+    let parent = pool["cgroup"]["lease_cgroups"]
         .as_str()
-        .expect("own cgroup")
+        .expect("lease cgroups")
         .to_string();
-    let dir = PathBuf::from(own).join("subidd").join("cg");
-    assert!(dir.is_dir(), "{} made at lease creation", dir.display());
+    let dir = PathBuf::from(parent).join("lease-cg");
+    let first = client
+        .post(
+            "/v1/leases/cg/processes?wait=true",
+            Some(r#"{"argv":["/bin/true"]}"#),
+        )
+        .await
+        .expect("spawn");
+    assert_status(&first, StatusCode::CREATED, "first spawn");
+    assert!(dir.is_dir(), "{} made at the first spawn", dir.display());
     std::fs::remove_dir(&dir).expect("remove the empty lease cgroup");
     let reply = client
         .post(
@@ -297,7 +273,7 @@ async fn a_lease_cgroup_removed_behind_the_daemons_back_is_made_again() {
         "a spawn after the lease's cgroup was removed",
     );
     assert!(dir.is_dir(), "the cgroup was made again for the spawn");
-    assert_eq!(records(&client, "cg").await.len(), 1, "one row");
+    assert_eq!(records(&client, "cg").await.len(), 2, "two rows");
     assert!(
         processes_in_range(base, size).is_empty(),
         "/bin/true has exited"

@@ -1,6 +1,7 @@
 //! Shared helpers of the end-to-end tests: pool configs, error and range assertions, and what
 //! /proc says of a process.
 
+use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -239,4 +240,36 @@ pub async fn gone(pid: i64) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
+}
+
+/// Live (non-zombie) processes whose real uid is in `[base, base + size)`.
+pub fn processes_in_range(base: u64, size: u64) -> BTreeSet<i32> {
+    let mut found = BTreeSet::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        if status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains("zombie"))
+        {
+            continue;
+        }
+        let uid: Option<u64> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse().ok());
+        if uid.is_some_and(|u| u >= base && u < base + size) {
+            found.insert(pid);
+        }
+    }
+    found
 }

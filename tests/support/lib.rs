@@ -35,11 +35,22 @@ pub fn subidd_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// A running daemon with its own temp state, runtime dir and socket. Killed on drop.
+/// The cgroup path below which every test daemon makes its lease cgroups (one directory per
+/// daemon), so a test's drop can kill and remove exactly what its daemon made.
+pub const TEST_CGROUP_ROOT: &str = "/subidd-tests";
+
+/// A running daemon with its own temp state, runtime dir and socket. Killed on drop, and then
+/// everything it made outside its temp dir goes too: its namespace pins are unmounted and its
+/// lease cgroups (with every process in them) killed and removed.
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub config: PathBuf,
+    /// The runtime dir (socket, namespace pins).
+    pub run: PathBuf,
+    /// The cgroup path of this daemon's lease cgroups' parent (below [`TEST_CGROUP_ROOT`]),
+    /// unless the test's config chose its own.
+    pub cgroup_parent: Option<String>,
     child: Option<Child>,
     log: PathBuf,
     extra_args: Vec<String>,
@@ -106,8 +117,20 @@ impl Daemon {
         let subgid = dir.path().join("subgid");
         std::fs::write(&subuid, subuid_text).context("write subuid file")?;
         std::fs::write(&subgid, subgid_text).context("write subgid file")?;
+        // Each daemon's lease cgroups under a parent of its own, named after its temp dir.
+        let cgroup_parent = (!config_toml.contains("cgroup_parent")).then(|| {
+            let tag = dir.path().file_name().map_or_else(
+                || std::process::id().to_string(),
+                |n| n.to_string_lossy().trim_start_matches('.').to_string(),
+            );
+            format!("{TEST_CGROUP_ROOT}/{tag}")
+        });
+        let parent_line = cgroup_parent
+            .as_ref()
+            .map(|p| format!("cgroup_parent = {p:?}\n"))
+            .unwrap_or_default();
         let text = format!(
-            "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\n{config_toml}\n",
+            "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\n{parent_line}{config_toml}\n",
             state = dir.path().join("state"),
         );
         std::fs::write(&config, text).context("write config")?;
@@ -116,6 +139,8 @@ impl Daemon {
             dir,
             socket,
             config,
+            run,
+            cgroup_parent,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             env: env
@@ -153,6 +178,7 @@ impl Daemon {
             .args(&self.extra_args)
             .env_remove("SUBIDD_CONFIG")
             .env("SUBIDD_LOG", "info")
+            .env(TEST_FOREIGN_CGROUPS_ENV, TEST_CGROUP_ROOT)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("dup log")?)
             .stderr(log);
@@ -247,6 +273,119 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        self.clean_up();
+    }
+}
+
+/// The daemon's variable that keeps other test daemons' lease processes from counting as id
+/// holders (see `subidd::holds`).
+const TEST_FOREIGN_CGROUPS_ENV: &str = "SUBIDD_TEST_FOREIGN_CGROUPS";
+
+impl Daemon {
+    /// After the daemon is gone: unmounts every mount below its runtime dir (namespace pins,
+    /// private mounts), then kills and removes its lease cgroups with everything in them.
+    /// Failures are printed, never fatal: a drop must not panic.
+    pub fn clean_up(&self) {
+        for mount in mounts_below(&self.run) {
+            if let Err(e) = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("cleanup: umount {}: {e}", mount.display());
+            }
+        }
+        if let Some(parent) = &self.cgroup_parent {
+            clean_cgroup_path(parent);
+        }
+    }
+}
+
+/// Kills and removes the cgroup path `parent` (as /proc/self/cgroup names it) and everything
+/// below it, in every hierarchy that has it.
+pub fn clean_cgroup_path(parent: &str) {
+    for dir in cgroup_dirs(parent) {
+        kill_cgroup_tree(&dir);
+    }
+}
+
+/// Mount points at or below `dir`, deepest first (from /proc/self/mountinfo).
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// The directories of cgroup path `parent` in every mounted hierarchy that has it.
+fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
+    let Ok(host) = subid_sys::cgroup::CgroupHost::detect() else {
+        return Vec::new();
+    };
+    let rel = parent.trim_start_matches('/');
+    [host.unified(), host.pids()]
+        .into_iter()
+        .flatten()
+        .map(|h| h.mount.join(rel))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
+/// Kills every process in the cgroup `dir` and below (`cgroup.kill` where there is one, else
+/// SIGKILL to each listed pid, repeated), then removes the cgroups, deepest first.
+pub fn kill_cgroup_tree(dir: &Path) {
+    let mut dirs = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < dirs.len() {
+        if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        i += 1;
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids: Vec<i32> = dirs
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|t| {
+                t.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        if pids.is_empty() || Instant::now() > deadline {
+            if !pids.is_empty() {
+                eprintln!("cleanup: processes left in {}: {pids:?}", dir.display());
+            }
+            break;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for d in dirs.iter().rev() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = std::fs::remove_dir(d) {
+            if e.raw_os_error() != Some(libc::EBUSY) || Instant::now() > deadline {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("cleanup: rmdir {}: {e}", d.display());
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
@@ -569,6 +708,7 @@ impl Daemon {
             .arg(&self.config)
             .env_remove("SUBIDD_CONFIG")
             .env("SUBIDD_LOG", "info")
+            .env(TEST_FOREIGN_CGROUPS_ENV, TEST_CGROUP_ROOT)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("dup log")?)

@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod idmap;
+pub mod kernel;
 pub mod lease;
 pub mod pool;
 pub mod range;
@@ -14,6 +15,7 @@ pub use alloc::{AllocError, Allocator, BlockState, PoolCounts};
 pub use idmap::{
     Extent, MAX_EXTENTS, MapError, MapSide, lease_map, parse_map, render_map, validate_extents,
 };
+pub use kernel::{KernelNameError, NamespaceKind, RlimitName};
 pub use lease::{
     LABEL_KEY_MAX, LABEL_VALUE_MAX, LABELS_MAX, LeaseError, LeaseState, NAME_MAX, validate_label,
     validate_labels, validate_name,

@@ -17,6 +17,7 @@ pub mod members;
 pub mod peer;
 pub mod pidfd;
 mod raw;
+pub mod reserve;
 pub mod spawn;
 pub mod userns;
 pub mod watch;

@@ -15,6 +15,7 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::stat::Mode;
+use subid_core::{Extent, NamespaceKind, lease_map, parse_map, render_map};
 
 use crate::error::{Result, SysError, errno_of};
 use crate::pidfd::ProcDir;
@@ -88,6 +89,20 @@ impl ExtraNs {
         ipc: true,
         net: true,
     };
+
+    /// The optional namespaces named by `kinds`.
+    pub fn from_kinds(kinds: impl IntoIterator<Item = NamespaceKind>) -> ExtraNs {
+        let mut extra = ExtraNs::default();
+        for kind in kinds {
+            match kind {
+                NamespaceKind::Mnt => extra.mnt = true,
+                NamespaceKind::Uts => extra.uts = true,
+                NamespaceKind::Ipc => extra.ipc = true,
+                NamespaceKind::Net => extra.net = true,
+            }
+        }
+        extra
+    }
 
     /// Whether `kind` is asked for (`User` always is).
     pub fn has(self, kind: NsKind) -> bool {
@@ -163,34 +178,22 @@ impl UserNsSpec {
         Ok(())
     }
 
+    /// The one-extent map `0 <base> <size>`, in the kernel's format (subid-core renders it).
     fn map_line(base: u32, size: u32) -> String {
-        format!("0 {base} {size}\n")
+        render_map(&[lease_map(base, size)])
     }
 }
 
-/// One line of `uid_map`/`gid_map`: `[first id inside, first id outside, count]`.
-pub type MapExtent = [u32; 3];
-
-/// Reads `uid_map` or `gid_map` of a process, as seen from the daemon's namespace.
-pub fn read_map(proc: &ProcDir, file: &str) -> Result<Vec<MapExtent>> {
+/// Reads `uid_map` or `gid_map` of a process, as seen from the daemon's namespace, with
+/// subid-core's parser.
+pub fn read_map(proc: &ProcDir, file: &str) -> Result<Vec<Extent>> {
     let text = proc.read_to_string(file)?;
-    parse_map(&text).ok_or_else(|| SysError::MapMismatch {
+    parse_map(&text).map_err(|_| SysError::MapMismatch {
         pid: proc.pid(),
         file: "id map",
         wrote: String::new(),
         found: text,
     })
-}
-
-fn parse_map(text: &str) -> Option<Vec<MapExtent>> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let mut it = l.split_whitespace().map(|n| n.parse::<u32>().ok());
-            let e = [it.next()??, it.next()??, it.next()??];
-            it.next().is_none().then_some(e)
-        })
-        .collect()
 }
 
 /// Writes `setgroups` ("allow": setgroups stays allowed so in-namespace initgroups works; the
@@ -204,7 +207,7 @@ pub(crate) fn write_maps(proc: &ProcDir, spec: &UserNsSpec) -> Result<()> {
     }
     for (file, base) in files {
         let found = proc.read_to_string(file)?;
-        if parse_map(&found) != Some(vec![[0, base, spec.size]]) {
+        if parse_map(&found).ok() != Some(vec![lease_map(base, spec.size)]) {
             return Err(SysError::MapMismatch {
                 pid: proc.pid(),
                 file,
@@ -489,11 +492,15 @@ mod tests {
     }
 
     #[test]
-    fn parses_maps() {
-        let text = "         0 1879048192      65536\n";
-        assert_eq!(parse_map(text), Some(vec![[0, 1879048192, 65536]]));
-        assert_eq!(parse_map(""), Some(vec![]));
-        assert_eq!(parse_map("0 1\n"), None);
-        assert_eq!(parse_map("0 1 2 3\n"), None);
+    fn maps_are_rendered_as_the_kernel_prints_them() {
+        assert_eq!(
+            UserNsSpec::map_line(1879048192, 65536),
+            "0 1879048192 65536\n"
+        );
+        let kernel = "         0 1879048192      65536\n";
+        assert_eq!(
+            parse_map(kernel).ok(),
+            Some(vec![lease_map(1879048192, 65536)])
+        );
     }
 }

@@ -24,6 +24,7 @@ pub struct Config {
     pub expiry_interval_ms: u64,
     pub pool_check_interval_ms: u64,
     pub kill_grace_ms: u64,
+    pub spawn_timeout_ms: u64,
     pub log_max_bytes: u64,
     pub cgroup_parent: Option<PathBuf>,
     pub subuid_file: PathBuf,
@@ -68,6 +69,7 @@ struct FileConfig {
     expiry_interval_ms: Option<u64>,
     pool_check_interval_ms: Option<u64>,
     kill_grace_ms: Option<u64>,
+    spawn_timeout_ms: Option<u64>,
     log_max_bytes: Option<u64>,
     cgroup_parent: Option<PathBuf>,
     subuid_file: Option<PathBuf>,
@@ -218,6 +220,9 @@ impl Config {
             kill_grace_ms: env_num(&env, "SUBIDD_KILL_GRACE_MS")?
                 .or(file.kill_grace_ms)
                 .unwrap_or(10_000),
+            spawn_timeout_ms: env_num(&env, "SUBIDD_SPAWN_TIMEOUT_MS")?
+                .or(file.spawn_timeout_ms)
+                .unwrap_or(5_000),
             log_max_bytes: env_num(&env, "SUBIDD_LOG_MAX_BYTES")?
                 .or(file.log_max_bytes)
                 .unwrap_or(1024 * 1024),
@@ -244,6 +249,7 @@ impl Config {
         };
         for (key, value) in [
             ("expiry_interval_ms", config.expiry_interval_ms),
+            ("spawn_timeout_ms", config.spawn_timeout_ms),
             ("request_timeout_ms", config.request_timeout_ms),
             ("header_read_timeout_ms", config.header_read_timeout_ms),
         ] {

@@ -46,6 +46,10 @@ pub enum ApiError {
     #[error("the database disk is full; free space in the state directory, then retry")]
     StorageFull,
     #[error("{0}")]
+    SpawnTimeout(String),
+    #[error("{0}")]
+    CgroupsUnavailable(String),
+    #[error("{0}")]
     Unavailable(&'static str),
     #[error("internal error; the daemon log has the details")]
     Internal(String),
@@ -70,7 +74,9 @@ impl ApiError {
             ApiError::PidsUnsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::SpawnTimeout(_)
+            | ApiError::CgroupsUnavailable(_)
+            | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -94,6 +100,8 @@ impl ApiError {
             ApiError::PidsUnsupported(_) => "pids_unsupported",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::StorageFull => "storage_full",
+            ApiError::SpawnTimeout(_) => "spawn_timeout",
+            ApiError::CgroupsUnavailable(_) => "cgroups_unavailable",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -101,7 +109,7 @@ impl ApiError {
 }
 
 /// Every code [`ApiError::code`] can return, in the order `docs/API.md` lists them.
-pub const ERROR_CODES: [&str; 18] = [
+pub const ERROR_CODES: [&str; 20] = [
     "invalid_request",
     "unauthorized",
     "forbidden",
@@ -118,6 +126,8 @@ pub const ERROR_CODES: [&str; 18] = [
     "pids_unsupported",
     "payload_too_large",
     "storage_full",
+    "spawn_timeout",
+    "cgroups_unavailable",
     "unavailable",
     "internal",
 ];
@@ -209,6 +219,8 @@ mod tests {
             ApiError::PidsUnsupported(String::new()),
             ApiError::PayloadTooLarge { limit: 1 },
             ApiError::StorageFull,
+            ApiError::SpawnTimeout(String::new()),
+            ApiError::CgroupsUnavailable(String::new()),
             ApiError::Unavailable(""),
             ApiError::Internal(String::new()),
         ];

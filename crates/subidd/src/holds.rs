@@ -13,10 +13,19 @@ use std::sync::{Arc, Mutex};
 use subid_core::Pool;
 use subid_sys::idscan::IdScanner;
 
+/// The environment variable that makes the scan ignore processes in other daemons' lease
+/// cgroups, for tests only: the test suite runs many daemons with overlapping pools side by side
+/// (each under its own cgroup parent below this cgroup path), which a host never does (see the
+/// pool registry). Never set it in production.
+pub const TEST_FOREIGN_CGROUPS_ENV: &str = "SUBIDD_TEST_FOREIGN_CGROUPS";
+
 /// The id scanner, shared by the lease service and the pool re-check.
 #[derive(Debug, Clone, Default)]
 pub struct HoldScan {
     scanner: Arc<Mutex<IdScanner>>,
+    /// Tests only: holders in cgroups below `.0` but not below `.1` (this daemon's parent) are
+    /// other test daemons' lease processes, and not counted.
+    foreign: Arc<Mutex<Option<(String, String)>>>,
 }
 
 impl HoldScan {
@@ -25,6 +34,11 @@ impl HoldScan {
     /// blocking pool.
     pub async fn holds(&self, pool: Pool, full: bool) -> std::io::Result<BTreeMap<u32, String>> {
         let scanner = Arc::clone(&self.scanner);
+        let foreign = self
+            .foreign
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         tokio::task::spawn_blocking(move || {
             let mut scanner = scanner.lock().unwrap_or_else(|e| e.into_inner());
             let scanned = if full {
@@ -33,22 +47,55 @@ impl HoldScan {
                 scanner.refresh()
             };
             scanned.map_err(std::io::Error::other)?;
-            Ok(blocks_held(&scanner, &pool))
+            Ok(blocks_held(&scanner, &pool, foreign.as_ref()))
         })
         .await
         .map_err(std::io::Error::other)?
     }
+
+    /// Tests only (see [`TEST_FOREIGN_CGROUPS_ENV`]): ignore holders in cgroups below `prefix`
+    /// except those below `own` (this daemon's cgroup parent, as a cgroup path).
+    pub fn ignore_foreign_cgroups(&self, prefix: String, own: String) {
+        tracing::warn!(%prefix, %own, "processes in other daemons' lease cgroups are not counted as id holders (tests only)");
+        *self.foreign.lock().unwrap_or_else(|e| e.into_inner()) = Some((prefix, own));
+    }
+}
+
+/// Whether process `pid` sits in a cgroup below `prefix` but not below `own`.
+fn in_foreign_cgroup(pid: i32, (prefix, own): &(String, String)) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    text.lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .any(|path| {
+            let under =
+                |p: &str| path == p || path.starts_with(&format!("{}/", p.trim_end_matches('/')));
+            under(prefix) && !under(own)
+        })
 }
 
 /// The blocks of `pool` that a process of `scanner` holds an id of, each with the lowest pid's
 /// description.
-fn blocks_held(scanner: &IdScanner, pool: &Pool) -> BTreeMap<u32, String> {
+fn blocks_held(
+    scanner: &IdScanner,
+    pool: &Pool,
+    foreign: Option<&(String, String)>,
+) -> BTreeMap<u32, String> {
     let range = pool.range();
     let (lo, hi) = (u64::from(range.start()), range.end());
     let mut held = BTreeMap::new();
     let mut holders: Vec<_> = scanner.holders().collect();
     holders.sort_by_key(|h| h.pid);
     for h in holders {
+        let in_pool = h
+            .uids
+            .iter()
+            .chain(&h.gids)
+            .any(|&id| (lo..hi).contains(&u64::from(id)));
+        if !in_pool || foreign.is_some_and(|f| in_foreign_cgroup(h.pid, f)) {
+            continue;
+        }
         let ids = h.uids.iter().map(|&id| ("uid", id));
         for (kind, id) in ids.chain(h.gids.iter().map(|&id| ("gid", id))) {
             if !(lo..hi).contains(&u64::from(id)) {

@@ -383,6 +383,11 @@ impl LeaseService {
         Ok(())
     }
 
+    /// The scanner behind [`LeaseService::check_holds`].
+    pub fn hold_scan(&self) -> &HoldScan {
+        &self.holds
+    }
+
     /// The blocks withheld because a live process holds their ids, as last set.
     pub fn process_holds(&self) -> BTreeMap<u32, String> {
         lock(&self.process_holds).clone()

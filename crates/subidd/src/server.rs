@@ -96,6 +96,13 @@ impl Daemon {
         let quarantine = Duration::from_secs(config.quarantine_seconds);
         let leases = LeaseService::start(store, writer, pool, quarantine).await?;
         pool::refuse_undelegated(&leases, config).await?;
+        if let Ok(prefix) = std::env::var(crate::holds::TEST_FOREIGN_CGROUPS_ENV)
+            && let Some(own) = &config.cgroup_parent
+        {
+            leases
+                .hold_scan()
+                .ignore_foreign_cgroups(prefix, own.display().to_string());
+        }
         let processes = ProcessService::start(
             leases.clone(),
             ProcessConfig {
@@ -104,6 +111,8 @@ impl Daemon {
                 log_max_bytes: config.log_max_bytes,
                 kill_grace: Duration::from_millis(config.kill_grace_ms),
                 cgroup_parent: config.cgroup_parent.clone(),
+                spawn_timeout: Duration::from_millis(config.spawn_timeout_ms),
+                reserve: config.state_dir.join("release-reserve"),
             },
         )
         .await

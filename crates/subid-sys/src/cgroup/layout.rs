@@ -114,6 +114,11 @@ pub struct CgroupSummary {
     pub tracking_version: Option<&'static str>,
     /// Where that hierarchy is mounted.
     pub tracking_mount: Option<PathBuf>,
+    /// The directory lease cgroups are made in, on the tracking hierarchy (filled in by the
+    /// daemon once it has prepared it).
+    pub lease_parent: Option<PathBuf>,
+    /// The directory capped leases' pids cgroups are made in (filled in by the daemon).
+    pub pids_parent: Option<PathBuf>,
     /// Why no pids controller can be used, when `mode` is `"none"`.
     pub reason: Option<String>,
 }
@@ -291,6 +296,8 @@ impl CgroupHost {
             unified_mount: self.unified.as_ref().map(|h| h.mount.clone()),
             tracking_version: self.tracking().map(|h| h.version.as_str()),
             tracking_mount: self.tracking().map(|h| h.mount.clone()),
+            lease_parent: None,
+            pids_parent: None,
             reason: self.reason.clone(),
         }
     }

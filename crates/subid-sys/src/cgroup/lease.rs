@@ -172,8 +172,13 @@ impl CgroupParents {
         let (cap, cap_reason) = if tracks_pids {
             (None, None)
         } else {
+            // The pids parent is prepared when asked for, or when a previous daemon made it
+            // (its leftovers must be found at start).
+            let made_before = Self::planned(host, configured)
+                .1
+                .is_some_and(|d| d.is_dir());
             match host.pids() {
-                Some(ph) if pids => {
+                Some(ph) if pids || made_before => {
                     let dir = parent_in(host, ph, configured);
                     (
                         Some(CgroupParent::prepare_for(ph, dir.as_deref(), true)?),
@@ -189,6 +194,24 @@ impl CgroupParents {
             cap,
             cap_reason,
         })
+    }
+
+    /// Where `prepare` puts the tracking parent and the pids parent, made or not.
+    pub fn planned(host: &CgroupHost, configured: Option<&Path>) -> (Option<PathBuf>, Option<PathBuf>) {
+        let dir = |h: &Hierarchy| {
+            parent_in(host, h, configured).unwrap_or_else(|| h.own_dir.join("subidd"))
+        };
+        let track = host.tracking().map(dir);
+        let pids = match host.tracking() {
+            Some(th) if th.pids => track.clone(),
+            _ => host.pids().map(dir),
+        };
+        (track, pids)
+    }
+
+    /// Whether the tracking parent `prepare` would make is there already (a daemon made it).
+    pub fn exist(host: &CgroupHost, configured: Option<&Path>) -> bool {
+        Self::planned(host, configured).0.is_some_and(|d| d.is_dir())
     }
 
     /// The tracking parent.
@@ -864,6 +887,15 @@ impl LeaseCgroups {
             }
         }
         Ok(sent)
+    }
+
+    /// Moves a process that is not in the lease's cgroups yet (one started by a version without a
+    /// cgroup per lease) into them: one `cgroup.procs` write per cgroup.
+    pub fn adopt(&self, pid: i32) -> Result<()> {
+        for cg in [Some(&self.track), self.cap.as_ref()].into_iter().flatten() {
+            write_file(&cg.dir.join("cgroup.procs"), pid.to_string().as_bytes())?;
+        }
+        Ok(())
     }
 
     /// Stops the spawner, then kills every process of the lease and waits until none is left

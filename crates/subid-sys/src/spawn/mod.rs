@@ -93,6 +93,7 @@ use libc::{c_char, c_int};
 use nix::fcntl::OFlag;
 use nix::sys::resource::Resource;
 use nix::sys::stat::Mode;
+use subid_core::RlimitName;
 
 use crate::cgroup::SpawnCgroup;
 use crate::error::{Result, SysError};
@@ -102,6 +103,28 @@ use crate::userns::{LeaseNs, UserNsSpec};
 /// The deadline of a spawn unless [`Command::timeout`] sets another: from the clone until the
 /// child has exec'd.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The kernel's resource behind an API name.
+pub fn resource_of(name: RlimitName) -> Resource {
+    match name {
+        RlimitName::As => Resource::RLIMIT_AS,
+        RlimitName::Core => Resource::RLIMIT_CORE,
+        RlimitName::Cpu => Resource::RLIMIT_CPU,
+        RlimitName::Data => Resource::RLIMIT_DATA,
+        RlimitName::Fsize => Resource::RLIMIT_FSIZE,
+        RlimitName::Locks => Resource::RLIMIT_LOCKS,
+        RlimitName::Memlock => Resource::RLIMIT_MEMLOCK,
+        RlimitName::Msgqueue => Resource::RLIMIT_MSGQUEUE,
+        RlimitName::Nice => Resource::RLIMIT_NICE,
+        RlimitName::Nofile => Resource::RLIMIT_NOFILE,
+        RlimitName::Nproc => Resource::RLIMIT_NPROC,
+        RlimitName::Rss => Resource::RLIMIT_RSS,
+        RlimitName::Rtprio => Resource::RLIMIT_RTPRIO,
+        RlimitName::Rttime => Resource::RLIMIT_RTTIME,
+        RlimitName::Sigpending => Resource::RLIMIT_SIGPENDING,
+        RlimitName::Stack => Resource::RLIMIT_STACK,
+    }
+}
 
 /// One resource limit for the child: `prlimit64(resource, {soft, hard})`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +240,11 @@ impl Command {
             hard,
         });
         self
+    }
+
+    /// Adds a resource limit by its API name.
+    pub fn rlimit_named(&mut self, name: RlimitName, soft: u64, hard: u64) -> &mut Self {
+        self.rlimit(resource_of(name), soft, hard)
     }
 
     /// Where fd 1 points (default `/dev/null`).

@@ -24,14 +24,9 @@ fn host_ids_are_base_plus_namespace_ids() {
     let ids = proc.ids().unwrap();
     assert_eq!(ids.uid, [0x7000_0000 + 999; 4]);
     assert_eq!(ids.gid, [0x7000_0000 + 998; 4]);
-    assert_eq!(
-        userns::read_map(&proc, "uid_map").unwrap(),
-        vec![[0, 0x7000_0000, 65536]]
-    );
-    assert_eq!(
-        userns::read_map(&proc, "gid_map").unwrap(),
-        vec![[0, 0x7000_0000, 65536]]
-    );
+    let lease_map = vec![subid_core::lease_map(0x7000_0000, 65536)];
+    assert_eq!(userns::read_map(&proc, "uid_map").unwrap(), lease_map);
+    assert_eq!(userns::read_map(&proc, "gid_map").unwrap(), lease_map);
     assert_eq!(user_ns_of(pid), lease.pin_inode());
     assert!(mounted(&lease.pin));
 }

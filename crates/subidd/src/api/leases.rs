@@ -212,7 +212,10 @@ pub async fn renew(
         ));
     }
     state.processes.forget_lease(&name);
-    let lease = state.leases.renew(name.clone(), caller_uid(caller)).await;
+    let lease = state
+        .processes
+        .renew(name.clone(), caller_uid(caller))
+        .await;
     state.processes.forget_lease(&name);
     let lease = lease?;
     Ok(json(StatusCode::OK, &LeaseView::from(&lease)))

@@ -9,7 +9,6 @@ mod processes;
 
 pub use model::rfc3339;
 pub use observe::observe;
-pub use processes::resource;
 
 use std::collections::BTreeMap;
 

@@ -323,6 +323,13 @@ pub struct CgroupView {
     pub pids_mount: Option<String>,
     pub own_cgroup: Option<String>,
     pub unified_mount: Option<String>,
+    /// The hierarchy that holds every lease's processes (`v2` or `v1`); `null` when there is
+    /// none, and then spawns are refused (`cgroups_unavailable`).
+    pub tracking_version: Option<&'static str>,
+    /// Where each lease's cgroup (`lease-<name>`) is made on that hierarchy.
+    pub lease_cgroups: Option<String>,
+    /// Where capped leases' pids cgroups (`lease-<name>`) are made.
+    pub pids_cgroups: Option<String>,
     /// Why `pids_max` cannot be used, when it cannot.
     pub reason: Option<String>,
 }
@@ -337,6 +344,9 @@ impl From<subid_sys::cgroup::CgroupSummary> for CgroupView {
             pids_mount: path(s.pids_mount),
             own_cgroup: path(s.own_cgroup),
             unified_mount: path(s.unified_mount),
+            tracking_version: s.tracking_version,
+            lease_cgroups: path(s.lease_parent),
+            pids_cgroups: path(s.pids_parent),
             reason: s.reason,
         }
     }

@@ -9,8 +9,8 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::IntoResponse;
-use nix::sys::resource::Resource;
 use serde::{Deserialize, Serialize};
+use subid_core::RlimitName;
 use subid_store::ProcessRecord;
 use utoipa::{IntoParams, ToSchema};
 
@@ -422,9 +422,9 @@ pub(super) fn spawn_spec(body: SpawnBody) -> Result<SpawnSpec, ApiError> {
     if umask > 0o777 {
         return Err(bad(format!("umask {umask:o} is larger than 0777")));
     }
-    let rlimits = body.rlimits.unwrap_or_default();
-    for (name, limits) in &rlimits {
-        check_rlimit(name, *limits)?;
+    let mut rlimits = BTreeMap::new();
+    for (name, limits) in body.rlimits.unwrap_or_default() {
+        rlimits.insert(check_rlimit(&name, limits)?, limits);
     }
     let path_var = env.get("PATH").cloned().unwrap_or_default();
     let program = resolve_program(&body.argv[0], &path_var, &cwd)?;
@@ -467,7 +467,7 @@ fn resolve_program(argv0: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, A
     )))
 }
 
-/// The rlimit names [`resource`] knows, as `ulimit` and Docker name them.
+/// The rlimit names (`RlimitName`), as `ulimit` and Docker name them, for the OpenAPI document.
 pub const RLIMIT_NAMES: [&str; 16] = [
     "as",
     "core",
@@ -488,42 +488,14 @@ pub const RLIMIT_NAMES: [&str; 16] = [
 ];
 
 /// Checks one rlimit of a request: a known name, soft <= hard.
-pub fn check_rlimit(name: &str, [soft, hard]: [u64; 2]) -> Result<Resource, ApiError> {
-    let resource = resource(name).ok_or_else(|| {
-        ApiError::InvalidRequest(format!(
-            "unknown rlimit {name:?}; known: {}",
-            RLIMIT_NAMES.join(", ")
-        ))
-    })?;
+pub fn check_rlimit(name: &str, [soft, hard]: [u64; 2]) -> Result<RlimitName, ApiError> {
+    let known = RlimitName::parse(name).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
     if soft > hard {
         return Err(ApiError::InvalidRequest(format!(
             "rlimit {name}: soft {soft} above hard {hard}"
         )));
     }
-    Ok(resource)
-}
-
-/// The kernel resource of an rlimit name (as `ulimit` and Docker name them).
-pub fn resource(name: &str) -> Option<Resource> {
-    Some(match name {
-        "as" => Resource::RLIMIT_AS,
-        "core" => Resource::RLIMIT_CORE,
-        "cpu" => Resource::RLIMIT_CPU,
-        "data" => Resource::RLIMIT_DATA,
-        "fsize" => Resource::RLIMIT_FSIZE,
-        "locks" => Resource::RLIMIT_LOCKS,
-        "memlock" => Resource::RLIMIT_MEMLOCK,
-        "msgqueue" => Resource::RLIMIT_MSGQUEUE,
-        "nice" => Resource::RLIMIT_NICE,
-        "nofile" => Resource::RLIMIT_NOFILE,
-        "nproc" => Resource::RLIMIT_NPROC,
-        "rss" => Resource::RLIMIT_RSS,
-        "rtprio" => Resource::RLIMIT_RTPRIO,
-        "rttime" => Resource::RLIMIT_RTTIME,
-        "sigpending" => Resource::RLIMIT_SIGPENDING,
-        "stack" => Resource::RLIMIT_STACK,
-        _ => return None,
-    })
+    Ok(known)
 }
 
 /// A signal by name (`TERM`, `SIGTERM`, case-insensitive) or number (1..=64).
@@ -555,8 +527,8 @@ mod tests {
 
     #[test]
     fn every_rlimit_name_is_known() {
-        assert!(RLIMIT_NAMES.iter().all(|name| resource(name).is_some()));
-        assert!(resource("bogus").is_none());
+        assert_eq!(RLIMIT_NAMES, RlimitName::ALL.map(RlimitName::as_str));
+        assert!(check_rlimit("bogus", [1, 1]).is_err());
     }
 
     #[test]

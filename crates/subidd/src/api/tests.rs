@@ -38,6 +38,8 @@ pub(super) async fn app(
             log_max_bytes: 4096,
             kill_grace: Duration::from_millis(200),
             cgroup_parent: None,
+            spawn_timeout: Duration::from_secs(5),
+            reserve: dir.path().join("release-reserve"),
         },
     )
     .await

@@ -1,0 +1,381 @@
+//! A lease's life on the process side: creation (with the namespaces it asks for made at
+//! once), release (its processes stopped by cgroup first, when forced; refused while any lives
+//! otherwise), and expiry (each due lease released on its own, so one slow teardown delays no
+//! other lease).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use subid_store::LeaseRecord;
+use subid_sys::userns;
+
+use super::namespaces::ns_spec;
+use super::{ProcessService, SIGKILL, SIGTERM, lock_map};
+use crate::error::ApiError;
+use crate::lease::{Caller, CreateMode, Created, LeaseSpec, ReleaseKind, is_expired, now_ms};
+use crate::logs::STREAMS;
+
+/// Most leases torn down at once by the expiry loop.
+const EXPIRY_PARALLEL: usize = 8;
+
+impl ProcessService {
+    /// Creates (or finds) a lease; a new lease that asks for extra namespaces gets them made and
+    /// pinned now, and is released again if that fails, so no half-made lease stays behind.
+    pub async fn create_lease(
+        &self,
+        name: String,
+        spec: LeaseSpec,
+        mode: CreateMode,
+        caller: Caller,
+    ) -> Result<Created, ApiError> {
+        let lock = self.lease_lock(&name);
+        let _guard = self.exclusive(&lock, &name).await?;
+        // Refuse before anything is made: a lease never runs without the cap it asked for.
+        self.check_cap(spec.pids_max)?;
+        self.forget_lease(&name);
+        let done = self
+            .inner
+            .leases
+            .create(name.clone(), spec, mode, caller)
+            .await?;
+        if done.created && !done.lease.namespaces.is_empty() {
+            let pin = self.pin_path(&name);
+            let made = match ns_spec(&done.lease) {
+                Ok(spec) if spec.extra.mnt => self.private_ns_dir(&name).map(|()| spec),
+                other => other,
+            };
+            let made = match made {
+                Err(e) => Err(e),
+                Ok(spec) => tokio::task::spawn_blocking(move || userns::create_pinned(&spec, &pin))
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("namespace thread: {e}")))
+                    .and_then(|r| {
+                        r.map_err(|e| ApiError::Internal(format!("creating namespaces: {e}")))
+                    }),
+            };
+            if let Err(error) = made {
+                self.undo_lease(&name, caller).await;
+                return Err(error);
+            }
+        }
+        if done.lease.state == subid_core::LeaseState::Active {
+            // Its first spawn, which often follows at once, need not read it back.
+            lock_map(&self.inner.lease_cache).insert(name, done.lease.clone());
+        }
+        Ok(done)
+    }
+
+    /// Releases (and purges) a lease whose set-up failed half-way.
+    async fn undo_lease(&self, name: &str, caller: Caller) {
+        self.forget_lease(name);
+        if let Err(undo) = self
+            .inner
+            .leases
+            .release(name.to_string(), true, caller, ReleaseKind::Delete)
+            .await
+        {
+            tracing::error!(lease = %name, error = %undo, "cannot undo a half-made lease");
+        }
+    }
+
+    /// Releases a lease. With live processes: `lease_busy`, unless `force`, which sends SIGTERM
+    /// to every process of the lease, SIGKILL after the grace period through its cgroup, then
+    /// unpins and releases. The range is released only once no process of the lease is left.
+    /// An expiry re-reads the lease under its lock first, so a lease renewed meanwhile keeps its
+    /// processes.
+    pub async fn release(
+        &self,
+        name: String,
+        purge: bool,
+        force: bool,
+        caller: Caller,
+        kind: ReleaseKind,
+    ) -> Result<(), ApiError> {
+        let lock = self.lease_lock(&name);
+        let guard = self.exclusive(&lock, &name).await?;
+        self.forget_lease(&name);
+        let lease = self.inner.leases.store().get_lease(&name).await?;
+        if kind == ReleaseKind::Expire
+            && lease.as_ref().is_none_or(|l| {
+                l.state != subid_core::LeaseState::Active || !is_expired(l, now_ms())
+            })
+        {
+            // Renewed (or released) since the expiry pass read it.
+            drop(guard);
+            self.forget_lock(&name, lock);
+            return Ok(());
+        }
+        let mut logs = Vec::new();
+        if let Some(lease) = lease.filter(|l| l.state == subid_core::LeaseState::Active) {
+            self.teardown(&lease, force).await?;
+            logs = self.inner.leases.store().lease_processes(lease.id).await?;
+        }
+        let mut result = self
+            .inner
+            .leases
+            .release(name.clone(), purge, caller, kind)
+            .await;
+        if matches!(result, Err(ApiError::StorageFull)) && self.use_reserve().await {
+            // The disk was full: the reserve's space lets the release through.
+            result = self
+                .inner
+                .leases
+                .release(name.clone(), purge, caller, kind)
+                .await;
+        }
+        self.forget_lease(&name);
+        if result.is_ok() {
+            // The process rows went with the lease; so do their logs (on the blocking pool: a
+            // lease may have thousands, and each unlink touches the disk).
+            let pool = Arc::clone(&self.inner.logs);
+            let ids: Vec<String> = logs.into_iter().map(|p| p.id).collect();
+            let _ = tokio::task::spawn_blocking(move || {
+                for id in ids {
+                    for stream in STREAMS {
+                        let _ = std::fs::remove_file(pool.path(&id, stream));
+                    }
+                }
+            })
+            .await;
+            self.keep_reserve().await;
+        }
+        drop(guard);
+        self.forget_lock(&name, lock);
+        result
+    }
+
+    /// Makes the release reserve again where there is room (see `subid_sys::reserve`).
+    pub(super) async fn keep_reserve(&self) {
+        let this = self.clone();
+        let made = tokio::task::spawn_blocking(move || this.inner.reserve.ensure()).await;
+        if let Ok(Err(error)) = made {
+            tracing::warn!(%error, "no room for the release reserve; a release on a full disk may fail until there is");
+        }
+    }
+
+    /// Deletes the release reserve so a release can be written on a full disk; false when there
+    /// was none.
+    async fn use_reserve(&self) -> bool {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.inner.reserve.free()).await {
+            Ok(Ok(true)) => {
+                tracing::warn!("the disk is full: the release reserve is used for a release");
+                true
+            }
+            Ok(Ok(false)) => false,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "cannot use the release reserve");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Stops every process of the lease (when `force`), then removes its pins and cgroups.
+    /// Refused (`lease_busy`) while any process of the lease lives and not `force`; fails
+    /// (`lease_busy`, naming what is left) when processes survive the kill's deadline, and then
+    /// everything stays as it is.
+    async fn teardown(&self, lease: &LeaseRecord, force: bool) -> Result<(), ApiError> {
+        let cgroups = self.take_lease_cgroups(lease);
+        let cgroups = Arc::new(Mutex::new(cgroups));
+        let busy = self.live_processes(lease, &cgroups).await;
+        if !busy.is_empty() {
+            if !force {
+                self.restore_cgroups(lease, &cgroups);
+                return Err(ApiError::LeaseBusy(format!(
+                    "lease {} has {} live process(es) (pids {}); stop them or delete with \
+                     ?force=true",
+                    lease.name,
+                    busy.len(),
+                    pid_list(&busy)
+                )));
+            }
+            self.signal_all(lease, &cgroups, SIGTERM).await;
+            let grace = Instant::now() + self.inner.config.kill_grace;
+            while Instant::now() < grace && !self.live_processes(lease, &cgroups).await.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = self.kill_all(lease, &cgroups).await;
+            if !left.is_empty() {
+                self.restore_cgroups(lease, &cgroups);
+                return Err(ApiError::LeaseBusy(format!(
+                    "{} process(es) of lease {} survived SIGKILL for {} s (pids {}); the lease \
+                     and its range stay as they are: retry",
+                    left.len(),
+                    lease.name,
+                    subid_sys::cgroup::TEARDOWN_TIMEOUT.as_secs(),
+                    pid_list(&left)
+                )));
+            }
+            tracing::info!(lease = %lease.name, "stopped every process of the lease");
+        }
+        self.unpin(lease)?;
+        let taken = lock_map(&cgroups).take();
+        if let Some(cgs) = taken {
+            let removed = tokio::task::spawn_blocking(move || {
+                cgs.remove(Instant::now() + subid_sys::cgroup::TEARDOWN_TIMEOUT)
+            })
+            .await;
+            match removed {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(lease = %lease.name, %error, "cannot remove the lease's cgroups");
+                    return Err(ApiError::Internal(format!(
+                        "cgroups of {} cannot be removed: {error}",
+                        lease.name
+                    )));
+                }
+                Err(error) => return Err(ApiError::Internal(format!("cgroup removal: {error}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// The lease's live processes: its cgroups' members, and processes this daemon watches that
+    /// are not in them (adopted from a version that had no cgroup per lease).
+    async fn live_processes(
+        &self,
+        lease: &LeaseRecord,
+        cgroups: &Arc<Mutex<Option<subid_sys::cgroup::LeaseCgroups>>>,
+    ) -> Vec<i32> {
+        let watched: Vec<i32> = lock_map(&self.inner.live)
+            .values()
+            .filter(|l| l.lease_id == lease.id && l.done.borrow().is_none())
+            .map(|l| l.pidfd.pid())
+            .collect();
+        let cgroups = Arc::clone(cgroups);
+        let members = tokio::task::spawn_blocking(move || {
+            lock_map(&cgroups)
+                .as_ref()
+                .map(|c| c.members().unwrap_or_default())
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
+        let mut all: Vec<i32> = members;
+        for pid in watched {
+            if !all.contains(&pid) {
+                all.push(pid);
+            }
+        }
+        all
+    }
+
+    async fn signal_all(
+        &self,
+        lease: &LeaseRecord,
+        cgroups: &Arc<Mutex<Option<subid_sys::cgroup::LeaseCgroups>>>,
+        signal: i32,
+    ) {
+        let cgs = Arc::clone(cgroups);
+        let sent =
+            tokio::task::spawn_blocking(move || lock_map(&cgs).as_ref().map(|c| c.signal(signal)))
+                .await;
+        if let Ok(Some(Err(error))) = sent {
+            tracing::warn!(lease = %lease.name, %error, "signalling the lease's processes");
+        }
+        for live in lock_map(&self.inner.live).values() {
+            if live.lease_id == lease.id {
+                let _ = live.pidfd.send_signal(signal);
+            }
+        }
+    }
+
+    /// Kills every process of the lease through its cgroups (and watched processes outside
+    /// them through their pidfds), waiting until none is left or the deadline passes; returns
+    /// what is left.
+    async fn kill_all(
+        &self,
+        lease: &LeaseRecord,
+        cgroups: &Arc<Mutex<Option<subid_sys::cgroup::LeaseCgroups>>>,
+    ) -> Vec<i32> {
+        let deadline = Instant::now() + subid_sys::cgroup::TEARDOWN_TIMEOUT;
+        for live in lock_map(&self.inner.live).values() {
+            if live.lease_id == lease.id {
+                let _ = live.pidfd.send_signal(SIGKILL);
+            }
+        }
+        let cgs = Arc::clone(cgroups);
+        let killed =
+            tokio::task::spawn_blocking(move || lock_map(&cgs).as_mut().map(|c| c.kill(deadline)))
+                .await;
+        match killed {
+            Ok(Some(Err(error))) => {
+                tracing::error!(lease = %lease.name, %error, "the lease's processes survived the kill");
+            }
+            Err(error) => tracing::error!(lease = %lease.name, %error, "kill task failed"),
+            _ => {}
+        }
+        // Watched processes leave the map once reaped; give them until the same deadline.
+        loop {
+            let left = self.live_processes(lease, cgroups).await;
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Puts the cgroups of a lease whose teardown stopped short back where spawns find them.
+    fn restore_cgroups(
+        &self,
+        lease: &LeaseRecord,
+        cgroups: &Arc<Mutex<Option<subid_sys::cgroup::LeaseCgroups>>>,
+    ) {
+        if let Some(cgs) = lock_map(cgroups).take() {
+            self.keep_lease_cgroups(lease, cgs);
+        }
+    }
+
+    /// Releases, with force, every lease whose ttl ran out; runs until the daemon stops. Each
+    /// due lease is released by a task of its own (at most [`EXPIRY_PARALLEL`] at once), so a
+    /// lease whose teardown is slow never delays the others.
+    pub async fn run_expiry(self, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let in_progress: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let permits = Arc::new(tokio::sync::Semaphore::new(EXPIRY_PARALLEL));
+        loop {
+            tick.tick().await;
+            let due = match self.inner.leases.store().expired_leases(now_ms()).await {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::warn!(%error, "expiry pass cannot read leases; retrying");
+                    continue;
+                }
+            };
+            for lease in due {
+                let name = lease.name;
+                if !lock_map(&in_progress).insert(name.clone()) {
+                    continue; // still being released by an earlier pass
+                }
+                let this = self.clone();
+                let in_progress = Arc::clone(&in_progress);
+                let permits = Arc::clone(&permits);
+                tokio::spawn(async move {
+                    let _permit = permits.acquire_owned().await;
+                    match this
+                        .release(name.clone(), false, true, None, ReleaseKind::Expire)
+                        .await
+                    {
+                        Ok(()) => tracing::info!(lease = %name, "lease expired and released"),
+                        Err(error) => {
+                            tracing::warn!(lease = %name, %error, "cannot release expired lease")
+                        }
+                    }
+                    lock_map(&in_progress).remove(&name);
+                });
+            }
+        }
+    }
+}
+
+/// At most 16 pids, for messages.
+fn pid_list(pids: &[i32]) -> String {
+    let mut shown: Vec<String> = pids.iter().take(16).map(i32::to_string).collect();
+    if pids.len() > 16 {
+        shown.push("...".into());
+    }
+    shown.join(", ")
+}

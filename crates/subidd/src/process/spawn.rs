@@ -1,0 +1,272 @@
+//! The spawn path: take the lease (shared for a join, alone for a first spawn), check the
+//! request against it, build the command (log files, rlimits, the lease's cgroups, the deadline),
+//! clone, record the process before answering, and hand it to its supervisor.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use subid_core::RlimitName;
+use subid_store::{ProcessRecord, ProcessState};
+use subid_sys::spawn::{Command, Namespace};
+use subid_sys::{ChildStep, Errno, SysError, members, userns};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard};
+
+use super::namespaces::ns_spec;
+use super::{ProcessService, SIGKILL, SpawnSpec, busy_elsewhere, internal, lock_map, lock_wait};
+use crate::error::ApiError;
+use crate::lease::{ProcessOp, now_ms};
+use crate::logs::{LogPool, STREAMS};
+
+/// A held per-lease lock: shared for joining spawns, exclusive for everything else. The guards
+/// are held only for their `Drop`, which releases the lock.
+#[allow(dead_code)]
+enum LeaseGuard {
+    Shared(OwnedRwLockReadGuard<()>),
+    Exclusive(OwnedRwLockWriteGuard<()>),
+}
+
+impl ProcessService {
+    /// Starts a process in the lease's namespace and records it before answering.
+    pub async fn spawn(&self, name: String, spec: SpawnSpec) -> Result<ProcessRecord, ApiError> {
+        let this = self.clone();
+        let started = Instant::now();
+        // Detached from the request: if the client disconnects, the spawn still finishes and is
+        // recorded (or is undone), never left half-way.
+        let result = tokio::spawn(async move { this.spawn_detached(name, spec).await })
+            .await
+            .map_err(|e| ApiError::Internal(format!("spawn task failed: {e}")))
+            .and_then(|r| r);
+        let failure = result.as_ref().err().map(ApiError::code);
+        self.inner
+            .leases
+            .metrics()
+            .observe_spawn(started.elapsed(), failure);
+        result
+    }
+
+    async fn spawn_detached(
+        &self,
+        name: String,
+        spec: SpawnSpec,
+    ) -> Result<ProcessRecord, ApiError> {
+        let lock = self.lease_lock(&name);
+        let wait = lock_wait(&self.inner.config);
+        // Joining spawns share the lease; making its namespace (the first spawn) and tearing it
+        // down are exclusive.
+        let pin = self.pin_path(&name);
+        let mut guard = if userns::is_pinned(&pin) {
+            let shared = tokio::time::timeout(wait, Arc::clone(&lock).read_owned()).await;
+            LeaseGuard::Shared(shared.map_err(|_| busy_elsewhere(&name))?)
+        } else {
+            LeaseGuard::Exclusive(self.exclusive(&lock, &name).await?)
+        };
+        let mut lease = self.active_lease(&name).await?;
+        let mut existing = self.namespace_of(&lease, &pin)?;
+        if existing.is_none() && matches!(guard, LeaseGuard::Shared(_)) {
+            // The namespace must be made after all (its pin went stale): take the lease alone.
+            drop(guard);
+            guard = LeaseGuard::Exclusive(self.exclusive(&lock, &name).await?);
+            lease = self.active_lease(&name).await?;
+            existing = self.namespace_of(&lease, &pin)?;
+        }
+        for (what, id) in [("user", spec.user), ("group", spec.group)]
+            .into_iter()
+            .chain(spec.groups.iter().map(|g| ("groups entry", *g)))
+        {
+            if id >= lease.size {
+                return Err(ApiError::InvalidRequest(format!(
+                    "{what} {id} is outside lease {name}, which maps ids 0..{}",
+                    lease.size
+                )));
+            }
+        }
+        // The lease's default rlimits, overridden per process. A stored name this daemon does not
+        // know is refused by name.
+        let mut rlimits = std::collections::BTreeMap::new();
+        for (rname, limits) in &lease.rlimits {
+            let known = RlimitName::parse(rname)
+                .map_err(|e| ApiError::Internal(format!("lease {name}: stored rlimits: {e}")))?;
+            rlimits.insert(known, *limits);
+        }
+        rlimits.extend(spec.rlimits.clone());
+        let ns_spec = ns_spec(&lease)?;
+        // Every process of the lease is born in its cgroups.
+        let cgroup = self.spawn_cgroup(&lease)?;
+        // The process writes its log files itself (no pipe through the daemon), so its output
+        // survives a restart of the daemon; the supervisor trims them to `log_max_bytes`.
+        let files = self
+            .inner
+            .logs
+            .take()
+            .map_err(|e| internal("log file", e))?;
+        let id = files.id;
+        // Until the process is recorded, its log files go again with any failure.
+        let unrecorded = Unrecorded {
+            pool: &self.inner.logs,
+            id: &id,
+        };
+        let mut command = Command::new(&spec.program, &spec.argv);
+        for (k, v) in &spec.env {
+            command.env(k, v);
+        }
+        command
+            .cwd(&spec.cwd)
+            .user(spec.user, spec.group)
+            .groups(spec.groups.iter().copied())
+            .umask(spec.umask)
+            .stdout(files.stdout)
+            .stderr(files.stderr)
+            .cgroup(cgroup)
+            .timeout(self.inner.config.spawn_timeout);
+        // A cap the client set: pids_max, max_processes, or an nproc rlimit.
+        let capped = lease.pids_max.is_some()
+            || lease.max_processes.is_some()
+            || rlimits.contains_key(&RlimitName::Nproc);
+        for (rname, [soft, hard]) in &rlimits {
+            command.rlimit_named(*rname, *soft, *hard);
+        }
+        let created = existing.is_none();
+        if created && ns_spec.extra.mnt {
+            self.private_ns_dir(&name)?;
+        }
+        let spawn_pin = pin.clone();
+        let run = move || match &existing {
+            Some(ns) => command.spawn(Namespace::Join(ns)),
+            None => command.spawn(Namespace::Create {
+                spec: &ns_spec,
+                pin: &spawn_pin,
+            }),
+        };
+        // The clone-to-exec handshake blocks for about a millisecond (at most the spawn's
+        // deadline): on the multi-threaded runtime it runs in place (no hop to another thread),
+        // elsewhere on the blocking pool.
+        let result = if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(run)
+        } else {
+            tokio::task::spawn_blocking(run)
+                .await
+                .map_err(|e| ApiError::Internal(format!("spawn thread failed: {e}")))?
+        };
+        let pidfd = Arc::new(result.map_err(|e| spawn_error(&spec, capped, e))?);
+        if created {
+            match subid_sys::LeaseNs::open(&pin) {
+                Ok(ns) => {
+                    lock_map(&self.inner.spaces).insert(lease.id, Arc::new(ns));
+                }
+                Err(error) => tracing::warn!(lease = %name, %error, "cannot reopen the new pin"),
+            }
+        }
+        let start_ticks = pidfd
+            .proc_dir()
+            .and_then(|dir| members::start_ticks(&dir))
+            .unwrap_or(0);
+        let record = ProcessRecord {
+            id: id.clone(),
+            lease_id: lease.id,
+            lease_name: lease.name.clone(),
+            pid: pidfd.pid(),
+            start_ticks,
+            boot_id: self.inner.boot_id.clone(),
+            host_uid: lease.uid_base.saturating_add(spec.user),
+            host_gid: lease.gid_base.saturating_add(spec.group),
+            argv: spec.argv.clone(),
+            state: ProcessState::Running,
+            exit_code: None,
+            signal: None,
+            started_at: now_ms(),
+            ended_at: None,
+        };
+        // Written on this thread when nothing holds the write lock: a hand-off to another
+        // thread costs more than the write (see `LeaseService::record_process`).
+        if let Err(error) = self
+            .inner
+            .leases
+            .record_process(&ProcessOp::Insert(record.clone()))
+            .await
+        {
+            // Not recorded means not started: take it back (it cannot be stopped: SIGKILL).
+            let _ = pidfd.send_signal(SIGKILL);
+            let reaper = Arc::clone(&pidfd);
+            let _ = tokio::task::spawn_blocking(move || {
+                reaper.wait_timeout(std::time::Duration::from_secs(5))
+            })
+            .await;
+            return Err(error);
+        }
+        // Recorded: the files are the process's now, and go with its lease.
+        std::mem::forget(unrecorded);
+        tracing::info!(id = %id, pid = record.pid, lease = %name, host_uid = record.host_uid, "process started");
+        self.supervise(record.clone(), pidfd, true);
+        drop(guard);
+        Ok(record)
+    }
+}
+
+/// Maps a spawn failure to what the client should hear. `capped`: the lease or the request set
+/// a process cap (pids_max, max_processes, an nproc rlimit).
+fn spawn_error(spec: &SpawnSpec, capped: bool, error: SysError) -> ApiError {
+    if error.errno() == Some(Errno::EAGAIN) {
+        // fork, clone or execve (RLIMIT_NPROC) refused: the lease's cap, or a system limit.
+        if capped {
+            return ApiError::ProcessLimit(
+                "the kernel refused a new process: the lease is at its process cap (pids_max, \
+                 max_processes or the nproc rlimit); retry when some of its processes exit"
+                    .into(),
+            );
+        }
+        return ApiError::Unavailable(
+            "the kernel refused a new process: the lease is at its process cap (pids_max or \
+             max_processes) or a system limit was reached; retry when some of its processes exit",
+        );
+    }
+    match &error {
+        SysError::SpawnTimeout { waited_ms, .. } => ApiError::SpawnTimeout(format!(
+            "{} did not start within {waited_ms} ms (something in the lease stopped or stalled \
+             it) and was killed; nothing was started",
+            spec.program.display()
+        )),
+        SysError::ChildSetup { step, source, .. } => {
+            let client_fault = matches!(
+                source,
+                Errno::ENOENT
+                    | Errno::EACCES
+                    | Errno::ENOEXEC
+                    | Errno::ENOTDIR
+                    | Errno::ELOOP
+                    | Errno::E2BIG
+                    | Errno::ETXTBSY
+                    | Errno::EISDIR
+                    | Errno::EPERM
+                    | Errno::EINVAL
+                    | Errno::ENAMETOOLONG
+            );
+            if client_fault {
+                let what = match step {
+                    ChildStep::Execve => format!("cannot execute {}", spec.program.display()),
+                    ChildStep::Chdir => format!("cannot enter cwd {}", spec.cwd.display()),
+                    other => format!("process setup failed at {}", other.as_str()),
+                };
+                return ApiError::ExecFailed(format!("{what}: {source}"));
+            }
+            ApiError::Internal(format!("spawn: {error}"))
+        }
+        SysError::InvalidInput { reason, .. } => ApiError::InvalidRequest(reason.clone()),
+        _ => ApiError::Internal(format!("spawn: {error}")),
+    }
+}
+
+/// The log files of a spawn not (yet) recorded; dropping this removes them.
+struct Unrecorded<'a> {
+    pool: &'a LogPool,
+    id: &'a str,
+}
+
+impl Drop for Unrecorded<'_> {
+    fn drop(&mut self) {
+        for stream in STREAMS {
+            let _ = std::fs::remove_file(self.pool.path(self.id, stream));
+        }
+    }
+}
