@@ -6,6 +6,7 @@ mod caps;
 mod concurrency;
 mod config;
 mod crash;
+mod edges;
 mod idmap;
 mod integrations;
 mod leases;

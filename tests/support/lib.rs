@@ -106,9 +106,11 @@ impl Daemon {
         let subgid = dir.path().join("subgid");
         std::fs::write(&subuid, subuid_text).context("write subuid file")?;
         std::fs::write(&subgid, subgid_text).context("write subgid file")?;
+        // A pool registry of the test's own: tests run many daemons with the same pool at once.
         let text = format!(
-            "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\n{config_toml}\n",
+            "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\npool_registry_dir = {pools:?}\n{config_toml}\n",
             state = dir.path().join("state"),
+            pools = dir.path().join("pools"),
         );
         std::fs::write(&config, text).context("write config")?;
         let mut daemon = Daemon {
@@ -164,7 +166,9 @@ impl Daemon {
         self.wait_ready()
     }
 
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
+    /// Waits until the socket accepts connections (or the process exits): after
+    /// [`Daemon::spawn_via`], for a daemon started under a wrapper.
+    pub fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(child) = self.child.as_mut()
