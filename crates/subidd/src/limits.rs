@@ -187,6 +187,15 @@ pub struct ConnectionBudget {
     refusals: Arc<Refusals>,
 }
 
+/// What is known of a caller when its connection is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// Its credentials (SO_PEERCRED) are ones the listener serves.
+    Allowed,
+    /// Not known until a request passes authentication (TCP), or known to be refused.
+    Unknown,
+}
+
 /// Why a connection was turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -211,18 +220,25 @@ impl ConnectionBudget {
         }
     }
 
-    /// A place for one more connection, or why there is none.
-    pub fn admit(&self) -> Result<Admission, Refusal> {
+    /// A place for one more connection, or why there is none. `caller` says whether the
+    /// caller is known to be let in already (a unix peer the policy allows, by its
+    /// credentials): such a connection never takes an unauthenticated place.
+    pub fn admit(&self, caller: Caller) -> Result<Admission, Refusal> {
         let open = Arc::clone(&self.open)
             .try_acquire_owned()
             .map_err(|_| Refusal::Full)?;
-        let unauthenticated = Arc::clone(&self.unauthenticated)
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Unauthenticated)?;
+        let unauthenticated = match caller {
+            Caller::Allowed => None,
+            Caller::Unknown => Some(
+                Arc::clone(&self.unauthenticated)
+                    .try_acquire_owned()
+                    .map_err(|_| Refusal::Unauthenticated)?,
+            ),
+        };
         Ok(Admission {
             inner: Arc::new(AdmissionInner {
                 _open: open,
-                unauthenticated: Mutex::new(Some(unauthenticated)),
+                unauthenticated: Mutex::new(unauthenticated),
             }),
         })
     }
@@ -438,8 +454,9 @@ fn is_long_poll(request: &Request) -> bool {
 /// Unlike `axum::serve`, the connections get a timer, so `header_read_timeout` applies: a
 /// client that has not sent a complete request head that long after connecting, or after its
 /// previous response on a kept-alive connection, is disconnected. Each connection takes a place
-/// in `budget` first; one past it is answered 503 and closed at once, so the listener never
-/// holds more descriptors than its budget.
+/// in `budget` first (`service_for` also says what is known of the caller); one past it is
+/// answered 503 and closed at once, so the listener never holds more descriptors than its
+/// budget.
 pub async fn serve<L, S, F>(
     mut listener: L,
     header_read_timeout: Duration,
@@ -449,7 +466,7 @@ pub async fn serve<L, S, F>(
 ) where
     L: Listener,
     L::Io: TryWrite,
-    F: Fn(&L::Io) -> S,
+    F: Fn(&L::Io) -> (S, Caller),
     S: tower::Service<HttpRequest<Incoming>, Response = Response, Error = Infallible>
         + Clone
         + Send
@@ -467,7 +484,8 @@ pub async fn serve<L, S, F>(
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let admission = match budget.admit() {
+        let (service, caller) = service_for(&io);
+        let admission = match budget.admit(caller) {
             Ok(admission) => admission,
             Err(why) => {
                 budget.refused(why);
@@ -481,7 +499,7 @@ pub async fn serve<L, S, F>(
                 request.extensions_mut().insert(tagged.clone());
                 request
             })
-            .service(service_for(&io));
+            .service(service);
         let service = TowerToHyperService::new(service);
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
         tokio::spawn(async move {
@@ -556,21 +574,28 @@ mod tests {
 
     #[tokio::test]
     async fn budgets_admit_up_to_their_caps_and_give_places_back() {
-        let budget = ConnectionBudget::new("tcp", 3, 2);
-        let a = budget.admit().expect("first");
-        let b = budget.admit().expect("second");
+        let budget = ConnectionBudget::new("tcp", 4, 2);
+        let a = budget.admit(Caller::Unknown).expect("first");
+        let b = budget.admit(Caller::Unknown).expect("second");
         assert_eq!(
-            budget.admit().map(drop),
+            budget.admit(Caller::Unknown).map(drop),
             Err(Refusal::Unauthenticated),
             "two not let in yet"
         );
+        let allowed = budget
+            .admit(Caller::Allowed)
+            .expect("a caller known to be allowed takes no unauthenticated place");
         a.authenticated();
         let c = budget
-            .admit()
+            .admit(Caller::Unknown)
             .expect("a's unauthenticated place is free again");
-        assert_eq!(budget.open_now(), 3);
-        assert_eq!(budget.admit().map(drop), Err(Refusal::Full), "three open");
-        drop((b, c));
+        assert_eq!(budget.open_now(), 4);
+        assert_eq!(
+            budget.admit(Caller::Allowed).map(drop),
+            Err(Refusal::Full),
+            "four open"
+        );
+        drop((b, c, allowed));
         assert_eq!(budget.open_now(), 1);
         a.authenticated();
         drop(a);

@@ -17,7 +17,7 @@ use crate::api::{self, AppState};
 use crate::auth::{self, TcpPolicy, UnixPeer, UnixPolicy};
 use crate::config::Config;
 use crate::lease::LeaseService;
-use crate::limits::{self, ConnectionBudget, ConnectionCaps, Limiter, ServeLimits};
+use crate::limits::{self, Caller, ConnectionBudget, ConnectionCaps, Limiter, ServeLimits};
 use crate::paths;
 use crate::pool;
 use crate::process::{ProcessConfig, ProcessService};
@@ -244,6 +244,7 @@ impl Daemon {
             self.unix,
             unix_app,
             self.limits,
+            self.unix_policy.clone(),
             ConnectionBudget::new("unix", caps.unix, caps.unauthenticated),
             stopped(stop.clone()),
         ));
@@ -307,11 +308,14 @@ impl Daemon {
 }
 
 /// Serves `app` on a bound unix listener until `shutdown` completes; each connection's
-/// requests carry the peer's credentials (`ConnectInfo<UnixPeer>`) for the auth layer.
+/// requests carry the peer's credentials (`ConnectInfo<UnixPeer>`) for the auth layer. A peer
+/// `policy` allows (root always) is admitted as such, so it never waits on the budget of
+/// unauthenticated connections; the auth layer still decides each request.
 pub async fn serve_unix(
     listener: UnixListener,
     app: Router,
     limits: ServeLimits,
+    policy: UnixPolicy,
     budget: ConnectionBudget,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -322,12 +326,17 @@ pub async fn serve_unix(
         shutdown,
         |stream: &UnixStream| {
             let peer = UnixPeer::of(stream);
-            tower::ServiceBuilder::new()
+            let caller = match &peer.0 {
+                Some(cred) if policy.allows(cred) => Caller::Allowed,
+                _ => Caller::Unknown,
+            };
+            let service = tower::ServiceBuilder::new()
                 .map_request(move |mut request: axum::http::Request<_>| {
                     request.extensions_mut().insert(ConnectInfo(peer.clone()));
                     request
                 })
-                .service(app.clone())
+                .service(app.clone());
+            (service, caller)
         },
     )
     .await;
@@ -347,7 +356,7 @@ pub async fn serve_tcp(
         limits.header_read_timeout,
         budget,
         shutdown,
-        |_| app.clone(),
+        |_| (app.clone(), Caller::Unknown),
     )
     .await;
     Ok(())
