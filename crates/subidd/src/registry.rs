@@ -434,4 +434,35 @@ mod tests {
             .count();
         assert_eq!(left, 0, "dropped claims remove their files");
     }
+
+    #[test]
+    fn a_locked_registration_of_a_gone_pid_is_waited_for_not_taken_as_alive() {
+        // What a SIGKILLed daemon's v1 lease spawner leaves for a moment: the daemon's pid is
+        // gone but the shared descriptor table still holds the lock.
+        let (_dir, registry) = registry();
+        std::fs::create_dir_all(&registry).expect("mkdir");
+        let file = registry.join("4194305-1-0.pool");
+        std::fs::write(
+            &file,
+            r#"{"pid":4194305,"state_dir":"/gone","socket":"/gone.sock","base":1879048192,"size":65536,"since":1}"#,
+        )
+        .expect("write");
+        let held = flock::try_lock(std::fs::File::open(&file).expect("open"), &file)
+            .expect("flock")
+            .expect("free");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        let claim = claim(
+            &registry,
+            range(0x7000_0000, 0x10000),
+            Path::new("/var/lib/next"),
+            Path::new("/run/next.sock"),
+        )
+        .expect("the lock came free within the wait");
+        release.join().expect("thread");
+        assert!(!file.exists(), "the gone daemon's registration was removed");
+        drop(claim);
+    }
 }
