@@ -129,9 +129,11 @@ impl Daemon {
             .as_ref()
             .map(|p| format!("cgroup_parent = {p:?}\n"))
             .unwrap_or_default();
+        // A pool registry of the test's own: tests run many daemons with the same pool at once.
         let text = format!(
-            "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\n{parent_line}{config_toml}\n",
+            "state_dir = {state:?}\nruntime_dir = {run:?}\nsubuid_file = {subuid:?}\nsubgid_file = {subgid:?}\npool_registry_dir = {pools:?}\n{parent_line}{config_toml}\n",
             state = dir.path().join("state"),
+            pools = dir.path().join("pools"),
         );
         std::fs::write(&config, text).context("write config")?;
         let mut daemon = Daemon {
@@ -190,7 +192,9 @@ impl Daemon {
         self.wait_ready()
     }
 
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
+    /// Waits until the socket accepts connections (or the process exits): after
+    /// [`Daemon::spawn_via`], for a daemon started under a wrapper.
+    pub fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(child) = self.child.as_mut()

@@ -29,6 +29,10 @@ pub enum StoreError {
     },
     #[error("database {path} is damaged: {reason}")]
     Damaged { path: PathBuf, reason: String },
+    /// A valid SQLite database that is not subidd's (another program's application id, or no
+    /// subidd schema): refused, never migrated into.
+    #[error("database {path} is not subidd's: {reason}")]
+    Foreign { path: PathBuf, reason: String },
     #[error("cannot migrate database {path}: {source}")]
     Migrate {
         path: PathBuf,
@@ -98,7 +102,9 @@ impl StoreError {
     /// an operator must look at it; subidd never recreates it.
     pub fn is_damaged(&self) -> bool {
         let code = match self {
-            StoreError::Damaged { .. } | StoreError::NotWritable { .. } => return true,
+            StoreError::Damaged { .. }
+            | StoreError::Foreign { .. }
+            | StoreError::NotWritable { .. } => return true,
             StoreError::Open { source, .. } | StoreError::Read { source } => primary_code(source),
             StoreError::Full { source } | StoreError::Unwritable { source } => {
                 source.primary_code()

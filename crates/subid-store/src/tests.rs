@@ -1,6 +1,7 @@
 //! Store tests on a real SQLite file in a temp dir.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 
 use super::*;
 
@@ -462,10 +463,16 @@ fn header_size_beyond_the_file_is_damage_only_without_a_log_to_replay() {
     let mut file = page1.clone();
     file.resize(41 * 4096, 0);
     std::fs::write(&db, &file).expect("write db");
-    let refused = super::check_header(&db).expect_err("41 of 55 pages, no log");
+    let refused = super::open::inspect(&db)
+        .map(drop)
+        .expect_err("41 of 55 pages, no log");
     assert!(refused.to_string().contains("55 pages"), "{refused}");
     std::fs::write(dir.path().join("subidd.db-wal"), [1u8; 32]).expect("write wal");
-    super::check_header(&db).expect("the log holds the rest");
+    super::open::inspect(&db)
+        .map(drop)
+        .expect("the log holds the rest");
     std::fs::write(dir.path().join("subidd.db-wal"), []).expect("empty wal");
-    super::check_header(&db).expect_err("an empty log replays nothing");
+    super::open::inspect(&db)
+        .map(drop)
+        .expect_err("an empty log replays nothing");
 }

@@ -9,6 +9,8 @@ pub mod userdb;
 pub mod activation;
 pub mod cgroup;
 pub mod error;
+pub mod fdlimit;
+pub mod flock;
 #[cfg(feature = "floors")]
 pub mod floor;
 pub mod idscan;

@@ -43,9 +43,10 @@ pub enum Command {
     Wait {
         /// The process id (16 hex digits, as `run` and `ps` print it).
         id: String,
-        /// Seconds to wait at most (the daemon's default is 30, its maximum 3600).
-        #[arg(long, value_name = "SECONDS")]
-        timeout: Option<u64>,
+        /// How long to wait at most: seconds, or a duration like 90s, 10m, 1h (the daemon's
+        /// default is 30 s, its maximum 1 h).
+        #[arg(long, value_name = "DURATION", value_parser = duration_seconds)]
+        timeout: Option<u32>,
     },
     /// Send a signal to a process.
     Kill {
@@ -72,8 +73,8 @@ pub enum Command {
     Events(EventsArgs),
     /// Show this client's version and the daemon's.
     Version,
-    /// Write man pages or shell completions (for packaging).
-    #[command(subcommand, hide = true)]
+    /// Write man pages or shell completions (for packaging, or for your shell).
+    #[command(subcommand)]
     Generate(GenerateCommand),
 }
 
@@ -156,8 +157,9 @@ pub struct PutArgs {
     /// A label (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = key_value)]
     pub labels: Vec<(String, String)>,
-    /// Release the lease automatically after this many seconds unless renewed.
-    #[arg(long, value_name = "SECONDS")]
+    /// Release the lease automatically after this long unless renewed: seconds, or a duration
+    /// like 90s, 10m, 1h, 2d, 1h30m.
+    #[arg(long, value_name = "DURATION", value_parser = duration_seconds)]
     pub ttl: Option<u32>,
     /// A default rlimit of its processes (repeatable); `unlimited` for no limit.
     #[arg(long = "rlimit", value_name = "NAME=SOFT:HARD", value_parser = rlimit)]
@@ -188,11 +190,11 @@ pub struct LookupArgs {
 pub struct RunArgs {
     /// The lease to run in.
     pub lease: String,
-    /// The uid inside the namespace (default 0).
-    #[arg(long, short)]
+    /// The uid inside the lease's user namespace, a number (default 0, its root).
+    #[arg(long, short, value_name = "UID", value_parser = inner_uid)]
     pub user: Option<u32>,
-    /// The gid inside the namespace (default 0).
-    #[arg(long, short)]
+    /// The gid inside the lease's user namespace, a number (default 0).
+    #[arg(long, short, value_name = "GID", value_parser = inner_gid)]
     pub group: Option<u32>,
     /// An environment variable (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = key_value)]
@@ -204,7 +206,8 @@ pub struct RunArgs {
     /// signal N).
     #[arg(long)]
     pub wait: bool,
-    /// The program and its arguments (after `--`).
+    /// The program and its arguments, after `--` (so that their options are not taken for
+    /// subidctl's): `subidctl run web-1 --wait -- ls -l /`.
     #[arg(last = true, required = true, value_name = "ARGV")]
     pub argv: Vec<String>,
 }
@@ -274,6 +277,58 @@ fn key_value(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A duration in whole seconds: a plain number of seconds, or a duration as the daemon's docs
+/// write them (`90s`, `10m`, `1h`, `2d`, `1h30m`; humantime's units).
+pub fn duration_seconds(s: &str) -> Result<u32, String> {
+    let text = s.trim();
+    let seconds = match text.parse::<u64>() {
+        Ok(n) => n,
+        Err(_) => {
+            let duration = humantime::parse_duration(text).map_err(|e| {
+                format!(
+                    "{s:?} is not a duration ({e}); give seconds (3600) or e.g. 90s, 10m, 1h, 2d"
+                )
+            })?;
+            if duration.subsec_nanos() != 0 {
+                return Err(format!("{s:?}: durations are whole seconds"));
+            }
+            duration.as_secs()
+        }
+    };
+    if seconds == 0 {
+        return Err(format!("{s:?}: must be at least one second"));
+    }
+    u32::try_from(seconds).map_err(|_| format!("{s:?}: at most {} seconds", u32::MAX))
+}
+
+/// A uid inside the lease's namespace: a number, since a name would have to be looked up in
+/// the image's /etc/passwd, which the daemon never reads (the host's could name another uid).
+fn inner_uid(s: &str) -> Result<u32, String> {
+    inner_id(s, "uid")
+}
+
+/// As [`inner_uid`], for gids.
+fn inner_gid(s: &str) -> Result<u32, String> {
+    inner_id(s, "gid")
+}
+
+fn inner_id(s: &str, kind: &str) -> Result<u32, String> {
+    let (file, find) = if kind == "uid" {
+        ("passwd", format!("id -u {s}"))
+    } else {
+        ("group", format!("getent group {s}"))
+    };
+    s.trim().parse::<u32>().map_err(|_| {
+        format!(
+            "a numeric {kind} inside the lease's user namespace is needed, not {s:?} (0 is the \
+             namespace's root; e.g. 999 for an image's mysql {kind}): subidd does not look names \
+             up, since a name means what the container image's /etc/{file} says, which the daemon \
+             never reads (the host's could give another number). Find the number with `{find}` \
+             inside the image"
+        )
+    })
+}
+
 /// `NAME=SOFT:HARD`, each limit a number or `unlimited`.
 fn rlimit(s: &str) -> Result<(String, [u64; 2]), String> {
     let bad = || format!("{s:?}: expected NAME=SOFT:HARD, e.g. nofile=1024:4096");
@@ -326,6 +381,39 @@ mod tests {
         assert_eq!(run.argv, ["/bin/sh", "-c", "exit 3"]);
         assert!(run.wait);
         assert_eq!(run.env, [("A".to_string(), "1".to_string())]);
+    }
+
+    #[test]
+    fn durations_as_the_daemon_writes_them() {
+        for (text, seconds) in [
+            ("3600", 3600),
+            ("90s", 90),
+            ("10m", 600),
+            ("1h", 3600),
+            ("2d", 172_800),
+            ("1h30m", 5400),
+            (" 45 ", 45),
+        ] {
+            assert_eq!(duration_seconds(text), Ok(seconds), "{text}");
+        }
+        for bad in ["0", "0s", "1500ms", "soon", "-5", "", "99999999999"] {
+            assert!(duration_seconds(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_must_be_numbers_and_say_why() {
+        assert_eq!(inner_uid("999"), Ok(999));
+        let err = inner_uid("root").expect_err("a name");
+        assert!(
+            err.contains("numeric uid") && err.contains("/etc/passwd") && !err.contains("digit"),
+            "{err}"
+        );
+        assert!(
+            inner_gid("mysql")
+                .expect_err("a name")
+                .contains("/etc/group")
+        );
     }
 
     #[test]

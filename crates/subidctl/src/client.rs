@@ -22,13 +22,11 @@ pub struct ConnectError {
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let hint = match self.source.kind() {
-            std::io::ErrorKind::PermissionDenied => {
-                "only root and members of the socket's group (subidd) may use it"
-            }
+            std::io::ErrorKind::PermissionDenied => permission_hint(&self.socket),
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                "is subidd running (`systemctl status subidd`)? Pick another socket with --socket or SUBIDD_SOCKET"
+                "is subidd running (`systemctl status subidd`)? Pick another socket with --socket or SUBIDD_SOCKET".to_string()
             }
-            _ => "check that subidd is running and that you may use its socket",
+            _ => "check that subidd is running and that you may use its socket".to_string(),
         };
         write!(
             f,
@@ -37,6 +35,46 @@ impl fmt::Display for ConnectError {
             self.source
         )
     }
+}
+
+/// What to do when the socket refused this user: join its group (creating the group first
+/// when the daemon found none and left the socket root:root), and be allowed by the daemon.
+fn permission_hint(socket: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    const ALLOWED: &str = "the daemon must also list you in allowed_uids (or the group's gid in \
+         allowed_gids) of /etc/subidd/subidd.toml";
+    match std::fs::metadata(socket).map(|m| m.gid()) {
+        Ok(0) => format!(
+            "only root may use it: the socket is root:root because its group (socket_group, \
+             default subidd) did not exist when subidd started. As root: `groupadd --system \
+             subidd`, `usermod -aG subidd USER`, then restart subidd (`systemctl restart \
+             subidd`) and log in again; {ALLOWED}"
+        ),
+        Ok(gid) => {
+            let group = group_name(gid).unwrap_or_else(|| gid.to_string());
+            format!(
+                "only root and members of the socket's group {group} may use it: as root, \
+                 `usermod -aG {group} USER`, then log in again; {ALLOWED}"
+            )
+        }
+        // The directory above it refused the lookup.
+        Err(_) => format!(
+            "a directory above the socket is closed to you; only root and members of the \
+             socket's group (subidd) may use it. If the group does not exist: `groupadd \
+             --system subidd`, `usermod -aG subidd USER`, restart subidd; {ALLOWED}"
+        ),
+    }
+}
+
+/// The name of group `gid` in /etc/group, if it is listed there.
+fn group_name(gid: u32) -> Option<String> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let number = fields.nth(1)?.parse::<u32>().ok()?;
+        (number == gid).then(|| name.to_string())
+    })
 }
 
 // The io error is already in the message; no `source()`, so `{:#}` does not repeat it.

@@ -78,10 +78,12 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             // The daemon binary registers: it reads the daemon's own configuration (pool keys,
             // subuid_file, subgid_file) on the daemon's host, which this client may not share.
-            eprintln!(
-                "subidctl: run `subidd --register` as root on the daemon's host (with the \
-                 daemon's --config, if it has one); it writes the configured pool as the \
-                 subidd entry of /etc/subuid and /etc/subgid"
+            crate::report::failure(
+                out.json,
+                "usage",
+                "run `subidd --register` as root on the daemon's host (with the daemon's \
+                 --config, if it has one); it writes the configured pool as the subidd entry \
+                 of /etc/subuid and /etc/subgid",
             );
             return Ok(ExitCode::from(2));
         }
@@ -92,8 +94,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("wrote {written} man pages to {}", dir.display());
         }
         Command::Generate(GenerateCommand::Completions { shell }) => {
-            let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "subidctl", &mut std::io::stdout());
+            // Into memory first: clap_complete panics when its writer fails, and a reader that
+            // stops early (`| head`) closes the pipe.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "subidctl", &mut script);
+            write_raw(&mut std::io::stdout(), &script)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -222,7 +227,10 @@ async fn lease(client: &Client, out: Output, cmd: LeaseCommand) -> anyhow::Resul
                 } else {
                     "released"
                 };
-                println!("lease {name} {what}");
+                write_raw(
+                    &mut std::io::stdout(),
+                    format!("lease {name} {what}\n").as_bytes(),
+                )?;
             }
         }
         LeaseCommand::Renew { name } => {
@@ -359,21 +367,27 @@ async fn run(client: &Client, out: Output, args: RunArgs) -> anyhow::Result<Exit
     while process["state"] == "running" {
         process = client.call(Method::POST, &wait_path, None).await?.json()?;
     }
+    let mut output = Vec::new();
+    for stream in ["stdout", "stderr"] {
+        let path = with_query(
+            &format!("/v1/processes/{}/logs", encode(&id)),
+            &[("stream", stream.to_string())],
+        );
+        output.push(client.call(Method::GET, &path, None).await?.body);
+    }
     if out.json {
+        // The process as the daemon answered, with what it wrote (as text; bytes that are not
+        // UTF-8 become U+FFFD: `subidctl logs` gives them raw).
+        if let Value::Object(fields) = &mut process {
+            for (stream, bytes) in ["stdout", "stderr"].iter().zip(&output) {
+                fields.insert((*stream).to_string(), json!(String::from_utf8_lossy(bytes)));
+            }
+        }
         let text = format!("{}\n", serde_json::to_string_pretty(&process)?);
         write_raw(&mut std::io::stdout(), text.as_bytes())?;
     } else {
-        for (stream, mut sink) in [
-            ("stdout", Box::new(std::io::stdout()) as Box<dyn Write>),
-            ("stderr", Box::new(std::io::stderr())),
-        ] {
-            let path = with_query(
-                &format!("/v1/processes/{}/logs", encode(&id)),
-                &[("stream", stream.to_string())],
-            );
-            let logs = client.call(Method::GET, &path, None).await?;
-            write_raw(&mut sink, &logs.body)?;
-        }
+        write_raw(&mut std::io::stdout(), &output[0])?;
+        write_raw(&mut std::io::stderr(), &output[1])?;
     }
     exit_status(&process)
 }
@@ -401,7 +415,10 @@ async fn version(client: &Client, out: Output) -> anyhow::Result<()> {
         Err(e) => {
             // Still say which client this is; the daemon's part is the error.
             if !out.json {
-                println!("client: {client_version}");
+                write_raw(
+                    &mut std::io::stdout(),
+                    format!("client: {client_version}\n").as_bytes(),
+                )?;
             }
             return Err(e);
         }

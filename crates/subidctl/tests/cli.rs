@@ -28,12 +28,15 @@ impl Daemon {
         std::fs::write(path("subuid"), "").expect("write subuid");
         std::fs::write(path("subgid"), "").expect("write subgid");
         let config = path("subidd.toml");
+        // A pool registry of its own: the tests run daemons with the same pool at once.
         let text = format!(
-            "state_dir = {:?}\nruntime_dir = {:?}\nsubuid_file = {:?}\nsubgid_file = {:?}\n",
+            "state_dir = {:?}\nruntime_dir = {:?}\nsubuid_file = {:?}\nsubgid_file = {:?}\n\
+             pool_registry_dir = {:?}\n",
             path("state"),
             path("run"),
             path("subuid"),
             path("subgid"),
+            path("pools"),
         );
         std::fs::write(&config, text).expect("write config");
         let log = std::fs::File::create(path("subidd.log")).expect("create log");
@@ -384,10 +387,211 @@ fn daemon_errors_exit_1_with_code_and_message() {
 
     let missing = daemon.ctl(&["--json", "logs", "0123456789abcdef"]);
     assert_eq!(missing.code, Some(1), "{missing:?}");
-    assert!(
-        missing.stderr.starts_with("subidctl: not_found: "),
-        "{missing:?}"
+    let error = json_error(&missing);
+    assert_eq!(error["code"], "not_found", "{missing:?}");
+    assert_eq!(missing.stdout, "");
+}
+
+/// The one JSON object a `--json` run printed on stderr for its error.
+fn json_error(run: &Run) -> Value {
+    assert_eq!(
+        run.stderr.lines().count(),
+        1,
+        "one line of JSON on stderr: {run:?}"
     );
+    let value: Value = serde_json::from_str(&run.stderr)
+        .unwrap_or_else(|e| panic!("stderr is not JSON ({e}): {run:?}"));
+    assert!(
+        value["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{value}"
+    );
+    value
+}
+
+#[test]
+fn with_json_every_error_is_json_on_stderr() {
+    let daemon = Daemon::start();
+    let missing = daemon.ctl(&["--json", "lease", "get", "nope"]);
+    assert_eq!(missing.code, Some(1));
+    assert_eq!(json_error(&missing)["code"], "not_found");
+
+    let unreachable = ctl(&["--json", "--socket", "/nonexistent/s.sock", "lease", "ls"]);
+    assert_eq!(unreachable.code, Some(1));
+    let error = json_error(&unreachable);
+    assert_eq!(error["code"], "cannot_connect");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/nonexistent/s.sock")),
+        "{error}"
+    );
+
+    for args in [
+        &["lease", "put"][..],
+        &["run", "box", "id"],
+        &["lease", "put", "x", "--ttl", "soon"],
+    ] {
+        let run = daemon.ctl(&[&["--json"], args].concat());
+        assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
+        assert_eq!(json_error(&run)["code"], "usage", "{args:?}");
+    }
+    let register = daemon.ctl(&["pool", "register", "--json"]);
+    assert_eq!(register.code, Some(2));
+    assert_eq!(json_error(&register)["code"], "usage");
+}
+
+#[test]
+fn ttl_takes_durations_as_the_daemon_writes_them() {
+    let daemon = Daemon::start();
+    for (i, (ttl, seconds)) in [("1h", 3600), ("90s", 90), ("2d", 172_800), ("600", 600)]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("t{i}");
+        let put = daemon
+            .ctl(&["--json", "lease", "put", &name, "--ttl", ttl])
+            .ok();
+        assert_eq!(put.json()["ttl_seconds"], seconds, "--ttl {ttl}");
+    }
+    let bad = daemon.ctl(&["lease", "put", "x", "--ttl", "soon"]);
+    assert_eq!(bad.code, Some(2), "{bad:?}");
+    assert!(
+        bad.stderr.contains("90s") && bad.stderr.contains("seconds"),
+        "says what a duration looks like: {bad:?}"
+    );
+}
+
+#[test]
+fn run_asks_for_numeric_ids_and_hints_at_the_dashes() {
+    let named = ctl(&[
+        "--socket",
+        "/nonexistent",
+        "run",
+        "box",
+        "-u",
+        "root",
+        "--",
+        "id",
+    ]);
+    assert_eq!(named.code, Some(2), "{named:?}");
+    assert!(
+        named
+            .stderr
+            .contains("numeric uid inside the lease's user namespace")
+            && named.stderr.contains("/etc/passwd")
+            && !named.stderr.contains("invalid digit"),
+        "says a number is needed and why: {named:?}"
+    );
+    let group = ctl(&[
+        "--socket",
+        "/nonexistent",
+        "run",
+        "box",
+        "-g",
+        "mysql",
+        "--",
+        "id",
+    ]);
+    assert_eq!(group.code, Some(2), "{group:?}");
+    assert!(group.stderr.contains("numeric gid"), "{group:?}");
+
+    for args in [
+        &["run", "box", "id"][..],
+        &["run", "box"],
+        &["run", "box", "ls", "-l"],
+    ] {
+        let run = ctl(&[&["--socket", "/nonexistent"], args].concat());
+        assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
+        assert!(
+            run.stderr.starts_with("error: ")
+                && run
+                    .stderr
+                    .contains("tip: the program and its arguments go after `--`")
+                && run.stderr.contains("-- PROGRAM"),
+            "{args:?}: {run:?}"
+        );
+    }
+    // Other usage errors get no such tip.
+    let other = ctl(&["--socket", "/nonexistent", "lease", "put"]);
+    assert!(!other.stderr.contains("tip:"), "{other:?}");
+}
+
+#[test]
+fn output_into_a_closed_pipe_is_not_a_panic() {
+    // `subidctl generate completions bash | head -1`: the reader is gone before the writer
+    // writes (its end is closed before the start), so every write fails with EPIPE.
+    for args in [
+        &["generate", "completions", "bash"][..],
+        &["--help"],
+        &["--socket", "/nonexistent", "--version"],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_subidctl"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run subidctl");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !stderr.contains("panicked") && output.status.code() != Some(101),
+            "{args:?}: {:?} {stderr}",
+            output.status
+        );
+    }
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let completions = Command::new(env!("CARGO_BIN_EXE_subidctl"))
+        .args(["generate", "completions", "bash"])
+        .stdout(writer)
+        .status()
+        .expect("run subidctl");
+    assert_eq!(
+        completions.code(),
+        Some(0),
+        "a reader that left is not an error"
+    );
+}
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root (runs subidctl as another uid)")]
+fn a_user_outside_the_socket_group_is_told_how_to_get_in() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let daemon = Daemon::start();
+    // Let uid 4242 reach the socket's directory; the socket itself stays 0660 root:root (the
+    // test daemon's group, subidd, does not exist here).
+    for dir in [
+        daemon.dir.path().to_path_buf(),
+        daemon.dir.path().join("run"),
+    ] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_subidctl"))
+        .args([
+            "--socket",
+            daemon.socket.to_str().expect("utf-8"),
+            "lease",
+            "ls",
+        ])
+        .uid(4242)
+        .gid(4242)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run subidctl as 4242");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    for part in [
+        "Permission denied",
+        "groupadd --system subidd",
+        "usermod -aG subidd USER",
+        "restart subidd",
+        "allowed_uids",
+    ] {
+        assert!(stderr.contains(part), "{part}: {stderr}");
+    }
 }
 
 #[test]
@@ -464,8 +668,13 @@ fn generate_writes_a_man_page_per_command_and_completions() {
         assert!(pages.contains(&page), "{page} missing from {pages:?}");
     }
     assert!(
-        !pages.iter().any(|p| p.contains("generate")),
-        "the hidden generate command gets no page: {pages:?}"
+        pages.contains(&"subidctl-generate.1".to_string()),
+        "generate is a visible command with a page: {pages:?}"
+    );
+    let help = ctl(&["--help"]).ok();
+    assert!(
+        help.stdout.contains("generate"),
+        "--help lists it: {help:?}"
     );
     let put = std::fs::read_to_string(out.join("subidctl-lease-put.1")).expect("read page");
     assert!(put.contains(".TH"), "a roff page: {put}");
@@ -497,6 +706,25 @@ fn run_wait_prints_output_and_exits_with_the_process_status() {
     assert_eq!(run.code, Some(3), "{run:?}\n{}", daemon.log());
     assert_eq!(run.stdout, "hi\n");
     assert_eq!(run.stderr, "oops\n");
+
+    // With --json: the process and what it wrote, in one object; still its exit status.
+    let json = daemon.ctl(&[
+        "--json",
+        "run",
+        "box",
+        "--wait",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo out; echo err >&2; exit 4",
+    ]);
+    assert_eq!(json.code, Some(4), "{json:?}");
+    let process = json.json();
+    assert_eq!(process["stdout"], "out\n", "{process}");
+    assert_eq!(process["stderr"], "err\n", "{process}");
+    assert_eq!(process["exit_code"], 4, "{process}");
+    assert_eq!(process["state"], "exited", "{process}");
+    assert_eq!(json.stderr, "", "nothing else on stderr: {json:?}");
 
     let killed = daemon.ctl(&[
         "run",

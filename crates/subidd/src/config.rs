@@ -8,6 +8,9 @@ use serde::Deserialize;
 /// Where the config file is read from when neither `--config` nor `SUBIDD_CONFIG` names one.
 pub const DEFAULT_CONFIG: &str = "/etc/subidd/subidd.toml";
 
+/// Where running daemons register their pools unless `pool_registry_dir` says otherwise.
+pub const DEFAULT_POOL_REGISTRY: &str = "/run/subidd-pools";
+
 /// The daemon's settings after every layer has been applied. `config/subidd.toml` documents
 /// each key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +36,15 @@ pub struct Config {
     pub request_timeout_ms: u64,
     pub max_concurrent_requests: usize,
     pub header_read_timeout_ms: u64,
+    /// Connections open at once on the unix socket; `None`: a default fitted to RLIMIT_NOFILE
+    /// at start (see [`crate::limits::fit_connections`]).
+    pub max_unix_connections: Option<usize>,
+    /// Connections open at once on the TCP listener; `None` as above.
+    pub max_tcp_connections: Option<usize>,
+    /// Connections per listener whose caller has not (yet) been let in; `None` as above.
+    pub max_unauthenticated_connections: Option<usize>,
+    /// The host-wide directory where running daemons register their pools.
+    pub pool_registry_dir: PathBuf,
     pub pool: PoolConfig,
 }
 
@@ -78,6 +90,10 @@ struct FileConfig {
     request_timeout_ms: Option<u64>,
     max_concurrent_requests: Option<usize>,
     header_read_timeout_ms: Option<u64>,
+    max_unix_connections: Option<usize>,
+    max_tcp_connections: Option<usize>,
+    max_unauthenticated_connections: Option<usize>,
+    pool_registry_dir: Option<PathBuf>,
     #[serde(default)]
     pool: PoolConfig,
 }
@@ -245,6 +261,19 @@ impl Config {
             header_read_timeout_ms: env_num(&env, "SUBIDD_HEADER_READ_TIMEOUT_MS")?
                 .or(file.header_read_timeout_ms)
                 .unwrap_or(5_000),
+            max_unix_connections: env_num(&env, "SUBIDD_MAX_UNIX_CONNECTIONS")?
+                .or(file.max_unix_connections),
+            max_tcp_connections: env_num(&env, "SUBIDD_MAX_TCP_CONNECTIONS")?
+                .or(file.max_tcp_connections),
+            max_unauthenticated_connections: env_num(
+                &env,
+                "SUBIDD_MAX_UNAUTHENTICATED_CONNECTIONS",
+            )?
+            .or(file.max_unauthenticated_connections),
+            pool_registry_dir: env_path("SUBIDD_POOL_REGISTRY_DIR")
+                .or(file.pool_registry_dir)
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_POOL_REGISTRY)),
             pool,
         };
         for (key, value) in [
@@ -267,6 +296,27 @@ impl Config {
                 reason: format!("between 1 and {}", 1 << 20),
             });
         }
+        for (key, value) in [
+            ("max_unix_connections", config.max_unix_connections),
+            ("max_tcp_connections", config.max_tcp_connections),
+            (
+                "max_unauthenticated_connections",
+                config.max_unauthenticated_connections,
+            ),
+        ] {
+            if value.is_some_and(|n| n == 0 || n > crate::limits::MAX_CONNECTIONS_KEY) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("between 1 and {}", crate::limits::MAX_CONNECTIONS_KEY),
+                });
+            }
+        }
+        if !config.pool_registry_dir.is_absolute() {
+            return Err(ConfigError::Invalid {
+                key: "pool_registry_dir",
+                reason: "an absolute path (every daemon on the host must name the same one)".into(),
+            });
+        }
         if config.pool_check_interval_ms == 0 {
             return Err(ConfigError::Invalid {
                 key: "pool_check_interval_ms",
@@ -282,6 +332,16 @@ impl Config {
             request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
             max_concurrent_requests: self.max_concurrent_requests,
             header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+        }
+    }
+
+    /// The connection caps the config asks for (unset ones are fitted at start).
+    pub fn requested_connections(&self) -> crate::limits::RequestedConnections {
+        crate::limits::RequestedConnections {
+            unix: self.max_unix_connections,
+            tcp: self.max_tcp_connections,
+            unauthenticated: self.max_unauthenticated_connections,
+            tcp_enabled: self.listen_tcp.is_some(),
         }
     }
 
@@ -375,6 +435,12 @@ mod tests {
         assert_eq!(c.quarantine_seconds, 86_400);
         assert_eq!(c.listen_tcp, None);
         assert_eq!(c.pool, PoolConfig::default());
+        assert_eq!(c.pool_registry_dir, PathBuf::from("/run/subidd-pools"));
+        assert_eq!(
+            (c.max_unix_connections, c.max_tcp_connections),
+            (None, None),
+            "fitted to RLIMIT_NOFILE at start"
+        );
     }
 
     #[test]
@@ -495,6 +561,22 @@ mod tests {
                 "SUBIDD_MAX_CONCURRENT_REQUESTS",
                 "99999999",
                 "max_concurrent_requests",
+            ),
+            ("SUBIDD_MAX_TCP_CONNECTIONS", "0", "max_tcp_connections"),
+            (
+                "SUBIDD_MAX_UNIX_CONNECTIONS",
+                "99999999",
+                "max_unix_connections",
+            ),
+            (
+                "SUBIDD_MAX_UNAUTHENTICATED_CONNECTIONS",
+                "0",
+                "max_unauthenticated_connections",
+            ),
+            (
+                "SUBIDD_POOL_REGISTRY_DIR",
+                "relative/dir",
+                "pool_registry_dir",
             ),
         ] {
             let err = load(flags.clone(), &[(name, value)]).expect_err("limit refused");

@@ -17,9 +17,11 @@ use crate::api::{self, AppState};
 use crate::auth::{self, TcpPolicy, UnixPeer, UnixPolicy};
 use crate::config::Config;
 use crate::lease::LeaseService;
-use crate::limits::{self, Limiter, ServeLimits};
+use crate::limits::{self, Caller, ConnectionBudget, ConnectionCaps, Limiter, ServeLimits};
+use crate::paths;
 use crate::pool;
 use crate::process::{ProcessConfig, ProcessService};
+use crate::registry::{self, PoolClaim};
 use crate::systemd::{self, Handoff, Notifier};
 
 /// Backlog of the unix socket: thousands of clients may connect at once.
@@ -57,6 +59,9 @@ pub struct Daemon {
     expiry_interval: Duration,
     pool_watch: pool::WatchConfig,
     limits: ServeLimits,
+    connections: ConnectionCaps,
+    /// This daemon's entry in the host-wide pool registry, held until it stops.
+    claim: PoolClaim,
     notifier: Option<Notifier>,
     watchdog: Option<Duration>,
 }
@@ -70,8 +75,23 @@ impl Daemon {
     /// As [`Daemon::start`], serving the socket systemd passed (if any) instead of binding one,
     /// and notifying systemd (if asked).
     pub async fn start_with(config: &Config, handoff: Handoff) -> anyhow::Result<Daemon> {
-        make_dir(&config.state_dir, 0o700)?;
-        make_dir(&config.runtime_dir, 0o755)?;
+        let nofile = subid_sys::fdlimit::raise_nofile().context("reading RLIMIT_NOFILE")?;
+        let (connections, notes) =
+            limits::fit_connections(config.requested_connections(), nofile.soft)?;
+        for note in notes {
+            tracing::warn!("{note}");
+        }
+        tracing::info!(
+            was = nofile.was,
+            soft = nofile.soft,
+            hard = nofile.hard,
+            unix = connections.unix,
+            tcp = connections.tcp,
+            unauthenticated = connections.unauthenticated,
+            "open-file limit and connection caps"
+        );
+        make_dir("state_dir", &config.state_dir, 0o700)?;
+        make_dir("runtime_dir", &config.runtime_dir, 0o755)?;
         let (uids, gids) = tokio::task::spawn_blocking(|| {
             (subid_sys::userdb::all_uids(), subid_sys::userdb::all_gids())
         })
@@ -85,6 +105,14 @@ impl Daemon {
             source = source.as_str(),
             "pool"
         );
+        let claim = {
+            let (dir, range) = (config.pool_registry_dir.clone(), pool.range());
+            let (state_dir, socket) = (config.state_dir.clone(), config.socket.clone());
+            tokio::task::spawn_blocking(move || registry::claim(&dir, range, &state_dir, &socket))
+                .await
+                .context("registering the pool")??
+        };
+        tracing::info!(file = %claim.file().display(), "pool registered");
         let database = config.database();
         let (store, writer) = subid_store::open(&database).await.with_context(|| {
             format!(
@@ -173,6 +201,8 @@ impl Daemon {
                 interval: Duration::from_millis(config.pool_check_interval_ms),
             },
             limits: config.limits(),
+            connections,
+            claim,
             notifier: handoff.notifier,
             watchdog: handoff.watchdog,
         })
@@ -191,7 +221,10 @@ impl Daemon {
         // One budget of requests in flight for both listeners; it is checked before
         // authentication, so a flood of refused callers is shed as well.
         let limiter = Limiter::new(&self.limits);
+        // Inside authentication: reached only by callers it let in, whose connections then
+        // leave the unauthenticated budget.
         let unix_app = api::router(self.state.clone())
+            .layer(middleware::from_fn(limits::mark_authenticated))
             .layer(middleware::from_fn_with_state(
                 self.unix_policy.clone(),
                 auth::unix_auth,
@@ -204,7 +237,8 @@ impl Daemon {
                 self.state.clone(),
                 api::observe,
             ))
-            .layer(middleware::map_response(api::stamp_headers));
+            .layer(middleware::map_response(api::stamp_headers))
+            .layer(middleware::map_response(limits::close_refused));
         // Event streams never end by themselves; a graceful stop would wait for them forever.
         let feed = self.state.leases.feed().clone();
         let feed_stop = stopped(stop.clone());
@@ -213,23 +247,35 @@ impl Daemon {
             feed.close();
         });
         tracing::info!(socket = %self.socket.display(), "listening");
+        // Each listener has a budget of its own: a flood on TCP never takes the unix socket's.
+        let caps = self.connections;
         let unix = tokio::spawn(serve_unix(
             self.unix,
             unix_app,
             self.limits,
+            self.unix_policy.clone(),
+            ConnectionBudget::new("unix", caps.unix, caps.unauthenticated),
             stopped(stop.clone()),
         ));
         let limits = self.limits;
         let tcp = self.tcp.map(|(listener, policy)| {
             let app: Router = api::router(self.state.clone())
+                .layer(middleware::from_fn(limits::mark_authenticated))
                 .layer(middleware::from_fn_with_state(policy, auth::tcp_auth))
                 .layer(middleware::from_fn_with_state(limiter, limits::limit))
                 .layer(middleware::from_fn_with_state(
                     self.state.clone(),
                     api::observe,
                 ))
-                .layer(middleware::map_response(api::stamp_headers));
-            tokio::spawn(serve_tcp(listener, app, limits, stopped(stop.clone())))
+                .layer(middleware::map_response(api::stamp_headers))
+                .layer(middleware::map_response(limits::close_refused));
+            tokio::spawn(serve_tcp(
+                listener,
+                app,
+                limits,
+                ConnectionBudget::new("tcp", caps.tcp, caps.unauthenticated),
+                stopped(stop.clone()),
+            ))
         });
         let watchdog = match &self.notifier {
             Some(notifier) => {
@@ -264,30 +310,42 @@ impl Daemon {
         {
             tracing::warn!(%error, socket = %self.socket.display(), "cannot remove socket");
         }
+        // Last: the pool stays registered as long as anything of this daemon serves.
+        drop(self.claim);
         result
     }
 }
 
 /// Serves `app` on a bound unix listener until `shutdown` completes; each connection's
-/// requests carry the peer's credentials (`ConnectInfo<UnixPeer>`) for the auth layer.
+/// requests carry the peer's credentials (`ConnectInfo<UnixPeer>`) for the auth layer. A peer
+/// `policy` allows (root always) is admitted as such, so it never waits on the budget of
+/// unauthenticated connections; the auth layer still decides each request.
 pub async fn serve_unix(
     listener: UnixListener,
     app: Router,
     limits: ServeLimits,
+    policy: UnixPolicy,
+    budget: ConnectionBudget,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     limits::serve(
         listener,
         limits.header_read_timeout,
+        budget,
         shutdown,
         |stream: &UnixStream| {
             let peer = UnixPeer::of(stream);
-            tower::ServiceBuilder::new()
+            let caller = match &peer.0 {
+                Some(cred) if policy.allows(cred) => Caller::Allowed,
+                _ => Caller::Unknown,
+            };
+            let service = tower::ServiceBuilder::new()
                 .map_request(move |mut request: axum::http::Request<_>| {
                     request.extensions_mut().insert(ConnectInfo(peer.clone()));
                     request
                 })
-                .service(app.clone())
+                .service(app.clone());
+            (service, caller)
         },
     )
     .await;
@@ -299,11 +357,16 @@ pub async fn serve_tcp(
     listener: TcpListener,
     app: Router,
     limits: ServeLimits,
+    budget: ConnectionBudget,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    limits::serve(listener, limits.header_read_timeout, shutdown, |_| {
-        app.clone()
-    })
+    limits::serve(
+        listener,
+        limits.header_read_timeout,
+        budget,
+        shutdown,
+        |_| (app.clone(), Caller::Unknown),
+    )
     .await;
     Ok(())
 }
@@ -331,10 +394,19 @@ async fn shutdown_signal() {
     }
 }
 
-/// Creates a directory (and parents) and sets its mode. A directory that has the mode already
-/// is left alone, so that a read-only mount gets as far as the database, whose refusal says why.
-fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
-    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+/// Creates a directory (and parents) and sets its mode, after refusing one that root does
+/// not own alone, or whose parents are not root's (see [`paths::check_trusted_dir`]): such a
+/// directory is never "fixed" by a chmod, since whoever could write to it may have put
+/// something there already. A directory that has the mode already is left alone, so that a
+/// read-only mount gets as far as the database, whose refusal says why.
+fn make_dir(what: &'static str, path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .with_context(|| format!("creating {what} {}", path.display()))?;
+    paths::check_trusted_dir(what, path)?;
     let current = std::fs::metadata(path)
         .with_context(|| format!("inspecting {}", path.display()))?
         .permissions()
@@ -382,7 +454,10 @@ async fn bind_unix(path: &Path, group: &str) -> anyhow::Result<UnixListener> {
         None => {
             tracing::warn!(
                 group,
-                "socket group does not exist; the socket stays root-only"
+                "socket group {group:?} does not exist, so the socket stays root-only. To let \
+                 other users in: `groupadd --system {group}`, `usermod -aG {group} USER` for each \
+                 (they log in again), list them in allowed_uids or the group's gid in \
+                 allowed_gids, then restart subidd"
             );
             0
         }
@@ -409,8 +484,9 @@ fn activated(
         .with_context(|| format!("registering the passed socket {}", path.display()))
 }
 
-/// Reads the bearer token; refuses an empty one and warns when others can read the file.
+/// Reads the bearer token; refuses an empty one, and a file that is not root's alone.
 fn read_token(path: &Path) -> anyhow::Result<String> {
+    paths::check_token_file(path)?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading token_file {}", path.display()))?;
     let token = text.trim().to_string();
@@ -419,11 +495,6 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
             "token_file {} is empty; put a long random token in it",
             path.display()
         );
-    }
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(file = %path.display(), "token_file is readable by group or others; chmod 600 it");
     }
     Ok(token)
 }

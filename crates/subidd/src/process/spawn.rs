@@ -89,6 +89,11 @@ impl ProcessService {
             rlimits.insert(known, *limits);
         }
         rlimits.extend(spec.rlimits.clone());
+        // The daemon raised its own open-file limit for its connections; a process gets the one
+        // it would have had, unless its lease or request sets one.
+        if let Some((soft, hard)) = subid_sys::fdlimit::before_raise() {
+            rlimits.entry(RlimitName::Nofile).or_insert([soft, hard]);
+        }
         let ns_spec = ns_spec(&lease)?;
         // Every process of the lease is born in its cgroups.
         let cgroup = self.spawn_cgroup(&lease)?;
