@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod error;
 pub mod floor;
 pub mod logfile;
+pub mod logkeep;
 pub mod members;
 pub mod peer;
 pub mod pidfd;
