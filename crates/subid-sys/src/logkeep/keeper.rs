@@ -842,13 +842,18 @@ impl Keeper<'_> {
                 continue;
             };
             let mut left = readable(pump.pipe.as_fd()).unwrap_or(CHUNK);
-            let mut eof = left == 0 && pipe_hung_up(pump.pipe.as_fd());
+            let mut eof = false;
             while left > 0 && !eof {
                 match self.pump_once(token, left) {
                     Flow::Data(n) => left = left.saturating_sub(n),
                     Flow::Empty => break,
                     Flow::Eof => eof = true,
                 }
+            }
+            // Drained, and no writer left: done now rather than at the next turn, so that the
+            // counters say so.
+            if !eof && let Some(pump) = self.streams.get(&token) {
+                eof = readable(pump.pipe.as_fd()) == Ok(0) && pipe_hung_up(pump.pipe.as_fd());
             }
             if eof {
                 last = self.close_stream(token).or(last);
