@@ -168,6 +168,16 @@ impl Client {
         Ok(client)
     }
 
+    /// Says hello again and waits for the answer: whether the keeper still serves (a
+    /// stopped or wedged one does not answer by `deadline`).
+    pub fn ping(&self, deadline: Instant) -> Result<Hello, KeeperError> {
+        let replies = self.request(Request::Hello, deadline, "HELLO")?;
+        match last(replies, "HELLO")? {
+            Reply::HelloOk(hello) => Ok(hello),
+            other => Err(unexpected("HELLO", &other)),
+        }
+    }
+
     /// What the keeper said about itself when this connection was made.
     pub fn hello(&self) -> Hello {
         self.hello

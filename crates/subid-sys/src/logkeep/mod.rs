@@ -240,6 +240,13 @@ impl KeeperConfig {
     }
 }
 
+/// A pipe for one stream of a process: (read end, write end), both close-on-exec, both
+/// blocking (the keeper makes its copy of the read end non-blocking; the writer keeps a
+/// blocking stdout, as a process expects).
+pub fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), SysError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SysError::syscall("pipe2", e))
+}
+
 fn lock_path(socket: &Path) -> PathBuf {
     let mut name = socket.as_os_str().to_owned();
     name.push(".lock");
