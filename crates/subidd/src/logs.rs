@@ -166,7 +166,7 @@ struct Inner {
 #[derive(Debug)]
 pub struct Logs {
     inner: Arc<Inner>,
-    watcher: Option<JoinHandle<()>>,
+    watcher: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Logs {
@@ -186,15 +186,18 @@ impl Logs {
         let (client, child) = logkeep::connect_or_launch(&config.program, &config.keeper, deadline)
             .map_err(keeper_error)?;
         let listed = client.list(deadline).map_err(keeper_error)?;
-        let hello = client.hello();
+        let hello = client.hello().clone();
         let (client, child, reattach) = if hello.version != u16::from(logkeep::wire::VERSION)
             || hello.max_bytes != config.keeper.max_bytes
+            || hello.log_dir != config.keeper.log_dir
         {
-            // A keeper of another build or limit: take its ids, stop it, start ours.
+            // A keeper of another build, limit or log dir: take its ids, stop it, start ours.
+            // (Files it wrote elsewhere stay there.)
             tracing::info!(
                 pid = hello.pid,
                 version = hello.version,
                 max_bytes = hello.max_bytes,
+                log_dir = %hello.log_dir.display(),
                 ids = listed.len(),
                 "replacing the running log keeper"
             );
@@ -260,7 +263,7 @@ impl Logs {
             })?;
         Ok(Logs {
             inner,
-            watcher: Some(watcher),
+            watcher: Mutex::new(Some(watcher)),
         })
     }
 
@@ -466,7 +469,8 @@ impl Logs {
     /// Stops the keeper (it writes out what its pipes hold first). For tests and for tools
     /// that must not leave it running; the daemon leaves it for the next start.
     pub fn shutdown_keeper(&self, deadline: Instant) -> Result<(), LogsError> {
-        self.inner.stop.store(true, Ordering::Release);
+        // The watcher first, so that it does not start a keeper again behind this.
+        self.stop_watcher();
         let (client, child) = {
             let mut state = self.inner.lock();
             (state.client.take(), state.child.take())
@@ -487,12 +491,23 @@ impl Logs {
     }
 }
 
-impl Drop for Logs {
-    fn drop(&mut self) {
+impl Logs {
+    fn stop_watcher(&self) {
         self.inner.stop.store(true, Ordering::Release);
-        if let Some(watcher) = self.watcher.take() {
+        let watcher = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(watcher) = watcher {
             let _ = watcher.join();
         }
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        self.stop_watcher();
     }
 }
 

@@ -155,6 +155,7 @@ impl Client {
                 slack: 0,
                 capacity: 0,
                 attached: 0,
+                log_dir: PathBuf::new(),
             },
             seq: AtomicU32::new(1),
             rx: Mutex::new(Rx::default()),
@@ -179,8 +180,8 @@ impl Client {
     }
 
     /// What the keeper said about itself when this connection was made.
-    pub fn hello(&self) -> Hello {
-        self.hello
+    pub fn hello(&self) -> &Hello {
+        &self.hello
     }
 
     /// The socket's path.

@@ -105,7 +105,17 @@ pub fn keeper_main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 /// caller exits; then init (or a subreaper such as systemd) adopts it. Returns its pidfd, to
 /// reap it or to see it exit before it listens.
 pub fn launch(program: &Path, config: &KeeperConfig) -> Result<PidFd, KeeperError> {
-    let mut command = std::process::Command::new(program);
+    // The child changes to `/` before exec: a relative program must not be looked up there.
+    // (Only relative paths are made absolute: `/proc/self/exe` must stay as it is, since the
+    // binary it names may have been replaced on disk since the daemon started.)
+    let program = if program.is_relative() {
+        std::env::current_dir()
+            .map_err(|e| SysError::io_path("getcwd", program, &e))?
+            .join(program)
+    } else {
+        program.to_owned()
+    };
+    let mut command = std::process::Command::new(&program);
     command
         .args(config.to_args())
         .env_clear()
@@ -134,7 +144,7 @@ pub fn launch(program: &Path, config: &KeeperConfig) -> Result<PidFd, KeeperErro
     }
     let child = command
         .spawn()
-        .map_err(|e| SysError::io_path("spawn the log keeper", program, &e))?;
+        .map_err(|e| SysError::io_path("spawn the log keeper", &program, &e))?;
     let pid = i32::try_from(child.id()).map_err(|_| SysError::syscall("fork", Errno::EOVERFLOW))?;
     // The child is not reaped (std::process::Child does not wait on drop), so the pid is it.
     Ok(PidFd::open(pid)?)
@@ -530,6 +540,7 @@ impl Keeper<'_> {
                     slack: self.bound.slack,
                     capacity: u32::try_from(self.capacity).unwrap_or(u32::MAX),
                     attached: u32::try_from(self.ids.len()).unwrap_or(u32::MAX),
+                    log_dir: self.config.log_dir.clone(),
                 };
                 self.reply(token, seq, &Reply::HelloOk(hello));
             }

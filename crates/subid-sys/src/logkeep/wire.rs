@@ -13,7 +13,7 @@
 //! | `DETACH` 4 | → | id | |
 //! | `LIST` 5 | → | | |
 //! | `SHUTDOWN` 6 | → | | |
-//! | `HELLO_OK` 0x81 | ← | `version: u16`, `pid: u32`, `max_bytes: u64`, `slack: u64`, `capacity: u32`, `attached: u32` | |
+//! | `HELLO_OK` 0x81 | ← | `version: u16`, `pid: u32`, `max_bytes: u64`, `slack: u64`, `capacity: u32`, `attached: u32`, `len: u16`, the log dir's bytes | |
 //! | `SYNC_OK` 0x82 | ← | `attached: u8`, per stream: `open: u8`, `written`, `trimmed`, `dropped: u64` | |
 //! | `DETACH_OK` 0x83 | ← | `attached: u8` (whether it was) | |
 //! | `LIST_BATCH` 0x84 | ← | `count: u16`, per id: `streams: u8`, id | the read ends, in order |
@@ -27,13 +27,18 @@
 //! take the ids away from an older keeper and stop it; new requests get new kinds. Requests are
 //! decoded strictly (trailing bytes are an error); replies may grow at the end.
 
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
+
 use super::{Stream, StreamSet};
 
 /// The protocol version this build speaks.
 pub const VERSION: u8 = 1;
 /// Bytes of the header.
 pub const HEADER: usize = 8;
-/// Largest message either side sends (a full `LIST_BATCH` is about 4.3 KiB).
+/// Largest message either side sends (a full `LIST_BATCH` is about 4.3 KiB, a `HELLO_OK` at
+/// most 4.1 KiB).
 pub const MAX_MESSAGE: usize = 8192;
 /// Longest id.
 pub const MAX_ID: usize = 64;
@@ -42,6 +47,8 @@ pub const MAX_ID: usize = 64;
 pub const LIST_BATCH: usize = 64;
 /// Longest message text of an `ERROR`.
 pub const MAX_TEXT: usize = 512;
+/// Longest log dir path in a `HELLO_OK` (`PATH_MAX`).
+pub const MAX_PATH: usize = 4096;
 
 /// Kinds of requests.
 pub mod kind {
@@ -144,7 +151,7 @@ pub enum Request {
 }
 
 /// What `HELLO_OK` says about the keeper.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     /// The protocol version the keeper speaks.
     pub version: u16,
@@ -158,6 +165,8 @@ pub struct Hello {
     pub capacity: u32,
     /// Ids attached now.
     pub attached: u32,
+    /// Where it writes.
+    pub log_dir: PathBuf,
 }
 
 /// Counters of one stream of an id.
@@ -280,6 +289,10 @@ pub fn encode_reply(seq: u32, reply: &Reply) -> Vec<u8> {
             out.extend_from_slice(&h.slack.to_le_bytes());
             out.extend_from_slice(&h.capacity.to_le_bytes());
             out.extend_from_slice(&h.attached.to_le_bytes());
+            let dir = h.log_dir.as_os_str().as_bytes();
+            let dir = if dir.len() <= MAX_PATH { dir } else { &[] };
+            out.extend_from_slice(&u16::try_from(dir.len()).unwrap_or(0).to_le_bytes());
+            out.extend_from_slice(dir);
         }
         Reply::SyncOk(stats) => {
             header(&mut out, kind::SYNC_OK, seq);
@@ -473,6 +486,10 @@ pub fn decode_reply(msg: &[u8]) -> Result<(u32, Reply), DecodeError> {
             slack: c.u64("slack")?,
             capacity: c.u32("capacity")?,
             attached: c.u32("attached")?,
+            log_dir: {
+                let len = usize::from(c.u16("the log dir length")?);
+                PathBuf::from(OsString::from_vec(c.bytes(len, "the log dir")?.to_vec()))
+            },
         }),
         kind::SYNC_OK => {
             let attached = c.u8("attached")? != 0;
@@ -587,6 +604,7 @@ mod tests {
                 slack: 1 << 18,
                 capacity: 9,
                 attached: 3,
+                log_dir: PathBuf::from("/var/lib/subidd/logs"),
             }),
             Reply::SyncOk(stats),
             Reply::DetachOk { attached: false },

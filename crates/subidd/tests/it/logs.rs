@@ -249,8 +249,9 @@ fn a_keeper_with_another_limit_is_replaced_at_start_and_keeps_the_ids() {
     let logs = start(&dirs, 2 << 20);
     let new = logs.keeper_pid().unwrap();
     assert_ne!(new, old);
-    let hello = Client::connect(&dirs.socket(), secs(5)).unwrap().hello();
-    assert_eq!(hello.max_bytes, 2 << 20);
+    let client = Client::connect(&dirs.socket(), secs(5)).unwrap();
+    assert_eq!(client.hello().max_bytes, 2 << 20);
+    assert_eq!(client.hello().log_dir, dirs.dir.path().join("logs"));
     assert!(logs.holds(&id));
     out.write_all(b"b\n").unwrap();
     logs.sync(&id, secs(10)).unwrap();
