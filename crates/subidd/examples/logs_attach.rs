@@ -1,6 +1,8 @@
 //! What the log keeper costs the spawn path: p50/p90/p99/max of `Logs::attach` (two `pipe2`,
-//! one `sendmsg`, the mirror), of `Logs::sync` on an idle id, and, for comparison, of making
-//! a pair of log files in place (the cost `LogPool` hides when its pool is not empty).
+//! one `sendmsg`, the mirror); of the first `Logs::sync` after it (which waits for the keeper
+//! to have created the two files) and of a second one (the round trip alone); and, for
+//! comparison, of making a pair of log files in place (what every spawn paid when `LogPool`'s
+//! pool was empty).
 //! Needs root (the keeper accepts only root).
 //!
 //! `cargo build --release -p subidd --bins --examples &&
@@ -24,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut attach = Vec::with_capacity(n);
     let mut sync = Vec::with_capacity(n);
+    let mut resync = Vec::with_capacity(n);
     for i in 0..n + 20 {
         let id = Logs::new_id();
         let t0 = Instant::now();
@@ -32,12 +35,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t1 = Instant::now();
         logs.sync(&id, deadline())?;
         let synced = t1.elapsed();
+        let t2 = Instant::now();
+        logs.sync(&id, deadline())?;
+        let resynced = t2.elapsed();
         // The child would take the write ends; its exit closes them.
         drop(ends);
         logs.forget(&id);
         if i >= 20 {
             attach.push(took);
             sync.push(synced);
+            resync.push(resynced);
         }
     }
     let mut files = Vec::with_capacity(n);
@@ -56,7 +63,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     for (name, samples) in [
         ("Logs::attach (spawn path)", &mut attach),
-        ("Logs::sync (idle id)", &mut sync),
+        ("first Logs::sync (files made)", &mut sync),
+        ("second Logs::sync (round trip)", &mut resync),
         ("create two log files in place", &mut files),
     ] {
         samples.sort();

@@ -45,7 +45,8 @@ impl Dirs {
         config.program = PathBuf::from(SUBIDD);
         config.keeper.idle_timeout = Duration::from_secs(2);
         config.health_interval = Duration::from_millis(200);
-        config.health_timeout = Duration::from_secs(1);
+        // Long enough that a busy machine does not make a healthy keeper look wedged.
+        config.health_timeout = Duration::from_secs(5);
         config
     }
 
@@ -191,6 +192,12 @@ fn a_restarted_daemon_takes_the_ids_back_and_survives_a_killed_keeper() {
     .unwrap();
     writer.signal_group(nix::sys::signal::Signal::SIGCONT);
     let replacement = wait_for_new_keeper(&logs, keeper);
+    // Counted once the whole mirror is attached again.
+    let deadline = secs(10);
+    while logs.restarts() == 0 {
+        assert!(Instant::now() < deadline, "the restart never finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(logs.restarts(), 1);
     assert!(
         writer.wait(Duration::from_secs(20)).success(),
@@ -205,7 +212,10 @@ fn a_restarted_daemon_takes_the_ids_back_and_survives_a_killed_keeper() {
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn a_stopped_keeper_is_killed_and_replaced() {
     let dirs = Dirs::new();
-    let logs = start(&dirs, 1 << 20);
+    let mut config = dirs.config(1 << 20);
+    config.health_timeout = Duration::from_secs(2);
+    fs::create_dir_all(dirs.dir.path().join("run")).unwrap();
+    let logs = Logs::start_with(config).unwrap();
     let id = Logs::new_id();
     let (out, _err) = logs.attach(&id).unwrap();
     let mut out = fs::File::from(out);
@@ -223,7 +233,7 @@ fn a_stopped_keeper_is_killed_and_replaced() {
         .sync(&id, Instant::now() + Duration::from_millis(300))
         .unwrap_err();
     assert!(matches!(err, LogsError::Request { .. }), "{err}");
-    // The health check gives up on it (1 s here), kills it, and starts another.
+    // The health check gives up on it (2 s here), kills it, and starts another.
     wait_for_new_keeper(&logs, keeper);
     out.write_all(b"after\n").unwrap();
     logs.sync(&id, secs(10)).unwrap();
