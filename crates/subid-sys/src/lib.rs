@@ -15,6 +15,7 @@ pub mod flock;
 pub mod floor;
 pub mod idscan;
 pub mod logfile;
+pub mod logkeep;
 pub mod members;
 pub mod peer;
 pub mod pidfd;

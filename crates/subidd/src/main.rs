@@ -56,6 +56,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // `subidd --log-keeper --socket PATH --log-dir DIR --max-bytes N ...`: the daemon starts
+    // its own binary this way as the log keeper (subid_sys::logkeep), with an empty
+    // environment. It is not a daemon flag, so clap never sees it and --help does not show it.
+    if std::env::args_os().nth(1).as_deref() == Some(subid_sys::logkeep::KEEPER_FLAG.as_ref()) {
+        return subid_sys::logkeep::keeper_main(std::env::args_os().skip(1));
+    }
     // First, while this is the only thread and nothing is open: take what systemd passed
     // (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*) out of the environment, so nothing inherits it.
     let handoff = match Handoff::take() {

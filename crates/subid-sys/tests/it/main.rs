@@ -6,5 +6,6 @@ mod support;
 mod cgroup;
 mod extra;
 mod inotify;
+mod logkeep;
 mod pins;
 mod spawn;
