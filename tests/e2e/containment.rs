@@ -555,3 +555,91 @@ async fn a_dropped_test_daemon_leaves_no_mount_process_or_cgroup() {
         lease_cgroups.display()
     );
 }
+
+/// Disk a log file takes: the larger of its size and its allocated blocks.
+fn disk_use(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.len().max(m.blocks() * 512))
+}
+
+/// A tenant cannot make its logs use more than `log_max_bytes` plus the keeper's slack on disk,
+/// whatever it does: a writer as fast as it can go, a writer that outlives the recorded process,
+/// `fallocate` on its stdout. The newest output is kept and readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_tenant_cannot_grow_its_logs_past_the_bound() {
+    const MAX: u64 = 64 * 1024;
+    // The keeper's slack: a quarter of the limit, at least 64 KiB (subid_sys::logkeep::slack).
+    const BOUND: u64 = MAX + 64 * 1024;
+    let (config, base) = region(4030, 1, &format!("log_max_bytes = {MAX}"));
+    let daemon = Daemon::start(&config).expect("start");
+    let client = daemon.client();
+    put(&client, "noisy", None).await;
+    let fast = spawn(&client, "noisy", &["/bin/sh", "-c", "exec cat /dev/zero"]).await;
+    // Outlives its recorded process: the shell exits at once, the writer goes on.
+    let orphan = spawn(
+        &client,
+        "noisy",
+        &["/bin/sh", "-c", "(yes orphan-line &) ; exit 0"],
+    )
+    .await;
+    let prealloc = spawn(
+        &client,
+        "noisy",
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import os, sys\ntry:\n    os.posix_fallocate(1, 0, 1 << 31)\n    print('fallocate worked', file=sys.stderr)\nexcept OSError as e:\n    print('fallocate refused', e.errno, file=sys.stderr)\n",
+        ],
+    )
+    .await;
+    let logs = daemon.path("state").join("logs");
+    let ids: Vec<String> = [&fast, &orphan, &prealloc]
+        .iter()
+        .map(|p| p["id"].as_str().expect("id").to_string())
+        .collect();
+    let mut largest = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for id in &ids {
+            for stream in ["stdout", "stderr"] {
+                largest = largest.max(disk_use(&logs.join(format!("{id}.{stream}"))));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!("largest log file seen on disk: {largest} bytes (bound {BOUND})");
+    assert!(
+        largest <= BOUND,
+        "a log file took {largest} bytes, bound {BOUND}"
+    );
+    assert!(largest >= MAX, "the floods did write: {largest}");
+    let orphan_out = client
+        .get(&format!("/v1/processes/{}/logs", ids[1]))
+        .await
+        .expect("logs")
+        .text();
+    assert!(orphan_out.ends_with("orphan-line\n") || orphan_out.contains("orphan-line"));
+    assert!(
+        orphan_out.len() as u64 <= MAX,
+        "the answer is the last log_max_bytes"
+    );
+    let refused = client
+        .get(&format!("/v1/processes/{}/logs?stream=stderr", ids[2]))
+        .await
+        .expect("logs")
+        .text();
+    assert!(refused.contains("fallocate refused"), "{refused}");
+    let reply = client
+        .delete("/v1/leases/noisy?force=true")
+        .await
+        .expect("DELETE");
+    assert_status(&reply, StatusCode::NO_CONTENT, "forced release");
+    assert!(processes_in_range(base, u64::from(BLOCK)).is_empty());
+    for id in &ids {
+        assert!(
+            !logs.join(format!("{id}.stdout")).exists(),
+            "logs go with the lease"
+        );
+    }
+}

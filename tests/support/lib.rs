@@ -290,6 +290,19 @@ impl Daemon {
     /// private mounts), then kills and removes its lease cgroups with everything in them.
     /// Failures are printed, never fatal: a drop must not panic.
     pub fn clean_up(&self) {
+        // The log keeper outlives a daemon by design; a test's goes with it.
+        let keeper = self.run.join("logkeeper.sock");
+        if keeper.exists() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            match subid_sys::logkeep::Client::connect(&keeper, deadline) {
+                Ok(client) => {
+                    if let Err(e) = client.shutdown(deadline) {
+                        eprintln!("cleanup: stop the log keeper: {e}");
+                    }
+                }
+                Err(e) => eprintln!("cleanup: reach the log keeper: {e}"),
+            }
+        }
         for mount in mounts_below(&self.run) {
             if let Err(e) = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH) {
                 eprintln!("cleanup: umount {}: {e}", mount.display());

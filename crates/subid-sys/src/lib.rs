@@ -14,7 +14,6 @@ pub mod flock;
 #[cfg(feature = "floors")]
 pub mod floor;
 pub mod idscan;
-pub mod logfile;
 pub mod logkeep;
 pub mod members;
 pub mod peer;

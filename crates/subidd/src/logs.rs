@@ -1,7 +1,6 @@
-//! The log files of processes: the daemon's side of the log keeper, and (until the spawn path
-//! moves to it) the older pool of files that processes write themselves.
+//! The log files of processes: the daemon's side of the log keeper.
 //!
-//! **[`Logs`]** (the keeper's glue). A process gets the write end of one pipe as stdout and of
+//! A process gets the write end of one pipe as stdout and of
 //! another as stderr; one keeper process per daemon (`subidd --log-keeper`, see
 //! `subid_sys::logkeep`) copies every pipe into `<log-dir>/<id>.stdout` / `.stderr` and keeps
 //! each file within `log_max_bytes` plus a stated slack, whatever the process does: a process
@@ -16,11 +15,6 @@
 //! of the mirror to it again; the files continue where they were. A keeper that runs with
 //! another `log_max_bytes` or protocol version is replaced the same way at start: its ids are
 //! listed, it is stopped, a new one gets them. Every wait on the keeper has a deadline.
-//!
-//! **[`LogPool`]** (the older way, still used by `process.rs`): the process writes its files
-//! itself; pairs are made ahead of need because creating a file cost 0.4-1 ms here while the
-//! disk was busy. Pairs still in the pool when the daemon stops belong to no process; the next
-//! start removes them with the other orphans ([`LogPool::remove_orphans`]).
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -721,142 +715,19 @@ fn remove_orphans_in(dir: &Path, keep: impl Fn(&str) -> bool) -> std::io::Result
     Ok(removed)
 }
 
-/// Pairs kept ready. A burst of spawns faster than the refill thread makes them drains the pool
-/// and falls back to making pairs in place, which is what every spawn did before the pool.
-const READY: usize = 16;
-
 /// The two streams of one process.
 pub const STREAMS: [&str; 2] = ["stdout", "stderr"];
 
-/// A process id and its two log files, open for appending.
-#[derive(Debug)]
-pub struct LogFiles {
-    pub id: String,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+/// Removes log files in `dir` whose process id is not in `known`, when no keeper holds any (a
+/// start that found none running): files left by a crash between making a process's logs and
+/// recording it. Returns how many files went.
+pub fn remove_orphan_files(dir: &Path, known: &HashSet<String>) -> std::io::Result<usize> {
+    remove_orphans_in(dir, |id| known.contains(id))
 }
 
-/// Pairs of log files made ahead of need, which processes write themselves (the older way,
-/// see the module docs; [`Logs`] replaces it once the spawn path uses pipes).
-#[derive(Debug)]
-pub struct LogPool {
-    dir: PathBuf,
-    ready: Mutex<Vec<LogFiles>>,
-    /// True while a refill thread runs; at most one does.
-    refilling: AtomicBool,
-}
-
-impl LogPool {
-    /// A pool for `dir`, empty until [`LogPool::take`] first asks for a refill.
-    pub fn new(dir: PathBuf) -> Arc<LogPool> {
-        Arc::new(LogPool {
-            dir,
-            ready: Mutex::new(Vec::with_capacity(READY)),
-            refilling: AtomicBool::new(false),
-        })
-    }
-
-    /// Where the log of process `id` is written.
-    pub fn path(&self, id: &str, stream: &str) -> PathBuf {
-        log_path(&self.dir, id, stream)
-    }
-
-    /// A fresh pair: a ready one when there is one, else one made now. Asks for a refill when the
-    /// pool runs low (the refill runs on tokio's blocking pool, off the caller's path).
-    pub fn take(self: &Arc<Self>) -> std::io::Result<LogFiles> {
-        let (taken, left) = {
-            let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
-            let taken = ready.pop();
-            (taken, ready.len())
-        };
-        if left < READY / 2 {
-            self.refill();
-        }
-        match taken {
-            Some(files) => Ok(files),
-            None => make_pair(&self.dir, new_id()),
-        }
-    }
-
-    /// How many pairs are ready now.
-    pub fn ready(&self) -> usize {
-        self.ready.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Fills the pool in the background unless a refill already runs.
-    pub fn refill(self: &Arc<Self>) {
-        if self.refilling.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let pool = Arc::clone(self);
-        let work = move || {
-            loop {
-                if pool.ready() >= READY {
-                    break;
-                }
-                match make_pair(&pool.dir, new_id()) {
-                    Ok(files) => pool
-                        .ready
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(files),
-                    Err(error) => {
-                        // The spawn path makes its own pair and reports the error to its client.
-                        tracing::warn!(dir = %pool.dir.display(), %error, "cannot make log files ahead");
-                        break;
-                    }
-                }
-            }
-            pool.refilling.store(false, Ordering::Release);
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn_blocking(work)),
-            Err(_) => work(),
-        }
-    }
-
-    /// Removes log files in the directory whose process id is not in `known`: pairs made ahead by
-    /// a previous daemon, and files left by a crash between making a pair and recording its
-    /// process. Returns how many files went.
-    pub fn remove_orphans(&self, known: &HashSet<String>) -> std::io::Result<usize> {
-        let ready: HashSet<String> = self
-            .ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|f| f.id.clone())
-            .collect();
-        remove_orphans_in(&self.dir, |id| known.contains(id) || ready.contains(id))
-    }
-}
-
-fn log_path(dir: &Path, id: &str, stream: &str) -> PathBuf {
+/// Where the log of process `id` is written in `dir` (`stream`: "stdout" or "stderr").
+pub fn log_path(dir: &Path, id: &str, stream: &str) -> PathBuf {
     dir.join(format!("{id}.{stream}"))
-}
-
-/// Creates both files of `id` (the first is removed again if the second cannot be made).
-fn make_pair(dir: &Path, id: String) -> std::io::Result<LogFiles> {
-    let stdout = open_log(&log_path(dir, &id, "stdout"))?;
-    let stderr = match open_log(&log_path(dir, &id, "stderr")) {
-        Ok(fd) => fd,
-        Err(e) => {
-            let _ = std::fs::remove_file(log_path(dir, &id, "stdout"));
-            return Err(e);
-        }
-    };
-    Ok(LogFiles { id, stdout, stderr })
-}
-
-/// Opens (creating) a log file for appending; close-on-exec, so only the child's dup2'd copy
-/// crosses exec.
-fn open_log(path: &Path) -> std::io::Result<OwnedFd> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
-        .map(OwnedFd::from)
 }
 
 /// Whether `s` has the shape of a process id (see [`new_id`]).
@@ -890,48 +761,6 @@ mod tests {
             .collect();
         v.sort();
         v
-    }
-
-    #[test]
-    fn a_taken_pair_is_two_fresh_files_named_by_a_new_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = LogPool::new(dir.path().to_path_buf());
-        let a = pool.take().unwrap();
-        let b = pool.take().unwrap();
-        assert_ne!(a.id, b.id);
-        assert!(is_id(&a.id), "{}", a.id);
-        for stream in STREAMS {
-            let meta = std::fs::metadata(pool.path(&a.id, stream)).unwrap();
-            assert_eq!(meta.len(), 0);
-            use std::os::unix::fs::PermissionsExt;
-            assert_eq!(meta.permissions().mode() & 0o777, 0o640 & !current_umask());
-        }
-        // The first take found the pool empty: it made its own pair, and the refill (in place,
-        // outside a runtime) filled the pool; the second took one of those.
-        assert_eq!(pool.ready(), READY - 1);
-        assert_eq!(names(dir.path()).len(), 2 * (READY + 1));
-    }
-
-    #[test]
-    fn orphans_go_and_known_and_ready_pairs_stay() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = LogPool::new(dir.path().to_path_buf());
-        let kept = pool.take().unwrap();
-        let orphan = make_pair(dir.path(), new_id()).unwrap();
-        std::fs::write(dir.path().join("notes.txt"), "not a log").unwrap();
-        std::fs::write(dir.path().join("0123456789abcdef.other"), "").unwrap();
-        let known: HashSet<String> = [kept.id.clone()].into();
-        assert_eq!(pool.remove_orphans(&known).unwrap(), 2);
-        let left = names(dir.path());
-        assert!(!left.iter().any(|n| n.starts_with(&orphan.id)), "{left:?}");
-        assert!(left.contains(&format!("{}.stdout", kept.id)));
-        assert!(left.contains(&"notes.txt".to_string()));
-        assert!(left.contains(&"0123456789abcdef.other".to_string()));
-        // The ready pairs are still there to be taken.
-        assert_eq!(left.len(), 2 + 2 + 2 * READY);
-        // A pool made by the next daemon start removes them: they belong to no process.
-        let next = LogPool::new(dir.path().to_path_buf());
-        assert_eq!(next.remove_orphans(&known).unwrap(), 2 * READY);
     }
 
     #[test]
@@ -976,11 +805,5 @@ mod tests {
             .collect();
         assert_eq!(args[0], "--log-keeper");
         assert!(is_id(&Logs::new_id()));
-    }
-
-    fn current_umask() -> u32 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
-        u32::from_str_radix(line[6..].trim(), 8).unwrap()
     }
 }

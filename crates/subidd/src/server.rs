@@ -136,6 +136,7 @@ impl Daemon {
             ProcessConfig {
                 ns_dir: config.runtime_dir.join("ns"),
                 log_dir: config.state_dir.join("logs"),
+                runtime_dir: config.runtime_dir.clone(),
                 log_max_bytes: config.log_max_bytes,
                 kill_grace: Duration::from_millis(config.kill_grace_ms),
                 cgroup_parent: config.cgroup_parent.clone(),

@@ -197,7 +197,10 @@ impl CgroupParents {
     }
 
     /// Where `prepare` puts the tracking parent and the pids parent, made or not.
-    pub fn planned(host: &CgroupHost, configured: Option<&Path>) -> (Option<PathBuf>, Option<PathBuf>) {
+    pub fn planned(
+        host: &CgroupHost,
+        configured: Option<&Path>,
+    ) -> (Option<PathBuf>, Option<PathBuf>) {
         let dir = |h: &Hierarchy| {
             parent_in(host, h, configured).unwrap_or_else(|| h.own_dir.join("subidd"))
         };
@@ -211,7 +214,9 @@ impl CgroupParents {
 
     /// Whether the tracking parent `prepare` would make is there already (a daemon made it).
     pub fn exist(host: &CgroupHost, configured: Option<&Path>) -> bool {
-        Self::planned(host, configured).0.is_some_and(|d| d.is_dir())
+        Self::planned(host, configured)
+            .0
+            .is_some_and(|d| d.is_dir())
     }
 
     /// The tracking parent.
@@ -887,15 +892,6 @@ impl LeaseCgroups {
             }
         }
         Ok(sent)
-    }
-
-    /// Moves a process that is not in the lease's cgroups yet (one started by a version without a
-    /// cgroup per lease) into them: one `cgroup.procs` write per cgroup.
-    pub fn adopt(&self, pid: i32) -> Result<()> {
-        for cg in [Some(&self.track), self.cap.as_ref()].into_iter().flatten() {
-            write_file(&cg.dir.join("cgroup.procs"), pid.to_string().as_bytes())?;
-        }
-        Ok(())
     }
 
     /// Stops the spawner, then kills every process of the lease and waits until none is left

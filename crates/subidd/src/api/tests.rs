@@ -35,6 +35,7 @@ pub(super) async fn app(
         crate::process::ProcessConfig {
             ns_dir: dir.path().join("run/ns"),
             log_dir: dir.path().join("logs"),
+            runtime_dir: dir.path().join("run"),
             log_max_bytes: 4096,
             kill_grace: Duration::from_millis(200),
             cgroup_parent: None,

@@ -100,24 +100,6 @@ impl ProcessService {
             .map_err(|e| ApiError::Internal(format!("cgroup handle of {}: {e}", lease.name)))
     }
 
-    /// Moves processes of the lease that are outside its cgroups (started by a version without a
-    /// cgroup per lease) into them, making the cgroups if needed.
-    pub(super) fn adopt_into_cgroups(
-        &self,
-        lease: &LeaseRecord,
-        pids: &[i32],
-    ) -> Result<(), ApiError> {
-        let parents = self.cgroup_parents(lease.pids_max.is_some())?;
-        let mut cgroups = lock_map(&self.inner.cgroups);
-        let cgs = held_or_made(&mut cgroups, &parents, lease)?;
-        for &pid in pids {
-            if let Err(error) = cgs.adopt(pid) {
-                tracing::warn!(lease = %lease.name, pid, %error, "cannot move a process into its lease's cgroups");
-            }
-        }
-        Ok(())
-    }
-
     /// The lease's cgroups for a teardown: those the daemon holds, or those a previous daemon
     /// made; `None` when the lease never had any.
     pub(super) fn take_lease_cgroups(&self, lease: &LeaseRecord) -> Option<LeaseCgroups> {

@@ -8,13 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use subid_store::LeaseRecord;
-use subid_sys::userns;
+use subid_sys::{members, userns};
 
 use super::namespaces::ns_spec;
 use super::{ProcessService, SIGKILL, SIGTERM, lock_map};
 use crate::error::ApiError;
 use crate::lease::{Caller, CreateMode, Created, LeaseSpec, ReleaseKind, is_expired, now_ms};
-use crate::logs::STREAMS;
+use crate::logs::{STREAMS, log_path};
+
+/// How long removing a released lease's logs may wait for the keeper.
+const LOGS_REMOVAL: Duration = Duration::from_secs(10);
 
 /// Most leases torn down at once by the expiry loop.
 const EXPIRY_PARALLEL: usize = 8;
@@ -106,10 +109,10 @@ impl ProcessService {
             self.forget_lock(&name, lock);
             return Ok(());
         }
-        let mut logs = Vec::new();
+        let mut logs_of = Vec::new();
         if let Some(lease) = lease.filter(|l| l.state == subid_core::LeaseState::Active) {
             self.teardown(&lease, force).await?;
-            logs = self.inner.leases.store().lease_processes(lease.id).await?;
+            logs_of = self.inner.leases.store().lease_processes(lease.id).await?;
         }
         let mut result = self
             .inner
@@ -128,16 +131,30 @@ impl ProcessService {
         if result.is_ok() {
             // The process rows went with the lease; so do their logs (on the blocking pool: a
             // lease may have thousands, and each unlink touches the disk).
-            let pool = Arc::clone(&self.inner.logs);
-            let ids: Vec<String> = logs.into_iter().map(|p| p.id).collect();
-            let _ = tokio::task::spawn_blocking(move || {
-                for id in ids {
-                    for stream in STREAMS {
-                        let _ = std::fs::remove_file(pool.path(&id, stream));
+            let logs = lock_map(&self.inner.logs).clone();
+            let log_dir = self.inner.config.log_dir.clone();
+            let ids: Vec<String> = logs_of.into_iter().map(|p| p.id).collect();
+            let removed = tokio::task::spawn_blocking(move || {
+                let deadline = Instant::now() + LOGS_REMOVAL;
+                match logs {
+                    Some(logs) => logs
+                        .remove_files(&ids, deadline)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => {
+                        for id in &ids {
+                            for stream in STREAMS {
+                                let _ = std::fs::remove_file(log_path(&log_dir, id, stream));
+                            }
+                        }
+                        Ok(())
                     }
                 }
             })
             .await;
+            if let Ok(Err(error)) = removed {
+                tracing::warn!(lease = %name, %error, "cannot remove every log of the released lease");
+            }
             self.keep_reserve().await;
         }
         drop(guard);
@@ -232,8 +249,10 @@ impl ProcessService {
         Ok(())
     }
 
-    /// The lease's live processes: its cgroups' members, and processes this daemon watches that
-    /// are not in them (adopted from a version that had no cgroup per lease).
+    /// The lease's live processes: its cgroups' members, processes this daemon watches that are
+    /// not in them (adopted from a version without a cgroup per lease), and members of its user
+    /// namespace started by others (a runtime joining the pinned namespace, an operator's
+    /// `nsenter`), which live in cgroups of their own.
     async fn live_processes(
         &self,
         lease: &LeaseRecord,
@@ -245,20 +264,28 @@ impl ProcessService {
             .map(|l| l.pidfd.pid())
             .collect();
         let cgroups = Arc::clone(cgroups);
-        let members = tokio::task::spawn_blocking(move || {
-            lock_map(&cgroups)
+        let pin = self.pin_path(&lease.name);
+        let found = tokio::task::spawn_blocking(move || {
+            let mut pids = lock_map(&cgroups)
                 .as_ref()
                 .map(|c| c.members().unwrap_or_default())
-                .unwrap_or_default()
+                .unwrap_or_default();
+            if let Some(ino) = pinned_inode(&pin) {
+                pids.extend(
+                    members::userns_members(ino)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|m| m.pid()),
+                );
+            }
+            pids
         })
         .await
         .unwrap_or_default();
-        let mut all: Vec<i32> = members;
-        for pid in watched {
-            if !all.contains(&pid) {
-                all.push(pid);
-            }
-        }
+        let mut all = found;
+        all.extend(watched);
+        all.sort_unstable();
+        all.dedup();
         all
     }
 
@@ -275,6 +302,7 @@ impl ProcessService {
         if let Ok(Some(Err(error))) = sent {
             tracing::warn!(lease = %lease.name, %error, "signalling the lease's processes");
         }
+        self.signal_namespace(lease, signal).await;
         for live in lock_map(&self.inner.live).values() {
             if live.lease_id == lease.id {
                 let _ = live.pidfd.send_signal(signal);
@@ -307,13 +335,28 @@ impl ProcessService {
             Err(error) => tracing::error!(lease = %lease.name, %error, "kill task failed"),
             _ => {}
         }
-        // Watched processes leave the map once reaped; give them until the same deadline.
+        // Watched processes leave the map once reaped, and members of the namespace outside its
+        // cgroups are signalled one by one; give them until the same deadline.
         loop {
             let left = self.live_processes(lease, cgroups).await;
             if left.is_empty() || Instant::now() > deadline {
                 return left;
             }
+            self.signal_namespace(lease, SIGKILL).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Signals the members of the lease's user namespace (each through a pidfd verified to be
+    /// a member): processes that joined its pin from outside subidd.
+    async fn signal_namespace(&self, lease: &LeaseRecord, signal: i32) {
+        let pin = self.pin_path(&lease.name);
+        let sent = tokio::task::spawn_blocking(move || {
+            pinned_inode(&pin).map(|ino| members::signal_members(ino, signal))
+        })
+        .await;
+        if let Ok(Some(Err(error))) = sent {
+            tracing::warn!(lease = %lease.name, %error, "signalling the members of the lease's namespace");
         }
     }
 
@@ -369,6 +412,17 @@ impl ProcessService {
             }
         }
     }
+}
+
+/// The inode of the user namespace pinned at `pin`, if one is.
+fn pinned_inode(pin: &std::path::Path) -> Option<u64> {
+    userns::is_pinned(pin)
+        .then(|| {
+            userns::open_pinned(pin)
+                .and_then(|fd| userns::ns_inode(&fd))
+                .ok()
+        })
+        .flatten()
 }
 
 /// At most 16 pids, for messages.

@@ -37,7 +37,7 @@ use tokio::sync::{RwLock, watch};
 
 use crate::error::ApiError;
 use crate::lease::{Caller, LeaseService, is_expired, now_ms};
-use crate::logs::LogPool;
+use crate::logs::{Logs, log_path};
 
 /// What to start; checked by the API layer (ids against the lease's size here).
 #[derive(Debug, Clone)]
@@ -62,7 +62,9 @@ pub struct ProcessConfig {
     pub ns_dir: PathBuf,
     /// `<state-dir>/logs`: `<id>.stdout` and `<id>.stderr`.
     pub log_dir: PathBuf,
-    /// Bytes kept per stream; the rest is read and dropped so the process never blocks on it.
+    /// The runtime dir, where the log keeper's socket is (`logkeeper.sock`).
+    pub runtime_dir: PathBuf,
+    /// Bytes kept per stream (the keeper keeps the last ones); the rest is dropped.
     pub log_max_bytes: u64,
     /// Time between SIGTERM and SIGKILL on a forced delete or expiry.
     pub kill_grace: Duration,
@@ -104,8 +106,9 @@ struct Inner {
     cgroups: Mutex<HashMap<i64, LeaseCgroups>>,
     /// Active leases by name, as last read (see `active_lease`).
     lease_cache: Mutex<HashMap<String, LeaseRecord>>,
-    /// Log files made ahead of the spawns that take them.
-    logs: Arc<LogPool>,
+    /// The log keeper's glue: started with the first spawn, or at start when a keeper of a
+    /// previous daemon runs.
+    logs: Mutex<Option<Arc<Logs>>>,
     /// Disk space for releases on a full disk.
     reserve: subid_sys::reserve::Reserve,
 }
@@ -201,18 +204,46 @@ impl ProcessService {
 
     /// A log file of a process, if it exists.
     pub fn log_path(&self, id: &str, stream: &str) -> PathBuf {
-        self.inner.logs.path(id, stream)
+        log_path(&self.inner.config.log_dir, id, stream)
     }
 
-    /// What a process wrote to `stream` (its last `log_max_bytes`).
+    /// What a process wrote to `stream` (its last `log_max_bytes`): the keeper first writes out
+    /// what the process's pipes hold, so everything written before this call is there.
     pub async fn read_log(&self, id: &str, stream: &str) -> Result<Vec<u8>, ApiError> {
         let path = self.log_path(id, stream);
         let max = self.inner.config.log_max_bytes;
+        let logs = lock_map(&self.inner.logs).clone();
+        let id = id.to_string();
         tokio::task::spawn_blocking(move || {
+            if let Some(logs) = logs
+                && logs.holds(&id)
+                && let Err(error) = logs.sync(&id, std::time::Instant::now() + LOG_SYNC_TIMEOUT)
+            {
+                tracing::warn!(%id, %error, "the log keeper did not write out the process's output");
+            }
             read_log_tail(&path, max).map_err(|e| internal(&format!("read {}", path.display()), e))
         })
         .await
         .map_err(|e| ApiError::Internal(format!("log read task failed: {e}")))?
+    }
+
+    /// The log keeper's glue, started now unless it runs (this blocks for the keeper's start:
+    /// call it from the blocking pool).
+    fn logs(&self) -> Result<Arc<Logs>, ApiError> {
+        let mut logs = lock_map(&self.inner.logs);
+        if let Some(held) = logs.as_ref() {
+            return Ok(Arc::clone(held));
+        }
+        let config = &self.inner.config;
+        let started = Logs::start(
+            &config.runtime_dir,
+            config.log_dir.clone(),
+            config.log_max_bytes,
+        )
+        .map_err(|e| ApiError::Internal(format!("log keeper: {e}")))?;
+        let started = Arc::new(started);
+        *logs = Some(Arc::clone(&started));
+        Ok(started)
     }
 
     /// Pushes the expiry of a lease with a ttl; under the lease's lock, so an expiry that is
@@ -293,6 +324,9 @@ fn busy_elsewhere(name: &str) -> ApiError {
          finished; retry"
     ))
 }
+
+/// How long reading a process's log waits for the keeper to write out what its pipes hold.
+const LOG_SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The environment variable that overrides the boot id, for tests only: it lets a test play a
 /// reboot (every recorded process then counts as from another boot and is marked `lost`, never

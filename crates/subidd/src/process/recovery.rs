@@ -1,8 +1,6 @@
 //! What a start finds: processes a previous daemon started (re-adopted when they are still the
-//! same processes, else marked `lost`), processes of active leases outside their lease's cgroups
-//! (started by a version without a cgroup per lease: moved in), the cgroups and pins of leases
-//! that are no longer active (their processes killed, then removed), and log files of no recorded
-//! process.
+//! same processes, else marked `lost`), the cgroups and pins of leases that are no longer active
+//! (their processes killed, then removed), and log files of no recorded process.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -11,9 +9,9 @@ use subid_store::{ProcessRecord, ProcessState};
 use subid_sys::cgroup::{CgroupHost, LeaseCgroup};
 use subid_sys::{PidFd, SysError, members, userns};
 
-use super::{Inner, ProcessConfig, ProcessService, TEST_BOOT_ID_ENV};
+use super::{Inner, ProcessConfig, ProcessService, TEST_BOOT_ID_ENV, lock_map};
 use crate::lease::{LeaseService, ProcessOp, now_ms};
-use crate::logs::LogPool;
+use crate::logs::{KEEPER_SOCKET, remove_orphan_files};
 
 impl ProcessService {
     /// Prepares directories and cgroup parents, then looks at what a previous daemon left (see
@@ -44,7 +42,6 @@ impl ProcessService {
                 subid_sys::cgroup::CgroupParents::exist(host, config.cgroup_parent.as_deref())
             })
             .map(|host| Self::prepare_cgroup_parents(Some(host), config.cgroup_parent.as_deref()));
-        let logs = LogPool::new(config.log_dir.clone());
         let reserve =
             subid_sys::reserve::Reserve::new(config.reserve.clone(), super::RELEASE_RESERVE_BYTES);
         let service = ProcessService {
@@ -59,7 +56,7 @@ impl ProcessService {
                 cgroup_parents: Mutex::new(parents),
                 cgroups: Mutex::new(HashMap::new()),
                 lease_cache: Mutex::new(HashMap::new()),
-                logs,
+                logs: Mutex::new(None),
                 reserve,
             }),
         };
@@ -86,11 +83,22 @@ impl ProcessService {
                 }
             }
         }
+        // A keeper a previous daemon started still holds its processes' pipes: take them back.
+        if service
+            .inner
+            .config
+            .runtime_dir
+            .join(KEEPER_SOCKET)
+            .exists()
+        {
+            let this = service.clone();
+            if let Err(error) = tokio::task::spawn_blocking(move || this.logs()).await? {
+                tracing::warn!(%error, "cannot reach or start the log keeper; spawns will try again");
+            }
+        }
         service.sweep_stale_cgroups().await?;
-        service.contain_active_leases().await?;
         service.sweep_stale_pins().await?;
         service.sweep_orphan_logs().await?;
-        service.inner.logs.refill();
         Ok(service)
     }
 
@@ -142,57 +150,8 @@ impl ProcessService {
         Ok(())
     }
 
-    /// Moves the namespace members of active leases that are outside their lease's cgroups
-    /// (processes started by a version without a cgroup per lease) into them, so that a
-    /// teardown reaches them.
-    async fn contain_active_leases(&self) -> Result<(), anyhow::Error> {
-        let leases = self
-            .inner
-            .leases
-            .store()
-            .list_leases(Some(subid_core::LeaseState::Active), &[])
-            .await?;
-        for lease in leases {
-            let pin = self.pin_path(&lease.name);
-            if !userns::is_pinned(&pin) {
-                continue;
-            }
-            let outside = tokio::task::spawn_blocking(move || -> Result<Vec<i32>, SysError> {
-                let ino = userns::open_pinned(&pin).and_then(|fd| userns::ns_inode(&fd))?;
-                Ok(members::userns_members(ino)?
-                    .into_iter()
-                    .map(|m| m.pid())
-                    .collect())
-            })
-            .await?;
-            let Ok(mut pids) = outside else {
-                continue;
-            };
-            let held = self.cgroup_members(&lease);
-            pids.retain(|p| !held.contains(p));
-            if pids.is_empty() {
-                continue;
-            }
-            tracing::info!(lease = %lease.name, count = pids.len(), "moving processes of the lease into its cgroups");
-            if let Err(error) = self.adopt_into_cgroups(&lease, &pids) {
-                tracing::warn!(lease = %lease.name, %error, "cannot move the lease's processes into its cgroups");
-            }
-        }
-        Ok(())
-    }
-
-    /// The members of a lease's cgroups, if a previous daemon made them.
-    fn cgroup_members(&self, lease: &subid_store::LeaseRecord) -> Vec<i32> {
-        let Ok(Some(Ok(parents))) = self.inner.cgroup_parents.lock().map(|p| p.clone()) else {
-            return Vec::new();
-        };
-        subid_sys::cgroup::LeaseCgroups::open_existing(&parents, &lease.name)
-            .and_then(|c| c.members().ok())
-            .unwrap_or_default()
-    }
-
-    /// Removes log files that belong to no recorded process: pairs a previous daemon made ahead
-    /// of need, and those of a spawn a crash cut short before its process was recorded.
+    /// Removes log files that belong to no recorded process and no process the keeper holds:
+    /// those of a spawn a crash cut short before its process was recorded.
     async fn sweep_orphan_logs(&self) -> Result<(), anyhow::Error> {
         let known: HashSet<String> = self
             .inner
@@ -202,8 +161,13 @@ impl ProcessService {
             .await?
             .into_iter()
             .collect();
-        let logs = Arc::clone(&self.inner.logs);
-        let removed = tokio::task::spawn_blocking(move || logs.remove_orphans(&known)).await??;
+        let logs = lock_map(&self.inner.logs).clone();
+        let dir = self.inner.config.log_dir.clone();
+        let removed = tokio::task::spawn_blocking(move || match logs {
+            Some(logs) => logs.remove_orphans(&known),
+            None => remove_orphan_files(&dir, &known),
+        })
+        .await??;
         if removed > 0 {
             tracing::info!(removed, "removed log files of no recorded process");
         }

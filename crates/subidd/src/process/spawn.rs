@@ -12,10 +12,10 @@ use subid_sys::{ChildStep, Errno, SysError, members, userns};
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard};
 
 use super::namespaces::ns_spec;
-use super::{ProcessService, SIGKILL, SpawnSpec, busy_elsewhere, internal, lock_map, lock_wait};
+use super::{ProcessService, SIGKILL, SpawnSpec, busy_elsewhere, lock_map, lock_wait};
 use crate::error::ApiError;
 use crate::lease::{ProcessOp, now_ms};
-use crate::logs::{LogPool, STREAMS};
+use crate::logs::{Logs, LogsError};
 
 /// A held per-lease lock: shared for joining spawns, exclusive for everything else. The guards
 /// are held only for their `Drop`, which releases the lock.
@@ -97,18 +97,24 @@ impl ProcessService {
         let ns_spec = ns_spec(&lease)?;
         // Every process of the lease is born in its cgroups.
         let cgroup = self.spawn_cgroup(&lease)?;
-        // The process writes its log files itself (no pipe through the daemon), so its output
-        // survives a restart of the daemon; the supervisor trims them to `log_max_bytes`.
-        let files = self
-            .inner
-            .logs
-            .take()
-            .map_err(|e| internal("log file", e))?;
-        let id = files.id;
-        // Until the process is recorded, its log files go again with any failure.
+        // Its stdout and stderr are pipes to the log keeper, which writes and bounds the files
+        // (the process never holds them) and outlives the daemon.
+        let this = self.clone();
+        let logs = tokio::task::spawn_blocking(move || this.logs())
+            .await
+            .map_err(|e| ApiError::Internal(format!("log keeper task: {e}")))??;
+        let id = Logs::new_id();
+        let (stdout, stderr) = logs.attach(&id).map_err(|e| match e {
+            LogsError::Full { .. } => ApiError::Unavailable(
+                "the log keeper holds the logs of as many processes as it can; retry when some \
+                 have exited",
+            ),
+            other => ApiError::Internal(format!("logs of a new process: {other}")),
+        })?;
+        // Until the process is recorded, its logs go again with any failure.
         let unrecorded = Unrecorded {
-            pool: &self.inner.logs,
-            id: &id,
+            logs: Some(Arc::clone(&logs)),
+            id: id.clone(),
         };
         let mut command = Command::new(&spec.program, &spec.argv);
         for (k, v) in &spec.env {
@@ -119,8 +125,8 @@ impl ProcessService {
             .user(spec.user, spec.group)
             .groups(spec.groups.iter().copied())
             .umask(spec.umask)
-            .stdout(files.stdout)
-            .stderr(files.stderr)
+            .stdout(stdout)
+            .stderr(stderr)
             .cgroup(cgroup)
             .timeout(self.inner.config.spawn_timeout);
         // A cap the client set: pids_max, max_processes, or an nproc rlimit.
@@ -200,8 +206,8 @@ impl ProcessService {
             .await;
             return Err(error);
         }
-        // Recorded: the files are the process's now, and go with its lease.
-        std::mem::forget(unrecorded);
+        // Recorded: the logs are the process's now, and go with its lease.
+        unrecorded.recorded();
         tracing::info!(id = %id, pid = record.pid, lease = %name, host_uid = record.host_uid, "process started");
         self.supervise(record.clone(), pidfd, true);
         drop(guard);
@@ -262,16 +268,31 @@ fn spawn_error(spec: &SpawnSpec, capped: bool, error: SysError) -> ApiError {
     }
 }
 
-/// The log files of a spawn not (yet) recorded; dropping this removes them.
-struct Unrecorded<'a> {
-    pool: &'a LogPool,
-    id: &'a str,
+/// The logs of a spawn not (yet) recorded; dropping this detaches them from the keeper and
+/// removes their files (on a thread of its own: it waits for the keeper, with a deadline).
+struct Unrecorded {
+    logs: Option<Arc<Logs>>,
+    id: String,
 }
 
-impl Drop for Unrecorded<'_> {
+impl Unrecorded {
+    /// The process is recorded: its logs stay.
+    fn recorded(mut self) {
+        self.logs = None;
+    }
+}
+
+impl Drop for Unrecorded {
     fn drop(&mut self) {
-        for stream in STREAMS {
-            let _ = std::fs::remove_file(self.pool.path(self.id, stream));
-        }
+        let Some(logs) = self.logs.take() else {
+            return;
+        };
+        let ids = vec![std::mem::take(&mut self.id)];
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            if let Err(error) = logs.remove_files(&ids, deadline) {
+                tracing::warn!(%error, "cannot remove the logs of a process that did not start");
+            }
+        });
     }
 }
