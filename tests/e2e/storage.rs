@@ -196,17 +196,10 @@ async fn full_disk_answers_storage_full_keeps_reading_and_heals() {
             "a refused create left nothing",
         );
     }
-    // A delete needs the disk as well: it fails cleanly, the lease stays.
+    // A delete works on a full disk: the release reserve's space lets it through.
     let delete = client.delete("/v1/leases/before-2").await.expect("DELETE");
-    assert!(
-        delete.status == StatusCode::NO_CONTENT
-            || delete.status == StatusCode::INSUFFICIENT_STORAGE
-            || delete.status == StatusCode::SERVICE_UNAVAILABLE,
-        "DELETE on a full disk: {} {}",
-        delete.status,
-        delete.text()
-    );
-    let deleted = delete.status == StatusCode::NO_CONTENT;
+    assert_status(&delete, StatusCode::NO_CONTENT, "DELETE on a full disk");
+    let deleted = true;
     // A spawn on a full disk: its log files cannot grow and its row may not fit. Either it is
     // recorded and runs, or it is refused with nothing started; the daemon carries on.
     let spawn = client
@@ -287,6 +280,80 @@ async fn full_disk_answers_storage_full_keeps_reading_and_heals() {
         if spawned { "201" } else { "507/503" }
     );
     drop(daemon);
+}
+
+/// The operator can always evict a tenant: a forced release of a lease whose process runs
+/// answers 204 on a full state directory (the release reserve's space takes the write), the
+/// process is gone, and the daemon makes its reserve again once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_forced_release_works_on_a_full_disk() {
+    let fs = Tmpfs::mount("4m");
+    let state = fs.path().to_str().expect("utf-8 path").to_string();
+    let daemon = Daemon::start_with(
+        &format!("kill_grace_ms = 200\n{}", pool_config(4000, 0)),
+        &["--state-dir", &state],
+        &[],
+    )
+    .expect("start daemon on the tmpfs");
+    let client = daemon.client();
+    let reserve = fs.path().join("release-reserve");
+    assert!(reserve.exists(), "the reserve is made at start");
+    let lease = client.put("/v1/leases/hog", None).await.expect("PUT");
+    assert_status(&lease, StatusCode::CREATED, "PUT hog");
+    let spawned = client
+        .post(
+            "/v1/leases/hog/processes",
+            Some(r#"{"argv":["/bin/sleep","1000"]}"#),
+        )
+        .await
+        .expect("spawn");
+    assert_status(&spawned, StatusCode::CREATED, "spawn in hog");
+    let pid = spawned.json()["pid"].as_i64().expect("pid");
+    let filler = fs.path().join("filler");
+    fill(&filler);
+    // Writes fail now (until the WAL's slack is used up).
+    let mut refused = false;
+    for i in 0..3000 {
+        let reply = client
+            .put(&format!("/v1/leases/full-{i}"), None)
+            .await
+            .expect("PUT");
+        if reply.status != StatusCode::CREATED {
+            assert_error(
+                &reply,
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                "PUT on a full disk",
+            );
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the disk filled up");
+    let evicted = client
+        .delete("/v1/leases/hog?force=true")
+        .await
+        .expect("DELETE");
+    assert_status(
+        &evicted,
+        StatusCode::NO_CONTENT,
+        "forced release on a full disk",
+    );
+    assert!(crate::util::gone(pid).await, "the tenant's process is gone");
+    let gone = client.get("/v1/leases/hog").await.expect("GET").json();
+    assert_eq!(gone["state"], "released", "{gone}");
+    assert!(
+        daemon.log_text().contains("release reserve"),
+        "the log says the reserve was used"
+    );
+    // Room again: the next release makes the reserve anew.
+    std::fs::remove_file(&filler).expect("free the space");
+    let again = client.put("/v1/leases/again", None).await.expect("PUT");
+    assert_status(&again, StatusCode::CREATED, "PUT after freeing space");
+    let released = client.delete("/v1/leases/again").await.expect("DELETE");
+    assert_status(&released, StatusCode::NO_CONTENT, "release");
+    assert!(reserve.exists(), "the reserve is made again");
 }
 
 /// A stopped daemon's state on a tmpfs, holding lease `kept`.

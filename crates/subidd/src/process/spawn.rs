@@ -99,10 +99,17 @@ impl ProcessService {
         let cgroup = self.spawn_cgroup(&lease)?;
         // Its stdout and stderr are pipes to the log keeper, which writes and bounds the files
         // (the process never holds them) and outlives the daemon.
-        let this = self.clone();
-        let logs = tokio::task::spawn_blocking(move || this.logs())
-            .await
-            .map_err(|e| ApiError::Internal(format!("log keeper task: {e}")))??;
+        let held = lock_map(&self.inner.logs).clone();
+        let logs = match held {
+            Some(logs) => logs,
+            None => {
+                // The first spawn starts the keeper (a few milliseconds, on the blocking pool).
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.logs())
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("log keeper task: {e}")))??
+            }
+        };
         let id = Logs::new_id();
         let (stdout, stderr) = logs.attach(&id).map_err(|e| match e {
             LogsError::Full { .. } => ApiError::Unavailable(
