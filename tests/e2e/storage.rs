@@ -356,6 +356,86 @@ async fn a_forced_release_works_on_a_full_disk() {
     assert!(reserve.exists(), "the reserve is made again");
 }
 
+/// A process that ends while the disk refuses to record it is answered as ended (from memory)
+/// by `wait` and `GET` for as long as that lasts, never as `running`; its row is written once
+/// the disk has room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn an_exit_the_disk_refuses_is_still_known_and_recorded_later() {
+    let fs = Tmpfs::mount("4m");
+    let state = fs.path().to_str().expect("utf-8 path").to_string();
+    let daemon = Daemon::start_with(&pool_config(4000, 0), &["--state-dir", &state], &[])
+        .expect("start daemon on the tmpfs");
+    let client = daemon.client();
+    let lease = client.put("/v1/leases/late", None).await.expect("PUT");
+    assert_status(&lease, StatusCode::CREATED, "PUT late");
+    let spawned = client
+        .post(
+            "/v1/leases/late/processes",
+            Some(r#"{"argv":["/bin/sleep","3"]}"#),
+        )
+        .await
+        .expect("spawn");
+    assert_status(&spawned, StatusCode::CREATED, "spawn");
+    let id = spawned.json()["id"].as_str().expect("id").to_string();
+    let filler = fs.path().join("filler");
+    fill(&filler);
+    // Use up what the write-ahead log still has room for.
+    for i in 0..3000 {
+        let reply = client
+            .put(&format!("/v1/leases/pad-{i}"), None)
+            .await
+            .expect("PUT");
+        if reply.status != StatusCode::CREATED {
+            break;
+        }
+    }
+    let done = client
+        .post(&format!("/v1/processes/{id}/wait?timeout_seconds=20"), None)
+        .await
+        .expect("wait")
+        .json();
+    assert_eq!(done["state"], "exited", "wait answers the end: {done}");
+    // Longer than the five tries an older version made before it gave up.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let got = client
+        .get(&format!("/v1/processes/{id}"))
+        .await
+        .expect("GET")
+        .json();
+    assert_eq!(got["state"], "exited", "GET answers the end too: {got}");
+    assert_eq!(got["exit_code"], 0, "{got}");
+    assert!(
+        daemon.log_text().contains("cannot record exit status"),
+        "the disk did refuse the exit: {}",
+        daemon.log_text()
+    );
+    std::fs::remove_file(&filler).expect("free the space");
+    let database = fs.path().join("subidd.db");
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    loop {
+        let mut conn = SqliteConnectOptions::new()
+            .filename(&database)
+            .read_only(true)
+            .connect()
+            .await
+            .expect("open the database read-only");
+        let stored: String = sqlx::query_scalar("SELECT state FROM process WHERE id = ?")
+            .bind(&id)
+            .fetch_one(&mut conn)
+            .await
+            .expect("the process row");
+        if stored == "exited" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the exit was never written: {stored}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A stopped daemon's state on a tmpfs, holding lease `kept`.
 async fn stopped_state(fs: &Tmpfs) -> Daemon {
     // (The WAL may still hold the last commits: SQLite folds it in at the next open.)

@@ -137,6 +137,7 @@ impl Daemon {
                 ns_dir: config.runtime_dir.join("ns"),
                 log_dir: config.state_dir.join("logs"),
                 runtime_dir: config.runtime_dir.clone(),
+                keeper_program: std::path::PathBuf::from("/proc/self/exe"),
                 log_max_bytes: config.log_max_bytes,
                 kill_grace: Duration::from_millis(config.kill_grace_ms),
                 cgroup_parent: config.cgroup_parent.clone(),

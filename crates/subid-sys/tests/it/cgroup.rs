@@ -621,3 +621,56 @@ fn teardown_kills_nested_namespaces_and_fork_racers() {
     cgs.remove(Instant::now() + Duration::from_secs(10))
         .unwrap();
 }
+
+/// The descriptors of this process that are pidfds of this process itself (other tests running
+/// beside this one open pidfds of their children, never of us).
+fn own_pidfds() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|fd| {
+            fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).is_ok_and(|info| {
+                info.lines()
+                    .any(|l| l.strip_prefix("Pid:").is_some_and(|p| p.trim() == me))
+            })
+        })
+        .collect()
+}
+
+/// A v1 lease spawner that is SIGKILLed (by a teardown's kill loop, by an operator) leaves no
+/// descriptor behind in the daemon, whose descriptor table it shares: the pidfd it polls to
+/// notice the daemon's exit is the daemon's, closed with the spawner.
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+#[cfg_attr(
+    not(subidd_pids_v1),
+    ignore = "needs a v1 pids hierarchy (the spawner)"
+)]
+fn a_killed_spawner_leaves_no_descriptor_behind() {
+    let h = pids_hierarchy();
+    let parent = TestParent::new(&h, "spawnerfd");
+    let cg = LeaseCgroup::create(&parent.0, "l", None).unwrap();
+    let before = own_pidfds();
+    let handle = cg.start_spawner().unwrap();
+    assert_eq!(
+        own_pidfds().len(),
+        before.len() + 1,
+        "the spawner's pidfd of us"
+    );
+    let helper = handle.spawner().expect("a spawner on v1").pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the spawner to die", || {
+        fs::read_to_string(format!("/proc/{helper}/stat")).map_or(true, |s| s.contains(") Z "))
+    });
+    drop(handle);
+    let mut after = own_pidfds();
+    after.retain(|fd| !before.contains(fd));
+    assert!(after.is_empty(), "pidfds of this process left: {after:?}");
+    cg.kill_all_and_remove().unwrap();
+}

@@ -36,6 +36,7 @@ pub(super) async fn app(
             ns_dir: dir.path().join("run/ns"),
             log_dir: dir.path().join("logs"),
             runtime_dir: dir.path().join("run"),
+            keeper_program: std::path::PathBuf::from("/proc/self/exe"),
             log_max_bytes: 4096,
             kill_grace: Duration::from_millis(200),
             cgroup_parent: None,

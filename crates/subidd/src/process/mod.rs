@@ -37,7 +37,7 @@ use tokio::sync::{RwLock, watch};
 
 use crate::error::ApiError;
 use crate::lease::{Caller, LeaseService, is_expired, now_ms};
-use crate::logs::{Logs, log_path};
+use crate::logs::{Logs, LogsConfig, log_path};
 
 /// What to start; checked by the API layer (ids against the lease's size here).
 #[derive(Debug, Clone)]
@@ -64,6 +64,9 @@ pub struct ProcessConfig {
     pub log_dir: PathBuf,
     /// The runtime dir, where the log keeper's socket is (`logkeeper.sock`).
     pub runtime_dir: PathBuf,
+    /// The binary started as the log keeper (`--log-keeper`): the daemon's own,
+    /// `/proc/self/exe`, in production.
+    pub keeper_program: PathBuf,
     /// Bytes kept per stream (the keeper keeps the last ones); the rest is dropped.
     pub log_max_bytes: u64,
     /// Time between SIGTERM and SIGKILL on a forced delete or expiry.
@@ -235,12 +238,14 @@ impl ProcessService {
             return Ok(Arc::clone(held));
         }
         let config = &self.inner.config;
-        let started = Logs::start(
+        let mut logs_config = LogsConfig::new(
             &config.runtime_dir,
             config.log_dir.clone(),
             config.log_max_bytes,
-        )
-        .map_err(|e| ApiError::Internal(format!("log keeper: {e}")))?;
+        );
+        logs_config.program = config.keeper_program.clone();
+        let started = Logs::start_with(logs_config)
+            .map_err(|e| ApiError::Internal(format!("log keeper: {e}")))?;
         let started = Arc::new(started);
         *logs = Some(Arc::clone(&started));
         Ok(started)

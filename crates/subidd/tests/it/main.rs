@@ -2,4 +2,5 @@
 //! root are ignored (not passed) when the crate was built by anyone else (`cfg(subidd_root)`,
 //! build.rs).
 
+mod lifecycle;
 mod logs;
