@@ -10,6 +10,7 @@ pub mod activation;
 pub mod cgroup;
 pub mod error;
 pub mod floor;
+pub mod idmount;
 pub mod logfile;
 pub mod members;
 pub mod peer;
