@@ -12,6 +12,7 @@ pub mod lease;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
+pub mod namespace;
 pub mod pool;
 pub mod process;
 pub mod server;

@@ -995,7 +995,7 @@ impl ProcessService {
     ///
     /// Active leases are cached (a spawn then needs no database read): every path that changes
     /// a lease (create, renew, release, expiry) goes through [`ProcessService::forget_lease`].
-    async fn active_lease(&self, name: &str) -> Result<LeaseRecord, ApiError> {
+    pub(crate) async fn active_lease(&self, name: &str) -> Result<LeaseRecord, ApiError> {
         let now = now_ms();
         if let Some(lease) = lock_map(&self.inner.lease_cache).get(name)
             && !is_expired(lease, now)
@@ -1023,18 +1023,18 @@ impl ProcessService {
     /// Makes the lease's pin directory a private mount, as a pinned mount namespace needs. Only
     /// the lease's own directory: a bind mount over the whole `ns` directory would cover the
     /// pins other leases made before it, which could then no longer be unmounted (unlink EBUSY).
-    fn private_ns_dir(&self, name: &str) -> Result<(), ApiError> {
+    pub(crate) fn private_ns_dir(&self, name: &str) -> Result<(), ApiError> {
         userns::make_private_mount(&self.inner.config.ns_dir.join(name))
             .map_err(|e| ApiError::Internal(format!("private mount for pins: {e}")))
     }
 
-    fn pin_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn pin_path(&self, name: &str) -> PathBuf {
         self.inner.config.ns_dir.join(name).join("user")
     }
 
     /// The lease's namespace if it exists: open already, or pinned by an earlier daemon. A pin
     /// owned by anyone but the lease's base uid is stale (another tenant's): it is removed.
-    fn namespace_of(
+    pub(crate) fn namespace_of(
         &self,
         lease: &LeaseRecord,
         pin: &Path,
@@ -1073,7 +1073,7 @@ impl ProcessService {
         None
     }
 
-    fn lease_lock(&self, name: &str) -> Arc<RwLock<()>> {
+    pub(crate) fn lease_lock(&self, name: &str) -> Arc<RwLock<()>> {
         Arc::clone(
             lock_map(&self.inner.locks)
                 .entry(name.to_string())
@@ -1108,7 +1108,7 @@ fn boot_id() -> Result<String, SysError> {
 }
 
 /// The namespace settings of a lease.
-fn ns_spec(lease: &LeaseRecord) -> UserNsSpec {
+pub(crate) fn ns_spec(lease: &LeaseRecord) -> UserNsSpec {
     let mut spec = UserNsSpec::new(lease.uid_base, lease.size);
     spec.gid_base = lease.gid_base;
     spec.nproc_limit = lease.max_processes;
