@@ -6,6 +6,7 @@ mod caps;
 mod concurrency;
 mod config;
 mod crash;
+mod docker;
 mod idmap;
 mod integrations;
 mod leases;

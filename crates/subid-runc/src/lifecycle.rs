@@ -205,8 +205,9 @@ fn prepare_and_create(
     record.covered = covered;
     layout.write_record(&record)?;
     for bind in bundle.bind_mounts() {
-        let source = rootfs::prepare_bind(layout, &bind, userns.as_fd())?;
+        let (source, keep) = rootfs::prepare_bind(layout, &bind, userns.as_fd())?;
         bundle.set_mount_source(bind.index, &source);
+        bundle.add_mount_options(bind.index, &keep);
     }
     bundle.set_root_path(&rootfs);
     match ctx.options.mode {

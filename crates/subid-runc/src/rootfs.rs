@@ -319,8 +319,15 @@ fn index_on_by_default() -> bool {
 }
 
 /// An idmapped, nosuid copy of a bind mount's source, attached in the container's directory;
-/// answers where.
-pub fn prepare_bind(layout: &Layout, bind: &BindMount, userns: BorrowedFd<'_>) -> Result<PathBuf> {
+/// answers where, and the mount options the runtime must keep when it remounts it (`nosuid`,
+/// and `nodev`, `noexec`, `ro` when the source's mount has them): the copy's flags are locked
+/// in the container's mount namespace, and a remount that would clear one is refused (EPERM;
+/// mount_namespaces(7), "MNT_LOCKED"), which runc 1.1 does when it makes a bind read-only.
+pub fn prepare_bind(
+    layout: &Layout,
+    bind: &BindMount,
+    userns: BorrowedFd<'_>,
+) -> Result<(PathBuf, Vec<&'static str>)> {
     make_dir(&layout.binds(), 0o755)?;
     let target = layout.bind(bind.index);
     let meta =
@@ -346,7 +353,27 @@ pub fn prepare_bind(layout: &Layout, bind: &BindMount, userns: BorrowedFd<'_>) -
     .map_err(|e| RuncError::sys(what("idmap"), e))?;
     tree.attach(&target)
         .map_err(|e| RuncError::sys(what("attach"), e))?;
-    Ok(target)
+    Ok((target, locked_options(&bind.source)))
+}
+
+/// The options that keep the flags of the mount at `path` (with `nosuid`, which the copies
+/// always get).
+fn locked_options(path: &Path) -> Vec<&'static str> {
+    use nix::sys::statvfs::FsFlags;
+    let mut options = vec!["nosuid"];
+    if let Ok(st) = nix::sys::statvfs::statvfs(path) {
+        let flags = st.flags();
+        for (flag, option) in [
+            (FsFlags::ST_NODEV, "nodev"),
+            (FsFlags::ST_NOEXEC, "noexec"),
+            (FsFlags::ST_RDONLY, "ro"),
+        ] {
+            if flags.contains(flag) {
+                options.push(option);
+            }
+        }
+    }
+    options
 }
 
 /// Takes off everything a create mounted, then removes the container's directory (see

@@ -227,6 +227,29 @@ impl Bundle {
         }
     }
 
+    /// Adds `options` to those of `mounts[index]` that it lacks.
+    pub fn add_mount_options(&mut self, index: usize, options: &[&str]) {
+        let Some(mount) = self
+            .value
+            .get_mut("mounts")
+            .and_then(Value::as_array_mut)
+            .and_then(|m| m.get_mut(index))
+            .and_then(Value::as_object_mut)
+        else {
+            return;
+        };
+        let list = mount.entry("options").or_insert_with(|| json!([]));
+        if !list.is_array() {
+            *list = json!([]);
+        }
+        let list = list.as_array_mut().expect("made an array above");
+        for option in options {
+            if !list.iter().any(|o| o.as_str() == Some(option)) {
+                list.push(json!(option));
+            }
+        }
+    }
+
     /// Records which lease the container runs on, for whoever reads the bundle.
     pub fn annotate(&mut self, pairs: &BTreeMap<&str, String>) {
         let doc = self.value.as_object_mut().expect("checked at load");
@@ -349,12 +372,19 @@ mod tests {
         );
         b.set_root_path(Path::new("/run/subid-runc/c/abc/rootfs"));
         b.set_mount_source(2, Path::new("/run/subid-runc/c/abc/m/2"));
+        b.add_mount_options(2, &["nosuid", "rbind"]);
+        b.add_mount_options(0, &["nodev"]);
         b.save().unwrap();
         let saved: Value =
             serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap())
                 .unwrap();
         assert_eq!(saved["root"]["path"], "/run/subid-runc/c/abc/rootfs");
         assert_eq!(saved["mounts"][2]["source"], "/run/subid-runc/c/abc/m/2");
+        assert_eq!(
+            saved["mounts"][2]["options"],
+            json!(["rbind", "rprivate", "nosuid"])
+        );
+        assert_eq!(saved["mounts"][0]["options"], json!(["nodev"]));
         assert_eq!(saved["linux"]["aFieldOciSpecDoesNotKnow"]["kept"], true);
         assert_eq!(saved["linux"]["sysctl"][PING_GROUP_RANGE], "0 65535");
         assert_eq!(
