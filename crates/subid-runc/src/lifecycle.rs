@@ -27,7 +27,7 @@ use crate::log::Reporter;
 use crate::options::{Mode, Options};
 use crate::rootfs::{self, Covered, Layout};
 use crate::runtime::{self, Runtime};
-use crate::spec::Bundle;
+use crate::spec::{Bundle, Original};
 use crate::state::{self, Attempt, Record, StateDir};
 
 /// Label keys of the wrapper's leases.
@@ -109,7 +109,7 @@ impl Context {
 #[derive(Default)]
 struct Progress {
     lease: Option<String>,
-    bundle: Option<Bundle>,
+    bundle: Option<Original>,
     covered: Option<Covered>,
     runtime_created: bool,
 }
@@ -191,7 +191,7 @@ fn prepare_and_create(
     let mut bundle = Bundle::load(&args.bundle)?;
     bundle.check_no_user_namespace()?;
     let root_path = bundle.root_path()?;
-    progress.bundle = Some(Bundle::load(&args.bundle)?);
+    progress.bundle = Some(bundle.original());
 
     layout.open_to(lease.gid_base)?;
     let (rootfs, covered) = rootfs::prepare_root(
@@ -294,8 +294,8 @@ fn undo(ctx: &Context, client: &Client, layout: &Layout, id: &str, progress: Pro
             Err(e) => ctx.reporter.warn(&format!("undo of container {id}: {e}")),
         }
     }
-    if let Some(bundle) = &progress.bundle
-        && let Err(e) = bundle.restore()
+    if let Some(original) = &progress.bundle
+        && let Err(e) = original.restore()
     {
         ctx.reporter.warn(&format!("undo of container {id}: {e}"));
     }
@@ -332,7 +332,8 @@ pub fn delete(ctx: &Context, args: &Delete) -> Result<i32> {
         .map(|r| r.lease)
         .or_else(|| ctx.lease_name(id).ok());
     finish(ctx, &client, &layout, lease.as_deref(), id);
-    sweep(ctx, &states, &client, Some(id));
+    // The leases' sweep is left to the next create: a delete stays one request lighter.
+    sweep_dirs(ctx, &states, &client, Some(id));
     Ok(code)
 }
 
@@ -393,6 +394,13 @@ fn release(client: &Client, lease: &str) -> Result<(), ClientError> {
 /// directory, then the leases of this owner whose container is gone. Containers another call is
 /// working on (locked) are left alone; failures are warnings.
 pub fn sweep(ctx: &Context, states: &StateDir, client: &Client, skip: Option<&str>) {
+    sweep_dirs(ctx, states, client, skip);
+    sweep_leases(ctx, states, client, skip);
+}
+
+/// The state directory's part of [`sweep`]: containers with a directory the runtime no longer
+/// has.
+fn sweep_dirs(ctx: &Context, states: &StateDir, client: &Client, skip: Option<&str>) {
     for id in states.containers() {
         if Some(id.as_str()) == skip {
             continue;
@@ -411,6 +419,11 @@ pub fn sweep(ctx: &Context, states: &StateDir, client: &Client, skip: Option<&st
         let lease = record.map(|r| r.lease);
         finish(ctx, client, &layout, lease.as_deref(), &id);
     }
+}
+
+/// subidd's part of [`sweep`]: active leases of this owner whose container is gone from the
+/// runtime's state directory named in their `runtime-root` label (a reboot empties it).
+fn sweep_leases(ctx: &Context, states: &StateDir, client: &Client, skip: Option<&str>) {
     let leases = match client.list_leases(None, &[(LABEL_OWNER, &ctx.options.owner)]) {
         Ok(leases) => leases,
         Err(e) => {

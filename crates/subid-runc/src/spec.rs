@@ -270,15 +270,32 @@ impl Bundle {
         write_replace(&self.path, &bytes)
     }
 
-    /// Puts the original bytes back (an undone create leaves the bundle as it found it).
-    pub fn restore(&self) -> Result<()> {
-        write_replace(&self.path, &self.original)
+    /// What puts the original bytes back (an undone create leaves the bundle as it found it).
+    pub fn original(&self) -> Original {
+        Original {
+            path: self.path.clone(),
+            bytes: self.original.clone(),
+        }
     }
 
     /// The document as it would be saved (tests).
     #[cfg(test)]
     pub fn value(&self) -> &Value {
         &self.value
+    }
+}
+
+/// A bundle's `config.json` as it was before the wrapper changed it.
+#[derive(Debug, Clone)]
+pub struct Original {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl Original {
+    /// Writes the original bytes back.
+    pub fn restore(&self) -> Result<()> {
+        write_replace(&self.path, &self.bytes)
     }
 }
 
@@ -401,7 +418,7 @@ mod tests {
             .filter(|n| n["type"] == "user")
             .count();
         assert_eq!(users, 1);
-        b.restore().unwrap();
+        b.original().restore().unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.path().join("config.json")).unwrap(),
             DOCKER

@@ -184,3 +184,50 @@ fn an_overlay_cannot_be_idmapped_itself() {
     assert!(matches!(refused, SysError::Unsupported { .. }), "{refused}");
     assert!(refused.to_string().contains("overlayfs"), "{refused}");
 }
+
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn an_overlay_on_idmapped_layers_mounted_as_host_root_cannot_write() {
+    let lease = Lease::new(0x7203_0000);
+    userns::create_pinned(&lease.spec, &lease.pin).unwrap();
+    let ns = userns::open_pinned(&lease.pin).unwrap();
+    let top = lease.dir.path();
+    let layers = top.join("layers");
+    for d in ["lower", "upper", "work"] {
+        fs::create_dir_all(layers.join(d)).unwrap();
+    }
+    let view = top.join("view");
+    let rootfs = top.join("rootfs");
+    fs::create_dir(&view).unwrap();
+    fs::create_dir(&rootfs).unwrap();
+    let tree = idmount::clone_tree(&layers, false).unwrap();
+    tree.set(&MountAttrs {
+        idmap: Some(std::os::fd::AsFd::as_fd(&ns)),
+        ..MountAttrs::default()
+    })
+    .unwrap();
+    tree.attach(&view).unwrap();
+    let mut guard = Mounted(vec![view.clone()]);
+    let overlay = Overlay {
+        base: view.clone(),
+        lower: vec!["lower".into()],
+        upper: "upper".into(),
+        work: "work".into(),
+        options: Vec::new(),
+    };
+    // Host root's fsuid 0 is not mapped in the idmapped view: overlayfs cannot make its work
+    // directory there and the mount is refused, or comes up read-only.
+    match idmount::mount_overlay_as(&overlay, &rootfs, 0, 0) {
+        Err(e) => eprintln!("refused: {e}"),
+        Ok(()) => {
+            guard.0.push(rootfs.clone());
+            let write = fs::write(rootfs.join("f"), "x").unwrap_err();
+            eprintln!("mounted, write refused: {write}");
+            assert!(
+                matches!(write.raw_os_error(), Some(libc::EROFS | libc::EOVERFLOW)),
+                "{write}"
+            );
+        }
+    }
+    assert!(!layers.join("upper/f").exists());
+}
