@@ -35,6 +35,8 @@ pub const LABEL_OWNER: &str = "owner";
 pub const LABEL_CONTAINER: &str = "container";
 pub const LABEL_ROOT: &str = "runtime-root";
 
+/// Least time between two sweeps of subidd's leases.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a call waits for another one working on the same container.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// How long a release waits for the last processes of a deleted container to be gone before it
@@ -132,19 +134,25 @@ pub fn create(ctx: &Context, args: &Create) -> Result<i32> {
     }
     let states = StateDir::open(&ctx.options.state_dir)?;
     let layout = states.container(id);
+    let leftover = layout.dir.exists();
     layout.make()?;
     let _lock = state::lock(&layout, id, LOCK_WAIT)?;
-    // What a crashed earlier create of this id left (its lease stays: it is put again below).
-    let earlier = layout.read_record();
-    let mut errors = rootfs::cleanup_mounts(&layout, earlier.and_then(|r| r.covered).as_ref());
-    if errors.is_empty() {
-        errors = rootfs::remove_files(&layout, true);
-    }
-    if let Some(e) = errors.into_iter().next() {
-        return Err(e);
+    if leftover {
+        // What a crashed earlier create of this id left (its lease stays: it is put again).
+        let earlier = layout.read_record();
+        let mut errors = rootfs::cleanup_mounts(&layout, earlier.and_then(|r| r.covered).as_ref());
+        if errors.is_empty() {
+            errors = rootfs::remove_files(&layout, true);
+        }
+        if let Some(e) = errors.into_iter().next() {
+            return Err(e);
+        }
     }
     let client = ctx.client()?;
-    sweep(ctx, &states, &client, Some(id));
+    sweep_dirs(ctx, &states, Some(&client), Some(id));
+    if states.sweep_due(SWEEP_INTERVAL) {
+        sweep_leases(ctx, &states, &client, Some(id));
+    }
 
     let mut progress = Progress::default();
     match prepare_and_create(ctx, &client, args, &layout, &lease, &mut progress) {
@@ -326,14 +334,20 @@ pub fn delete(ctx: &Context, args: &Delete) -> Result<i32> {
         // Still there (a running container without --force): nothing to undo yet.
         return Ok(code);
     }
-    let client = ctx.client()?;
-    let lease = layout
-        .read_record()
-        .map(|r| r.lease)
-        .or_else(|| ctx.lease_name(id).ok());
-    finish(ctx, &client, &layout, lease.as_deref(), id);
-    // The leases' sweep is left to the next create: a delete stays one request lighter.
-    sweep_dirs(ctx, &states, &client, Some(id));
+    // Without a directory nothing of ours is left (Docker deletes twice; a container the
+    // wrapper did not create): no request to subidd. A lease without one is the sweep's.
+    let mut client = None;
+    if layout.dir.exists() {
+        let c = ctx.client()?;
+        let lease = layout
+            .read_record()
+            .map(|r| r.lease)
+            .or_else(|| ctx.lease_name(id).ok());
+        finish(ctx, &c, &layout, lease.as_deref(), id);
+        client = Some(c);
+    }
+    // The leases' sweep is left to the next create: a delete stays lighter.
+    sweep_dirs(ctx, &states, client.as_ref(), Some(id));
     Ok(code)
 }
 
@@ -389,18 +403,13 @@ fn release(client: &Client, lease: &str) -> Result<(), ClientError> {
     }
 }
 
-/// Cleans up after containers that no longer exist (a wrapper that crashed, a reboot that
-/// emptied the runtime's state, a release that failed): first the directories of the state
-/// directory, then the leases of this owner whose container is gone. Containers another call is
-/// working on (locked) are left alone; failures are warnings.
-pub fn sweep(ctx: &Context, states: &StateDir, client: &Client, skip: Option<&str>) {
-    sweep_dirs(ctx, states, client, skip);
-    sweep_leases(ctx, states, client, skip);
-}
-
-/// The state directory's part of [`sweep`]: containers with a directory the runtime no longer
-/// has.
-fn sweep_dirs(ctx: &Context, states: &StateDir, client: &Client, skip: Option<&str>) {
+/// The sweep, which cleans up after containers that no longer exist (a wrapper that crashed,
+/// a reboot that emptied the runtime's state, a release that failed), part one: directories of
+/// the state directory whose container the runtime no longer has (looked at on every create
+/// and delete; a client is made only when one is needed). Part two is [`sweep_leases`].
+/// Containers another call is working on (locked) are left alone; failures are warnings.
+fn sweep_dirs(ctx: &Context, states: &StateDir, client: Option<&Client>, skip: Option<&str>) {
+    let mut own = None;
     for id in states.containers() {
         if Some(id.as_str()) == skip {
             continue;
@@ -417,12 +426,24 @@ fn sweep_dirs(ctx: &Context, states: &StateDir, client: &Client, skip: Option<&s
             continue;
         }
         let lease = record.map(|r| r.lease);
-        finish(ctx, client, &layout, lease.as_deref(), &id);
+        let c = match (client, &own) {
+            (Some(c), _) => c,
+            (None, Some(c)) => c,
+            (None, None) => match ctx.client() {
+                Ok(c) => own.insert(c),
+                Err(e) => {
+                    ctx.reporter.warn(&format!("sweep: {e}"));
+                    return;
+                }
+            },
+        };
+        finish(ctx, c, &layout, lease.as_deref(), &id);
     }
 }
 
-/// subidd's part of [`sweep`]: active leases of this owner whose container is gone from the
-/// runtime's state directory named in their `runtime-root` label (a reboot empties it).
+/// The sweep, part two (on a create, at most every [`SWEEP_INTERVAL`]): active leases of this
+/// owner whose container is gone from the runtime's state directory named in their
+/// `runtime-root` label (a reboot empties it).
 fn sweep_leases(ctx: &Context, states: &StateDir, client: &Client, skip: Option<&str>) {
     let leases = match client.list_leases(None, &[(LABEL_OWNER, &ctx.options.owner)]) {
         Ok(leases) => leases,

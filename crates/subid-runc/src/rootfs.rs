@@ -404,27 +404,26 @@ pub fn cleanup_mounts(layout: &Layout, covered: Option<&Covered>) -> Vec<RuncErr
             }
         }
     }
-    for _ in 0..4 {
-        let table = match mountinfo::read() {
-            Ok(t) => t,
+    // Detached deepest first; what is left after a few rounds (a mount that came back, or one
+    // that cannot be taken off) is reported.
+    let mut left = Vec::new();
+    for round in 0..5 {
+        left = match mountinfo::read() {
+            Ok(t) => mountinfo::under(&t, &layout.dir),
             Err(e) => {
                 errors.push(e);
                 return errors;
             }
         };
-        let left = mountinfo::under(&table, &layout.dir);
-        if left.is_empty() {
+        if left.is_empty() || round == 4 {
             break;
         }
-        for path in left {
-            if let Err(e) = idmount::detach(&path) {
+        for path in &left {
+            if let Err(e) = idmount::detach(path) {
                 errors.push(RuncError::sys("unmount", e));
             }
         }
     }
-    let left = mountinfo::read()
-        .map(|t| mountinfo::under(&t, &layout.dir))
-        .unwrap_or_default();
     if !left.is_empty() {
         errors.push(RuncError::Spec {
             bundle: layout.dir.clone(),

@@ -51,11 +51,31 @@ impl StateDir {
             fs::set_permissions(dir, fs::Permissions::from_mode(0o711))
                 .map_err(|e| RuncError::io("chmod", dir, e))?;
         }
-        subid_sys::userns::make_private_mount(root)
-            .map_err(|e| RuncError::sys("make the state directory a private mount", e))?;
+        // Once: a mount point already is one we made (reading the mount table each call
+        // would cost as much as the rest of a delete on a host with many mounts).
+        if !is_mount_point(root) {
+            subid_sys::userns::make_private_mount(root)
+                .map_err(|e| RuncError::sys("make the state directory a private mount", e))?;
+        }
         Ok(StateDir {
             root: root.to_path_buf(),
         })
+    }
+
+    /// Whether the leases' sweep is due: none in the last `interval` (the time of the last is
+    /// a file's modification time). Marks it done now when due.
+    pub fn sweep_due(&self, interval: Duration) -> bool {
+        let mark = self.root.join("swept");
+        let recent = fs::metadata(&mark)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < interval);
+        if recent {
+            return false;
+        }
+        let _ = fs::write(&mark, b"");
+        true
     }
 
     /// The layout of container `id` (which must be a valid id, see [`valid_id`]).
@@ -75,6 +95,23 @@ impl StateDir {
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
             .filter(|id| valid_id(id))
             .collect()
+    }
+}
+
+/// Whether `dir` is the root of a mount: its mount id (`mnt_id` of /proc/self/fdinfo,
+/// proc(5)) differs from its parent's.
+fn is_mount_point(dir: &Path) -> bool {
+    let mnt_id = |path: &Path| -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let file = File::open(path).ok()?;
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", file.as_raw_fd())).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("mnt_id:"))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    match (mnt_id(dir), dir.parent().and_then(mnt_id)) {
+        (Some(own), Some(parent)) => own != parent,
+        _ => false,
     }
 }
 
@@ -178,6 +215,24 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_points_are_told_from_directories() {
+        assert!(is_mount_point(Path::new("/proc")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_mount_point(dir.path()));
+    }
+
+    #[test]
+    fn the_lease_sweep_is_due_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let states = StateDir {
+            root: dir.path().to_path_buf(),
+        };
+        assert!(states.sweep_due(Duration::from_secs(30)));
+        assert!(!states.sweep_due(Duration::from_secs(30)));
+        assert!(states.sweep_due(Duration::ZERO));
+    }
 
     #[test]
     fn ids_that_can_name_a_directory() {
