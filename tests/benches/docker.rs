@@ -133,7 +133,7 @@ fn run() -> anyhow::Result<String> {
     report.push_str(&format!(
         "\nWhat the wrapper adds per container (create and delete): one lease `PUT` and one \
          `DELETE` (each a committed SQLite write), the lease's namespace (`PUT .../namespace`), \
-         the leases' sweep (`GET /v1/leases?label=owner=docker`, at create), an idmapped clone of \
+         the leases' sweep (`GET /v1/leases?label=owner=docker`, on a create at most every 30 s), an idmapped clone of \
          the layers, the overlay mounted again, a bind over Docker's `merged`, three idmapped \
          bind sources, and `config.json` read and written once; Docker calls `delete` twice per \
          container. n = {} per row.\n",
