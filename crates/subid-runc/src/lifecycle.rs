@@ -201,7 +201,6 @@ fn prepare_and_create(
     let root_path = bundle.root_path()?;
     progress.bundle = Some(bundle.original());
 
-    layout.open_to(lease.gid_base)?;
     let (rootfs, covered) = rootfs::prepare_root(
         layout,
         &root_path,
@@ -217,6 +216,10 @@ fn prepare_and_create(
         bundle.set_mount_source(bind.index, &source);
         bundle.add_mount_options(bind.index, &keep);
     }
+    // Opened to the lease's root only now: while the layers' idmapped view (all of the
+    // engine's layers, owned by the lease's root as it shows them) was attached in it, the
+    // directory was root's alone.
+    layout.open_to(lease.gid_base)?;
     bundle.set_root_path(&rootfs);
     match ctx.options.mode {
         Mode::Join => bundle.set_user_namespace(Some(&pins.user)),

@@ -176,11 +176,17 @@ pub fn try_lock(layout: &Layout) -> Result<Attempt> {
 }
 
 impl Layout {
-    /// Makes the container's directory (mode 0700 until the lease's gid is known).
+    /// Makes the container's directory, root's alone (mode 0700, also when an earlier create
+    /// left it) until [`Layout::open_to`].
     pub fn make(&self) -> Result<()> {
         match fs::DirBuilder::new().mode(0o700).create(&self.dir) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                nix::unistd::chown(&self.dir, Some(0.into()), Some(0.into()))
+                    .map_err(|e| RuncError::io("chown", &self.dir, e.into()))?;
+                fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+                    .map_err(|e| RuncError::io("chmod", &self.dir, e))
+            }
             Err(e) => Err(RuncError::io("mkdir", &self.dir, e)),
         }
     }
