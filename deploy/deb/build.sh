@@ -92,7 +92,7 @@ chmod +x "$ctl/subidd"
 "$ctl/subidd" --version
 dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/subid-runc >"$ctl/subid-runc"
 chmod +x "$ctl/subid-runc"
-"$ctl/subid-runc" --subid-help | head -n 1
+"$ctl/subid-runc" --subid-help >/dev/null
 
 if ((missing)); then
     echo "build.sh: the package is incomplete" >&2

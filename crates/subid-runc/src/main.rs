@@ -15,6 +15,7 @@ mod runtime;
 mod spec;
 mod state;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use cli::{Action, Command};
@@ -28,7 +29,8 @@ fn main() -> ExitCode {
     let (options, rest) = match options::split(args) {
         Ok(Some(split)) => split,
         Ok(None) => {
-            println!("{}", options::HELP);
+            // A closed stdout (`| head`) is no failure of the wrapper's.
+            let _ = writeln!(std::io::stdout(), "{}", options::HELP);
             return ExitCode::SUCCESS;
         }
         Err(e) => {
