@@ -1,5 +1,6 @@
 //! Sets cfgs the tests are gated on: `subidd_root` when built as root, `subidd_pids` when the host
-//! has a pids controller, and one per container tool the integration recipes use, so tests that
+//! has a pids controller, one per container tool the integration recipes use, and
+//! `subidd_dockerd` when a Docker engine can be started, so tests that
 //! cannot run here are reported as ignored (not silently passed).
 
 use std::os::unix::fs::PermissionsExt;
@@ -27,6 +28,11 @@ fn main() {
         if on_path(tool) {
             println!("cargo::rustc-cfg=subidd_{tool}");
         }
+    }
+    // The Docker tests (tests/e2e/docker.rs) start a private dockerd of their own.
+    println!("cargo::rustc-check-cfg=cfg(subidd_dockerd)");
+    if on_path("dockerd") && (on_path("docker") || Path::new("/usr/bin/docker").exists()) {
+        println!("cargo::rustc-cfg=subidd_dockerd");
     }
     println!("cargo::rustc-check-cfg=cfg(subidd_busybox)");
     if is_static_elf(Path::new(BUSYBOX)) {

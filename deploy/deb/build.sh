@@ -14,7 +14,7 @@ target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,s
 release="$target/release"
 
 echo "== release build"
-cargo build --release --locked -p subidd -p subidctl
+cargo build --release --locked -p subidd -p subidctl -p subid-runc
 
 echo "== man pages and completions"
 assets="$release/deb-assets"
@@ -48,6 +48,7 @@ expect() {
 }
 expect 'usr/bin/subidd'
 expect 'usr/bin/subidctl'
+expect 'usr/bin/subid-runc'
 expect '(usr/)?lib/systemd/system/subidd\.service'
 expect '(usr/)?lib/systemd/system/subidd\.socket'
 expect 'usr/lib/sysusers\.d/subidd\.conf'
@@ -85,10 +86,13 @@ if [ -f "$ctl/postinst" ]; then
         missing=1
     fi
 fi
-# The packaged binary is the one just built, and it runs.
+# The packaged binaries are the ones just built, and they run.
 dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/subidd >"$ctl/subidd"
 chmod +x "$ctl/subidd"
 "$ctl/subidd" --version
+dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/subid-runc >"$ctl/subid-runc"
+chmod +x "$ctl/subid-runc"
+"$ctl/subid-runc" --subid-help >/dev/null
 
 if ((missing)); then
     echo "build.sh: the package is incomplete" >&2

@@ -7,6 +7,7 @@ mod concurrency;
 mod config;
 mod containment;
 mod crash;
+mod docker;
 mod edges;
 mod idmap;
 mod integrations;

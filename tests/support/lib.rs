@@ -1,6 +1,8 @@
 //! Test and benchmark support: start the real `subidd` binary on temp paths and talk to it
 //! over its unix socket as a client would.
 
+pub mod docker;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -13,6 +13,7 @@ pub mod fdlimit;
 pub mod flock;
 #[cfg(feature = "floors")]
 pub mod floor;
+pub mod idmount;
 pub mod idscan;
 pub mod logkeep;
 pub mod members;

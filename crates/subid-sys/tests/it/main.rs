@@ -5,6 +5,7 @@ mod support;
 
 mod cgroup;
 mod extra;
+mod idmount;
 mod inotify;
 mod logkeep;
 mod pins;

@@ -3,6 +3,7 @@
 
 mod leases;
 mod model;
+mod namespace;
 mod observe;
 pub mod openapi;
 mod processes;
@@ -64,6 +65,7 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
         ("POST", "/v1/leases/{name}/renew", post(leases::renew)),
         ("GET", "/v1/leases/{name}/idmap", get(leases::idmap)),
         ("GET", "/v1/leases/{name}/events", get(leases::events)),
+        ("PUT", "/v1/leases/{name}/namespace", put(namespace::put)),
         ("GET", "/v1/lookup", get(leases::lookup)),
         ("GET", "/v1/leases/{name}/processes", get(processes::list)),
         (

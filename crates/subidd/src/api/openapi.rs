@@ -37,6 +37,7 @@ use crate::error::ErrorBody;
         leases::idmap,
         leases::events,
         leases::lookup,
+        super::namespace::put,
         processes::list,
         processes::spawn,
         processes::get_one,

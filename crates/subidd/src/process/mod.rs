@@ -19,6 +19,8 @@
 mod cgroups;
 mod lifecycle;
 mod namespaces;
+
+pub use namespaces::NamespacePins;
 mod recovery;
 mod spawn;
 mod supervise;
