@@ -643,3 +643,101 @@ async fn a_tenant_cannot_grow_its_logs_past_the_bound() {
         );
     }
 }
+
+/// What a runtime may attach to a lease: only the cgroup of a process inside the lease, never
+/// the daemon's or the host's root; an attached cgroup holds the lease until it is empty or the
+/// release is forced, which kills it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn only_a_cgroup_inside_the_lease_can_be_attached_and_it_holds_the_lease() {
+    let (config, base) = region(4034, 1, "");
+    let daemon = Daemon::start(&config).expect("start");
+    let client = daemon.client();
+    put(&client, "outer", None).await;
+    let post = |body: Value| {
+        let client = daemon.client();
+        async move {
+            client
+                .post("/v1/leases/outer/attach", Some(&body.to_string()))
+                .await
+                .expect("attach")
+        }
+    };
+    let reply = post(json!({"pid": 0, "id": "c1"})).await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request", "pid 0");
+    let reply = post(json!({"pid": 999_999_999, "id": "c1"})).await;
+    assert_error(
+        &reply,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "no such pid",
+    );
+    let me = std::process::id();
+    let reply = post(json!({"pid": me, "id": "c1"})).await;
+    assert_error(
+        &reply,
+        StatusCode::CONFLICT,
+        "not_in_lease",
+        "a host process",
+    );
+    let reply = post(json!({"pid": 1, "id": "../x"})).await;
+    assert_error(
+        &reply,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "a bad id",
+    );
+
+    // A container of the lease in a cgroup of its own, as a runtime would make it: a process
+    // in the lease's namespace (nsenter on the pin) moved into a fresh cgroup2 directory.
+    let ns = client
+        .put("/v1/leases/outer/namespace", None)
+        .await
+        .expect("namespace")
+        .json();
+    let pin = ns["user"].as_str().expect("pin").to_string();
+    let pool = client.get("/v1/pool").await.expect("pool").json();
+    let lease_cgroups = std::path::PathBuf::from(
+        pool["cgroup"]["lease_cgroups"]
+            .as_str()
+            .expect("lease cgroups"),
+    );
+    let container_cg = lease_cgroups
+        .parent()
+        .expect("parent")
+        .join(format!("container-{}", std::process::id()));
+    std::fs::create_dir_all(&container_cg).expect("mkdir container cgroup");
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            subidd_tests::kill_cgroup_tree(&self.0);
+        }
+    }
+    let _gone = Gone(container_cg.clone());
+    // A root process of the host in the lease's namespace would be nobody's: run as its root.
+    let mut child = Command::new("nsenter")
+        .arg(format!("--user={pin}"))
+        .args(["--setuid=0", "--setgid=0", "/bin/sleep", "1000"])
+        .spawn()
+        .expect("nsenter");
+    let pid = child.id();
+    std::fs::write(container_cg.join("cgroup.procs"), pid.to_string()).expect("move it");
+    let reply = post(json!({"pid": pid, "id": "c1"})).await;
+    assert_status(&reply, StatusCode::OK, "attach the container");
+    assert_eq!(reply.json()["processes"], 1, "{}", reply.text());
+    let listed = client
+        .get("/v1/leases/outer/attach")
+        .await
+        .expect("list")
+        .json();
+    assert_eq!(listed["attached"][0]["id"], "c1", "{listed}");
+    let busy = client.delete("/v1/leases/outer").await.expect("DELETE");
+    assert_error(&busy, StatusCode::CONFLICT, "lease_busy", "plain release");
+    let forced = client
+        .delete("/v1/leases/outer?force=true")
+        .await
+        .expect("DELETE");
+    assert_status(&forced, StatusCode::NO_CONTENT, "forced release");
+    let _ = child.wait();
+    assert!(processes_in_range(base, u64::from(BLOCK)).is_empty());
+}

@@ -247,21 +247,13 @@ fn prepare_and_create(
         Some(file) => runtime::read_pid_file(file)?,
         None => ctx.runtime.pid(&ctx.cli.global_args(), id)?,
     };
-    match client.attach(&lease.name, pid, id) {
-        Ok(_) => {}
-        Err(e) if e.is_missing_endpoint() => ctx.reporter.warn(&format!(
-            "container {id}: this subidd has no POST /v1/leases/{{name}}/attach; the container \
-             runs on lease {} without subidd counting its cgroup",
-            lease.name
-        )),
-        Err(e) => {
-            return Err(RuncError::daemon(
-                socket,
-                id,
-                "count the container's processes as the lease's",
-                e,
-            ));
-        }
+    if let Err(e) = client.attach(&lease.name, pid, id) {
+        return Err(RuncError::daemon(
+            socket,
+            id,
+            "count the container's processes as the lease's",
+            e,
+        ));
     }
     Ok(0)
 }

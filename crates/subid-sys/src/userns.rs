@@ -7,7 +7,7 @@
 //! RLIMIT_NPROC of everything inside — is per lease (background.md).
 
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -463,6 +463,40 @@ pub fn owner_uid(ns: BorrowedFd<'_>) -> Result<u32> {
         return Err(SysError::syscall("ioctl(NS_GET_OWNER_UID)", Errno::last()));
     }
     Ok(uid)
+}
+
+/// The user namespace that owns `ns` (its parent): `ioctl(NS_GET_PARENT)`; `None` at the top
+/// (the initial namespace, or one outside the caller's view: `EPERM`).
+pub fn parent_of(ns: BorrowedFd<'_>) -> Result<Option<OwnedFd>> {
+    // SAFETY: NS_GET_PARENT takes no argument and returns a new fd or -1.
+    let r = unsafe { libc::ioctl(ns.as_raw_fd(), libc::NS_GET_PARENT) };
+    if r < 0 {
+        return match Errno::last() {
+            Errno::EPERM => Ok(None),
+            e => Err(SysError::syscall("ioctl(NS_GET_PARENT)", e)),
+        };
+    }
+    // SAFETY: the kernel just gave us this fd; nothing else owns it.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(r) }))
+}
+
+/// Whether the user namespace `ns` is the one with inode `ancestor` or lies below it (at most
+/// 32 levels, the kernel's limit on user namespace nesting).
+pub fn is_within(ns: BorrowedFd<'_>, ancestor: u64) -> Result<bool> {
+    if ns_inode(ns)? == ancestor {
+        return Ok(true);
+    }
+    let mut current = parent_of(ns)?;
+    for _ in 0..32 {
+        let Some(fd) = current else {
+            return Ok(false);
+        };
+        if ns_inode(&fd)? == ancestor {
+            return Ok(true);
+        }
+        current = parent_of(fd.as_fd())?;
+    }
+    Ok(false)
 }
 
 /// The namespace's identity: the nsfs inode number (what `readlink /proc/PID/ns/user` shows).

@@ -34,6 +34,8 @@ pub enum ApiError {
     #[error("{0}")]
     ProcessExited(String),
     #[error("{0}")]
+    NotInLease(String),
+    #[error("{0}")]
     ProcessLimit(String),
     #[error("{0}")]
     ExecutableNotFound(String),
@@ -69,6 +71,7 @@ impl ApiError {
             | ApiError::PoolExhausted(_)
             | ApiError::LeaseBusy(_)
             | ApiError::ProcessExited(_)
+            | ApiError::NotInLease(_)
             | ApiError::ProcessLimit(_) => StatusCode::CONFLICT,
             ApiError::ExecutableNotFound(_) | ApiError::ExecFailed(_) => StatusCode::BAD_REQUEST,
             ApiError::PidsUnsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -94,6 +97,7 @@ impl ApiError {
             ApiError::PoolExhausted(_) => "pool_exhausted",
             ApiError::LeaseBusy(_) => "lease_busy",
             ApiError::ProcessExited(_) => "process_exited",
+            ApiError::NotInLease(_) => "not_in_lease",
             ApiError::ProcessLimit(_) => "process_limit",
             ApiError::ExecutableNotFound(_) => "executable_not_found",
             ApiError::ExecFailed(_) => "exec_failed",
@@ -109,7 +113,7 @@ impl ApiError {
 }
 
 /// Every code [`ApiError::code`] can return, in the order `docs/API.md` lists them.
-pub const ERROR_CODES: [&str; 20] = [
+pub const ERROR_CODES: [&str; 21] = [
     "invalid_request",
     "unauthorized",
     "forbidden",
@@ -120,6 +124,7 @@ pub const ERROR_CODES: [&str; 20] = [
     "pool_exhausted",
     "lease_busy",
     "process_exited",
+    "not_in_lease",
     "process_limit",
     "executable_not_found",
     "exec_failed",
@@ -213,6 +218,7 @@ mod tests {
             ApiError::PoolExhausted(String::new()),
             ApiError::LeaseBusy(String::new()),
             ApiError::ProcessExited(String::new()),
+            ApiError::NotInLease(String::new()),
             ApiError::ProcessLimit(String::new()),
             ApiError::ExecutableNotFound(String::new()),
             ApiError::ExecFailed(String::new()),

@@ -83,8 +83,9 @@ impl Hierarchy {
         Some(self.root.join(dir.strip_prefix(&self.mount).ok()?))
     }
 
-    /// The line of a `/proc/PID/cgroup` text that belongs to this hierarchy: its path.
-    pub(crate) fn path_in(&self, proc_cgroup: &str) -> Option<PathBuf> {
+    /// The line of a `/proc/PID/cgroup` text that belongs to this hierarchy: its path (v1: the
+    /// line with `pids`).
+    pub fn path_in(&self, proc_cgroup: &str) -> Option<PathBuf> {
         proc_cgroup.lines().find_map(|line| {
             let (id, rest) = line.split_once(':')?;
             let (ctrls, path) = rest.split_once(':')?;

@@ -385,6 +385,31 @@ impl LeaseCgroup {
         setup
     }
 
+    /// Opens a cgroup subidd did not make (a container's, attached to a lease) from its path as
+    /// `/proc/PID/cgroup` shows it on `hierarchy`.
+    pub fn at(hierarchy: &Hierarchy, cgroup_path: &Path) -> Result<Self> {
+        let rel =
+            cgroup_path
+                .strip_prefix(&hierarchy.root)
+                .map_err(|_| SysError::InvalidInput {
+                    what: "cgroup path",
+                    reason: format!(
+                        "{} is outside the hierarchy's root {}",
+                        cgroup_path.display(),
+                        hierarchy.root.display()
+                    ),
+                })?;
+        if rel.components().any(|c| !matches!(c, Component::Normal(_)))
+            || rel.as_os_str().is_empty()
+        {
+            return Err(SysError::InvalidInput {
+                what: "cgroup path",
+                reason: format!("{} is not a cgroup below the root", cgroup_path.display()),
+            });
+        }
+        Self::open_dir(hierarchy, hierarchy.mount.join(rel))
+    }
+
     /// Opens the existing `<parent>/lease-<name>` (after a daemon restart).
     pub fn open(parent: &CgroupParent, name: &str) -> Result<Self> {
         check_name(name)?;

@@ -1,6 +1,7 @@
 //! The HTTP API, v1: router, shared state, and the extractors that turn bad input into
 //! `invalid_request` instead of axum's plain-text rejections.
 
+mod attach;
 mod leases;
 mod model;
 mod namespace;
@@ -66,6 +67,13 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
         ("GET", "/v1/leases/{name}/idmap", get(leases::idmap)),
         ("GET", "/v1/leases/{name}/events", get(leases::events)),
         ("PUT", "/v1/leases/{name}/namespace", put(namespace::put)),
+        ("GET", "/v1/leases/{name}/attach", get(attach::list)),
+        ("POST", "/v1/leases/{name}/attach", post(attach::post)),
+        (
+            "DELETE",
+            "/v1/leases/{name}/attach/{id}",
+            delete(attach::delete),
+        ),
         ("GET", "/v1/lookup", get(leases::lookup)),
         ("GET", "/v1/leases/{name}/processes", get(processes::list)),
         (

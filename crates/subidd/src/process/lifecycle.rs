@@ -228,6 +228,7 @@ impl ProcessService {
             tracing::info!(lease = %lease.name, "stopped every process of the lease");
         }
         self.unpin(lease)?;
+        self.forget_attachments(lease);
         let taken = lock_map(&cgroups).take();
         if let Some(cgs) = taken {
             let removed = tokio::task::spawn_blocking(move || {
@@ -284,6 +285,7 @@ impl ProcessService {
         .unwrap_or_default();
         let mut all = found;
         all.extend(watched);
+        all.extend(self.attached_members(lease));
         all.sort_unstable();
         all.dedup();
         all
@@ -303,6 +305,7 @@ impl ProcessService {
             tracing::warn!(lease = %lease.name, %error, "signalling the lease's processes");
         }
         self.signal_namespace(lease, signal).await;
+        self.signal_attached(lease, signal);
         for live in lock_map(&self.inner.live).values() {
             if live.lease_id == lease.id {
                 let _ = live.pidfd.send_signal(signal);
@@ -328,6 +331,10 @@ impl ProcessService {
         let killed =
             tokio::task::spawn_blocking(move || lock_map(&cgs).as_mut().map(|c| c.kill(deadline)))
                 .await;
+        let this = self.clone();
+        let attached_lease = lease.clone();
+        let _ = tokio::task::spawn_blocking(move || this.kill_attached(&attached_lease, deadline))
+            .await;
         match killed {
             Ok(Some(Err(error))) => {
                 tracing::error!(lease = %lease.name, %error, "the lease's processes survived the kill");

@@ -12,14 +12,17 @@
 //! This module holds the service and its small requests (signal, wait, get, list, logs,
 //! renew); `spawn.rs` the spawn path; `supervise.rs` watching a process until it ends;
 //! `lifecycle.rs` creating and releasing a lease (its processes stopped first) and the expiry
-//! loop; `cgroups.rs` the lease cgroups; `namespaces.rs` pins; `recovery.rs` what a start finds
+//! loop; `cgroups.rs` the lease cgroups; `attach.rs` cgroups of containers a runtime attached;
+//! `namespaces.rs` pins; `recovery.rs` what a start finds
 //! (re-adoption, stale pins and cgroups, processes of an older version moved into their
 //! lease's cgroups, orphan logs).
 
+mod attach;
 mod cgroups;
 mod lifecycle;
 mod namespaces;
 
+pub use attach::{Attachment, AttachmentState};
 pub use namespaces::NamespacePins;
 mod recovery;
 mod spawn;
@@ -116,6 +119,8 @@ struct Inner {
     logs: Mutex<Option<Arc<Logs>>>,
     /// Disk space for releases on a full disk.
     reserve: subid_sys::reserve::Reserve,
+    /// Cgroups of processes subidd did not start, attached to leases (by lease id, then id).
+    attached: Mutex<HashMap<i64, BTreeMap<String, attach::Attachment>>>,
 }
 
 /// Shared handle to the process service; cheap to clone.

@@ -58,6 +58,7 @@ impl ProcessService {
                 lease_cache: Mutex::new(HashMap::new()),
                 logs: Mutex::new(None),
                 reserve,
+                attached: Mutex::new(HashMap::new()),
             }),
         };
         service.keep_reserve().await;
@@ -96,6 +97,16 @@ impl ProcessService {
                 tracing::warn!(%error, "cannot reach or start the log keeper; spawns will try again");
             }
         }
+        let active: std::collections::BTreeMap<String, i64> = service
+            .inner
+            .leases
+            .store()
+            .list_leases(Some(subid_core::LeaseState::Active), &[])
+            .await?
+            .into_iter()
+            .map(|l| (l.name, l.id))
+            .collect();
+        service.load_attachments(&active);
         service.sweep_stale_cgroups().await?;
         service.sweep_stale_pins().await?;
         service.sweep_orphan_logs().await?;
