@@ -6,7 +6,8 @@
 //! each file within `log_max_bytes` plus a stated slack, whatever the process does: a process
 //! that held its file could preallocate it, punch holes in it, or keep writing from a
 //! background child after its recorded process was gone. The spawn path pays two `pipe2` and
-//! one `sendmsg` ([`Logs::attach`]); the files are created by the keeper, off that path.
+//! one `sendmsg` ([`Logs::attach`]); a file is created by the keeper with its first bytes, off
+//! that path.
 //!
 //! The keeper outlives the daemon: the next start connects to the same socket
 //! (`<runtime-dir>/logkeeper.sock`) and takes the ids back with their read ends (`LIST`). The

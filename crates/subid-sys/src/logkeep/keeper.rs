@@ -769,13 +769,7 @@ impl Keeper<'_> {
             let entry = self.ids.entry(id.to_owned()).or_default();
             let stats = &mut entry.stats[stream.index()];
             stats.open = true;
-            let sink = Sink::open(
-                self.dir.as_fd(),
-                format!("{id}.{}", stream.as_str()),
-                self.bound,
-                &mut self.scratch,
-                stats,
-            );
+            let sink = Sink::open(format!("{id}.{}", stream.as_str()));
             entry.tokens[stream.index()] = Some(token);
             self.streams.insert(
                 token,

@@ -50,17 +50,14 @@ pub(crate) struct Sink {
 }
 
 impl Sink {
-    /// Opens (creating, mode 0640 under the keeper's umask) `name` in `dir` for appending, and
-    /// cuts it to its bound if an earlier keeper or daemon left it longer. A failure is logged
-    /// and retried later; it never refuses the stream.
-    pub fn open(
-        dir: BorrowedFd<'_>,
-        name: String,
-        bound: Bound,
-        scratch: &mut [u8],
-        stats: &mut StreamStats,
-    ) -> Sink {
-        let mut sink = Sink {
+    /// A sink for `name` in the keeper's log directory. The file is opened (created, mode 0640
+    /// under the keeper's umask) with the first bytes to write, not before: a process that writes
+    /// nothing costs no file (creating one takes up to a millisecond on a busy ext4), and an
+    /// attach does no disk work beside the spawn it serves. At that open, a file an earlier keeper
+    /// or daemon left longer than the bound is cut to it. A failure is logged and retried later;
+    /// it never refuses the stream.
+    pub fn open(name: String) -> Sink {
+        Sink {
             name,
             file: None,
             len: 0,
@@ -68,9 +65,7 @@ impl Sink {
             collapse: true,
             retry_at: None,
             warned: false,
-        };
-        sink.try_open(dir, bound, scratch, stats);
-        sink
+        }
     }
 
     fn try_open(
@@ -354,13 +349,7 @@ mod tests {
             max: 100_000,
             slack: 64 * 1024,
         };
-        let mut sink = Sink::open(
-            d.as_fd(),
-            "a.stdout".into(),
-            bound,
-            &mut [0u8; 4096],
-            &mut StreamStats::default(),
-        );
+        let mut sink = Sink::open("a.stdout".into());
         sink.collapse = false;
         check_bound(&mut sink, d.as_fd(), bound);
     }
@@ -372,13 +361,7 @@ mod tests {
             max: 100_000,
             slack: 64 * 1024,
         };
-        let mut sink = Sink::open(
-            d.as_fd(),
-            "a.stderr".into(),
-            bound,
-            &mut [0u8; 4096],
-            &mut StreamStats::default(),
-        );
+        let mut sink = Sink::open("a.stderr".into());
         check_bound(&mut sink, d.as_fd(), bound);
         // ext4 and xfs can collapse: there the fallback must not have been taken.
         let fs = nix::sys::statfs::fstatfs(&d).unwrap().filesystem_type();
@@ -393,7 +376,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_left_too_long_is_cut_at_open_and_a_symlink_is_refused() {
+    fn a_file_left_too_long_is_cut_at_its_first_write_and_a_symlink_is_refused() {
         let (t, d) = dir();
         let bound = Bound {
             max: 10_000,
@@ -402,28 +385,23 @@ mod tests {
         let data: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
         std::fs::write(t.path().join("old.stdout"), &data).unwrap();
         let mut stats = StreamStats::default();
-        let sink = Sink::open(
-            d.as_fd(),
-            "old.stdout".into(),
-            bound,
-            &mut [0u8; 4096],
-            &mut stats,
+        let mut sink = Sink::open("old.stdout".into());
+        assert_eq!(
+            std::fs::read(t.path().join("old.stdout")).unwrap().len(),
+            data.len(),
+            "nothing is touched before the first write"
         );
+        sink.append(d.as_fd(), b"!", bound, &mut [0u8; 4096], &mut stats);
         let kept = std::fs::read(t.path().join("old.stdout")).unwrap();
         assert!(kept.len() as u64 >= bound.max && kept.len() as u64 <= bound.max + bound.slack);
-        assert!(data.ends_with(&kept));
-        assert_eq!(stats.trimmed, (data.len() - kept.len()) as u64);
+        assert!(kept.ends_with(b"!"));
+        assert!(data.ends_with(&kept[..kept.len() - 1]));
+        assert_eq!(stats.trimmed, (data.len() + 1 - kept.len()) as u64);
         assert_eq!(sink.len, kept.len() as u64);
 
         std::os::unix::fs::symlink("/etc/passwd", t.path().join("link.stdout")).unwrap();
         let mut stats = StreamStats::default();
-        let mut sink = Sink::open(
-            d.as_fd(),
-            "link.stdout".into(),
-            bound,
-            &mut [0u8; 4096],
-            &mut stats,
-        );
+        let mut sink = Sink::open("link.stdout".into());
         assert!(sink.file.is_none());
         sink.append(d.as_fd(), b"lost", bound, &mut [0u8; 4096], &mut stats);
         assert_eq!(stats.dropped, 4);
@@ -437,13 +415,7 @@ mod tests {
             slack: 64 * 1024,
         };
         let mut stats = StreamStats::default();
-        let mut sink = Sink::open(
-            d.as_fd(),
-            "s.stdout".into(),
-            bound,
-            &mut [0u8; 64],
-            &mut stats,
-        );
+        let mut sink = Sink::open("s.stdout".into());
         sink.append(d.as_fd(), b"0123", bound, &mut [0u8; 64], &mut stats);
         sink.append(
             d.as_fd(),

@@ -306,6 +306,7 @@ fn removing_a_process_logs_detaches_it_and_unlinks_its_files() {
     let id = Logs::new_id();
     let (out, err) = logs.attach(&id).unwrap();
     nix::unistd::write(&out, b"x\n").unwrap();
+    nix::unistd::write(&err, b"e\n").unwrap();
     logs.sync(&id, secs(10)).unwrap();
     assert_eq!(
         logs.remove_files(std::slice::from_ref(&id), secs(10))
@@ -337,7 +338,9 @@ fn orphan_files_go_and_held_or_known_ones_stay() {
     let dirs = Dirs::new();
     let logs = start(&dirs, 4096);
     let held = Logs::new_id();
-    let _pipes = logs.attach(&held).unwrap();
+    let pipes = logs.attach(&held).unwrap();
+    // A file is made with the first bytes written.
+    nix::unistd::write(&pipes.0, b"held\n").unwrap();
     logs.sync(&held, secs(10)).unwrap();
     let (known, orphan) = (Logs::new_id(), Logs::new_id());
     for id in [&known, &orphan] {
