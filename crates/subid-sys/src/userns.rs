@@ -4,7 +4,8 @@
 //! Creation itself lives in [`crate::spawn`] (it needs the clone machinery): the namespace is
 //! created by a helper running as the lease's base uid/gid, so that the namespace's owner — who
 //! is charged for inotify instances, pending signals, mqueue bytes and, since 5.14,
-//! RLIMIT_NPROC of everything inside — is per lease (background.md).
+//! RLIMIT_NPROC of everything inside — is per lease (docs/ARCHITECTURE.md, "Kernel facts the
+//! design relies on").
 
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

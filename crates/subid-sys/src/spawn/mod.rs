@@ -8,7 +8,7 @@
 //!
 //! # How a process is started
 //! The daemon is multi-threaded and may be large, so it never `fork`s (a plain fork costs about
-//! 31 us per MiB of the parent, docs/BENCHMARKS.md) and never unshares a namespace itself.
+//! 31 us per MiB of the parent, docs/ARCHITECTURE.md "Kernel facts") and never unshares a namespace itself.
 //! Children are made with `clone3(CLONE_VM)` on a separately mapped stack, like glibc's
 //! `posix_spawn`: they share the daemon's memory and run only raw system calls (module `raw`)
 //! on data prepared before the clone. Unlike `posix_spawn` they are not `CLONE_VFORK`: once a
@@ -29,7 +29,7 @@
 //! * **Create** ([`Namespace::Create`]): the namespace's owner is the euid of the task that
 //!   creates it, and it must be the lease's base uid, so that every per-user counter charged to
 //!   the owner (inotify instances, pending signals, message queues) is per lease
-//!   (docs/ARCHITECTURE.md). `unshare(CLONE_NEWUSER)` is refused (`EINVAL`) to a task sharing its
+//!   (docs/ARCHITECTURE.md "Kernel facts"). `unshare(CLONE_NEWUSER)` is refused (`EINVAL`) to a task sharing its
 //!   mm, so a helper A (`clone3(CLONE_VM|CLONE_FILES|CLONE_PIDFD)`) sets the rlimits (still host
 //!   root, so B inherits them, hard limits raised if the daemon may), sets `PR_SET_KEEPCAPS`,
 //!   drops its groups, switches to the base gid and uid with raw `setresgid`/`setresuid` (only

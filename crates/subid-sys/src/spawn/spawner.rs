@@ -22,7 +22,7 @@ const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// A per-lease helper process that sits in the lease's cgroup v1 and clones that lease's
 /// joining children, so that they are born in the cgroup and a spawn needs no `cgroup.procs`
-/// write (and no RCU grace period, docs/SECURITY.md "Measured costs") of its own. Start one with
+/// write (and no RCU grace period, docs/ARCHITECTURE.md "Kernel facts") of its own. Start one with
 /// [`crate::cgroup::LeaseCgroup::start_spawner`].
 ///
 /// The helper is a `clone(CLONE_VM | CLONE_FILES)` of the daemon: it costs no page-table copy,
