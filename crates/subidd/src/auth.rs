@@ -13,8 +13,15 @@ use axum::serve::IncomingStream;
 use subtle::ConstantTimeEq;
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::api::Caller;
 use crate::error::ApiError;
+
+/// Who sent the request, as established by this layer: the handlers read it from the request's
+/// extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The peer's uid on the unix socket; `None` over TCP (the token says who).
+    pub uid: Option<u32>,
+}
 
 /// The kernel's word on who is at the other end of a unix connection (SO_PEERCRED, taken when
 /// the peer connected, so it cannot be changed by what the peer does afterwards).

@@ -19,3 +19,4 @@ pub mod process;
 pub mod registry;
 pub mod server;
 pub mod systemd;
+pub mod wire;

@@ -433,7 +433,7 @@ fn is_long_poll(request: &Request) -> bool {
     let path = request.uri().path();
     let query_says = |key: &str| {
         form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
-            .any(|(k, v)| k == key && crate::api::parse_bool(key, &v).unwrap_or(false))
+            .any(|(k, v)| k == key && crate::wire::parse_bool(key, &v).unwrap_or(false))
     };
     if request.method() == Method::DELETE {
         return path.starts_with("/v1/leases/") && query_says("force");

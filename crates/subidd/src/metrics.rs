@@ -238,7 +238,7 @@ impl Metrics {
             "subidd_build_info",
             &[
                 ("version", env!("CARGO_PKG_VERSION")),
-                ("api_version", crate::api::API_VERSION),
+                ("api_version", crate::wire::API_VERSION),
             ],
             1,
         );

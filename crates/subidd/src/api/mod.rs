@@ -28,8 +28,8 @@ use crate::lease::LeaseService;
 use crate::pool::Source;
 use crate::process::ProcessService;
 
-/// The version every response names in its `Api-Version` header.
-pub const API_VERSION: &str = "1";
+pub use crate::auth::Caller;
+pub use crate::wire::{API_VERSION, parse_bool};
 /// The largest request body accepted; larger ones get 413 `payload_too_large`.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
@@ -40,13 +40,6 @@ pub struct AppState {
     pub processes: ProcessService,
     pub pool_source: Source,
     pub quarantine_seconds: u64,
-}
-
-/// Who sent the request, as established by the transport's authentication layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caller {
-    /// The peer's uid on the unix socket; `None` over TCP (the token says who).
-    pub uid: Option<u32>,
 }
 
 /// Every operation of the API: method, path, handler. [`router`] is built from this list, and
@@ -238,17 +231,6 @@ impl QueryParams {
             .iter()
             .filter(move |(k, _)| k == key)
             .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Parses a boolean query value the way people type it.
-pub fn parse_bool(key: &str, value: &str) -> Result<bool, ApiError> {
-    match value {
-        "true" | "1" | "yes" | "" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        other => Err(ApiError::InvalidRequest(format!(
-            "{key}={other:?}: expected true or false"
-        ))),
     }
 }
 
