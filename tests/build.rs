@@ -1,5 +1,5 @@
 //! Sets cfgs the tests are gated on: `subidd_root` when built as root, `subidd_pids` when the host
-//! has a pids controller, and one per container tool the integration recipes use, so tests that
+//! has a pids controller, `subidd_postgres` when PostgreSQL is installed, and one per container tool the integration recipes use, so tests that
 //! cannot run here are reported as ignored (not silently passed).
 
 use std::os::unix::fs::PermissionsExt;
@@ -23,6 +23,11 @@ fn main() {
         if on_path(tool) {
             println!("cargo::rustc-cfg=subidd_{tool}");
         }
+    }
+    // PostgreSQL's programs, for the fleet tests (tests/support/pg.rs starts a cluster).
+    println!("cargo::rustc-check-cfg=cfg(subidd_postgres)");
+    if has_initdb() {
+        println!("cargo::rustc-cfg=subidd_postgres");
     }
     println!("cargo::rustc-check-cfg=cfg(subidd_busybox)");
     if is_static_elf(Path::new(BUSYBOX)) {
@@ -58,6 +63,19 @@ fn has_pids_controller() -> bool {
             _ => false,
         }
     })
+}
+
+/// Whether PostgreSQL's `initdb` is on PATH or in `/usr/lib/postgresql/<version>/bin`, where
+/// Debian installs it.
+fn has_initdb() -> bool {
+    on_path("initdb")
+        || std::fs::read_dir("/usr/lib/postgresql")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.path().join("bin/initdb").is_file())
+            })
+            .unwrap_or(false)
 }
 
 /// Whether an executable file named `tool` is in a directory of PATH.

@@ -1,334 +1,234 @@
-//! The durable store of leases, blocks and history: SQLite in WAL mode with `synchronous=FULL`
-//! for leases; process rows through [`ProcessWriter`], a second connection.
+//! The durable store of leases, blocks, the pool, quarantine and history, behind one interface
+//! with two back ends: an SQLite file on the host (the default) and, for a fleet of hosts,
+//! PostgreSQL. Host-local state (process rows and their events) always lives in the host's
+//! SQLite file.
 //!
-//! This is the only crate that speaks SQL. The daemon sees three handles: [`Store`], a pool of
-//! read connections anyone may clone, [`Writer`], the connection that writes leases, and
-//! [`ProcessWriter`], which writes process rows on the caller's thread. Every lease write
-//! happens in a `BEGIN IMMEDIATE` transaction ([`WriteTx`]) so that concurrent writers (the
-//! process writer, or a second daemon pointed at the same file by mistake) wait for the lock
-//! instead of failing at commit.
-//! A PostgreSQL back end would provide the same methods; nothing above this crate sees a query.
+//! This is the only crate that speaks SQL. The daemon sees three handles:
+//! - [`Store`], reads anyone may clone: leases from the lease store, processes from the file;
+//! - [`Writer`], the one connection that writes leases, in transactions ([`WriteTx`]) whose
+//!   methods are the same whatever the back end;
+//! - [`ProcessWriter`], which writes process rows on the caller's thread.
+//!
+//! Nothing above this crate sees a query, a row or a driver's error type.
 
 #![forbid(unsafe_code)]
 
 mod error;
+mod pg;
 mod process_writer;
 mod record;
+mod sqlite;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::Duration;
+use std::path::Path;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
-};
-use sqlx::{Connection, Row};
 use subid_core::LeaseState;
 
-pub use error::{DbError, StoreError};
+pub use error::{BackendError, Kind, StoreError};
+pub use pg::{CHANNEL, PgConfig};
 pub use process_writer::ProcessWriter;
 pub use record::{
     BlockRow, EventKind, EventRecord, LeaseRecord, NewLease, ProcessRecord, ProcessState,
 };
 
-/// The migrations under the workspace's `migrations/`, embedded in the binary.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
-
-/// How long a connection waits for another writer's lock before it reports `busy`.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The columns of `process`.
-const PROCESS_COLUMNS: &str = "id, lease_id, lease_name, pid, start_ticks, boot_id, host_uid, \
-     host_gid, argv, state, exit_code, signal, started_at, ended_at";
-
-/// The columns of `lease`, in the order [`LeaseRecord::from_row`] reads them.
-const LEASE_COLUMNS: &str = "id, name, uid_base, gid_base, size, state, labels, ttl_seconds, \
-     created_at, expires_at, released_at, created_by, rlimits, namespaces, pids_max, max_processes";
-
-/// Read access to the store; cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Store {
-    readers: SqlitePool,
-    path: PathBuf,
+/// Which back end holds the leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The host's own SQLite file.
+    Sqlite,
+    /// A PostgreSQL database a fleet of hosts shares.
+    Postgres,
 }
 
-/// The single writing connection. Owned by one task; see [`Writer::begin`].
-#[derive(Debug)]
-pub struct Writer {
-    conn: SqliteConnection,
-    /// How `conn` was opened, for [`Writer::reopen`].
-    options: SqliteConnectOptions,
-    path: PathBuf,
-}
-
-/// Opens (creating when absent) the database at `path`, applies migrations, and returns the read
-/// pool and the writer. An existing file that is not a subidd database, is corrupt, or cannot be
-/// written is refused with an error naming the file; it is never recreated.
-pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    check_writable(path)?;
-    check_header(path)?;
-    let options = SqliteConnectOptions::from_str("sqlite://")
-        .map_err(open_err)?
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .foreign_keys(true)
-        .busy_timeout(BUSY_TIMEOUT);
-    let mut conn = SqliteConnection::connect_with(&options)
-        .await
-        .map_err(open_err)?;
-    // Touch the file for real: a corrupt or foreign file fails here, not at the first request.
-    sqlx::query("PRAGMA quick_check")
-        .fetch_all(&mut conn)
-        .await
-        .map_err(open_err)?;
-    MIGRATOR
-        .run(&mut conn)
-        .await
-        .map_err(|source| StoreError::Migrate {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let readers = SqlitePoolOptions::new()
-        .max_connections(4)
-        .min_connections(1)
-        .connect_with(options.clone().read_only(true).create_if_missing(false))
-        .await
-        .map_err(open_err)?;
-    Ok((
-        Store {
-            readers,
-            path: path.to_path_buf(),
-        },
-        Writer {
-            conn,
-            options: options.create_if_missing(false),
-            path: path.to_path_buf(),
-        },
-    ))
-}
-
-/// Refuses an existing, non-empty file that is not an SQLite database or is shorter than its
-/// header says (with no write-ahead log left to replay), before SQLite opens it (and makes its `-shm` and `-wal` files beside it).
-/// SQLite's own check (`PRAGMA quick_check` in [`open`]) catches what this does not.
-fn check_header(path: &Path) -> Result<(), StoreError> {
-    use std::io::Read;
-    const MAGIC: &[u8; 16] = b"SQLite format 3\0";
-    let damaged = |reason: String| StoreError::Damaged {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let Ok(mut file) = std::fs::File::open(path) else {
-        // Missing (it is created) or unreadable (SQLite says why).
-        return Ok(());
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    if len == 0 {
-        return Ok(());
-    }
-    let mut header = [0u8; 100];
-    if len < 100 || file.read_exact(&mut header).is_err() {
-        return Err(damaged(format!(
-            "not a database: {len} bytes, shorter than an SQLite header (truncated?)"
-        )));
-    }
-    if &header[..16] != MAGIC {
-        return Err(damaged("not a database: no SQLite header".into()));
-    }
-    // Page size: 2 bytes at 16 (1 means 65536). Size in pages: 4 bytes at 28, valid when the
-    // change counter (24) equals version-valid-for (92) (https://www.sqlite.org/fileformat.html).
-    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
-        1 => 65_536,
-        n => u64::from(n),
-    };
-    let pages = u64::from(u32::from_be_bytes([
-        header[28], header[29], header[30], header[31],
-    ]));
-    let valid = header[24..28] == header[92..96] && pages > 0;
-    // A crash during a checkpoint can leave the header (page 1, written first) ahead of the
-    // pages still to be copied; the write-ahead log holds them and SQLite replays it at open. So
-    // the size is only a sign of truncation when there is no log to replay.
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    let wal_pending = std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0);
-    if valid && !wal_pending && pages.saturating_mul(page_size) > len {
-        return Err(damaged(format!(
-            "malformed: its header says {pages} pages of {page_size} bytes, but the file holds \
-             only {len} bytes (truncated?)"
-        )));
-    }
-    Ok(())
-}
-
-/// Refuses an existing database file that cannot be opened for writing, saying why (SQLite
-/// itself would only say "readonly database" or "unable to open", or open it read-only and fail
-/// at the first write). Opening for writing changes nothing in the file.
-fn check_writable(path: &Path) -> Result<(), StoreError> {
-    if !path.exists() {
-        return Ok(());
-    }
-    match std::fs::OpenOptions::new().write(true).open(path) {
-        Ok(_) => Ok(()),
-        Err(source) => {
-            let reason = match source.kind() {
-                std::io::ErrorKind::ReadOnlyFilesystem => {
-                    "the file system holding it is mounted read-only"
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    "permission denied by its owner or mode, or an immutable or append-only \
-                     attribute (lsattr shows it; chattr -i clears it)"
-                }
-                _ => "it cannot be opened for writing",
-            };
-            Err(StoreError::NotWritable {
-                path: path.to_path_buf(),
-                reason,
-                source,
-            })
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgresql",
         }
     }
 }
 
+/// The pool a store was cut for. SQLite records the block size only (a host may move its pool
+/// as long as every active lease stays inside); a shared store records all three, since every
+/// host of a fleet must hand out the same pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolMeta {
+    pub base: u32,
+    pub size: u32,
+    pub block: u32,
+}
+
+/// Which leases a list asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseFilter {
+    /// Only this state; every state when `None`.
+    pub state: Option<LeaseState>,
+    /// Every one of these labels, exactly.
+    pub labels: Vec<(String, String)>,
+}
+
+/// What a write transaction knows about a name: its active lease and its last released one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameState {
+    pub active: Option<LeaseRecord>,
+    pub last_released: Option<LeaseRecord>,
+}
+
+/// Opens (creating when absent) the SQLite database at `path`, applies migrations, and returns the
+/// reads and the writer. An existing file that is not a subidd database, is corrupt, or cannot be
+/// written is refused with an error naming the file; it is never recreated.
+pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
+    let (local, writer) = sqlite::open(path).await?;
+    Ok((
+        Store {
+            local,
+            leases: Leases::Sqlite,
+        },
+        Writer {
+            inner: WriterInner::Sqlite(writer),
+        },
+    ))
+}
+
+/// Opens the host's SQLite file at `path` (for process rows) and the fleet's PostgreSQL store
+/// (for leases), applying the migrations of each.
+pub async fn open_fleet(path: &Path, config: &PgConfig) -> Result<(Store, Writer), StoreError> {
+    let (local, _) = sqlite::open(path).await?;
+    let (reader, writer) = pg::open(config).await?;
+    Ok((
+        Store {
+            local,
+            leases: Leases::Postgres(reader),
+        },
+        Writer {
+            inner: WriterInner::Postgres(writer),
+        },
+    ))
+}
+
+/// Read access to the store; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    /// The host's own file: process rows always; leases too with the SQLite back end.
+    local: sqlite::SqliteReader,
+    leases: Leases,
+}
+
+#[derive(Clone, Debug)]
+enum Leases {
+    Sqlite,
+    Postgres(pg::PgReader),
+}
+
 impl Store {
-    /// The database file.
+    /// The host's SQLite file.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.local.path()
+    }
+
+    /// Which back end holds the leases.
+    pub fn backend(&self) -> Backend {
+        match self.leases {
+            Leases::Sqlite => Backend::Sqlite,
+            Leases::Postgres(_) => Backend::Postgres,
+        }
     }
 
     /// The active lease of that name, else its most recently released one.
     pub async fn get_lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {LEASE_COLUMNS} FROM lease WHERE name = ? \
-             ORDER BY state = 'active' DESC, released_at DESC, id DESC LIMIT 1"
-        );
-        let row = sqlx::query(&sql)
-            .bind(name)
-            .fetch_optional(&self.readers)
-            .await
-            .map_err(StoreError::read)?;
-        row.map(|r| LeaseRecord::from_row(&r)).transpose()
+        match &self.leases {
+            Leases::Sqlite => self.local.get_lease(name).await,
+            Leases::Postgres(pg) => pg.get_lease(name).await,
+        }
+    }
+
+    /// The lease with this id, in any state.
+    pub async fn get_lease_by_id(&self, id: i64) -> Result<Option<LeaseRecord>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => self.local.get_lease_by_id(id).await,
+            Leases::Postgres(pg) => pg.get_lease_by_id(id).await,
+        }
     }
 
     /// Leases in `state` (all states when `None`) carrying every label of `labels`, by name.
+    /// Every matching lease at once: prefer [`Store::list_leases_page`] where there may be many.
     pub async fn list_leases(
         &self,
         state: Option<LeaseState>,
         labels: &[(String, String)],
     ) -> Result<Vec<LeaseRecord>, StoreError> {
-        let mut sql = format!("SELECT {LEASE_COLUMNS} FROM lease WHERE 1");
-        if state.is_some() {
-            sql.push_str(" AND state = ?");
+        let filter = LeaseFilter {
+            state,
+            labels: labels.to_vec(),
+        };
+        let mut all = Vec::new();
+        let mut after: Option<(String, i64)> = None;
+        loop {
+            let page = self
+                .list_leases_page(&filter, after.as_ref().map(|(n, i)| (n.as_str(), *i)), 1000)
+                .await?;
+            let done = page.len() < 1000;
+            after = page.last().map(|l| (l.name.clone(), l.id));
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
         }
-        for _ in labels {
-            sql.push_str(
-                " AND EXISTS (SELECT 1 FROM json_each(lease.labels) j WHERE j.key = ? AND j.value = ?)",
-            );
+    }
+
+    /// Up to `limit` leases matching `filter` that come after `after` (a name and id) in the
+    /// order of name, then id: one page of a list that may be long.
+    pub async fn list_leases_page(
+        &self,
+        filter: &LeaseFilter,
+        after: Option<(&str, i64)>,
+        limit: u32,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => self.local.list_leases_page(filter, after, limit).await,
+            Leases::Postgres(pg) => pg.list_leases_page(filter, after, limit).await,
         }
-        sql.push_str(" ORDER BY name, id");
-        let mut query = sqlx::query(&sql);
-        if let Some(state) = state {
-            query = query.bind(state.as_str());
+    }
+
+    /// The names of the active leases, in order.
+    pub async fn active_names(&self) -> Result<Vec<String>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => self.local.active_names().await,
+            Leases::Postgres(pg) => pg.active_names().await,
         }
-        for (key, value) in labels {
-            query = query.bind(key).bind(value);
+    }
+
+    /// The names that had a lease with a cgroup cap (`pids_max`) and have no active lease now:
+    /// their cgroups should be gone.
+    pub async fn stale_capped_names(&self) -> Result<Vec<String>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => self.local.stale_capped_names().await,
+            Leases::Postgres(pg) => pg.stale_capped_names().await,
         }
-        let rows = query
-            .fetch_all(&self.readers)
-            .await
-            .map_err(StoreError::read)?;
-        rows.iter().map(LeaseRecord::from_row).collect()
     }
 
     /// The active lease holding the block that starts at `block_start`.
     pub async fn lease_holding(&self, block_start: u32) -> Result<Option<LeaseRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {LEASE_COLUMNS} FROM lease WHERE id = \
-             (SELECT lease_id FROM block WHERE start = ? AND lease_id IS NOT NULL)"
-        );
-        let row = sqlx::query(&sql)
-            .bind(i64::from(block_start))
-            .fetch_optional(&self.readers)
-            .await
-            .map_err(StoreError::read)?;
-        row.map(|r| LeaseRecord::from_row(&r)).transpose()
-    }
-
-    /// One process by id.
-    pub async fn get_process(&self, id: &str) -> Result<Option<ProcessRecord>, StoreError> {
-        let sql = format!("SELECT {PROCESS_COLUMNS} FROM process WHERE id = ?");
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(&self.readers)
-            .await
-            .map_err(StoreError::read)?;
-        row.map(|r| ProcessRecord::from_row(&r)).transpose()
-    }
-
-    /// The processes of a lease (by its id), oldest first.
-    pub async fn lease_processes(&self, lease_id: i64) -> Result<Vec<ProcessRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {PROCESS_COLUMNS} FROM process WHERE lease_id = ? ORDER BY started_at, id"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(lease_id)
-            .fetch_all(&self.readers)
-            .await
-            .map_err(StoreError::read)?;
-        rows.iter().map(ProcessRecord::from_row).collect()
-    }
-
-    /// The id of every recorded process (their log files are kept; any other goes at start).
-    pub async fn process_ids(&self) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar("SELECT id FROM process")
-            .fetch_all(&self.readers)
-            .await
-            .map_err(StoreError::read)
-    }
-
-    /// Every process recorded as running, for reconciling with the kernel at start.
-    pub async fn running_processes(&self) -> Result<Vec<ProcessRecord>, StoreError> {
-        let sql =
-            format!("SELECT {PROCESS_COLUMNS} FROM process WHERE state = 'running' ORDER BY id");
-        let rows = sqlx::query(&sql)
-            .fetch_all(&self.readers)
-            .await
-            .map_err(StoreError::read)?;
-        rows.iter().map(ProcessRecord::from_row).collect()
+        match &self.leases {
+            Leases::Sqlite => self.local.lease_holding(block_start).await,
+            Leases::Postgres(pg) => pg.lease_holding(block_start).await,
+        }
     }
 
     /// Active leases whose `expires_at` is at or before `now_ms`.
     pub async fn expired_leases(&self, now_ms: i64) -> Result<Vec<LeaseRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {LEASE_COLUMNS} FROM lease WHERE state = 'active' \
-             AND expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(now_ms)
-            .fetch_all(&self.readers)
-            .await
-            .map_err(StoreError::read)?;
-        rows.iter().map(LeaseRecord::from_row).collect()
+        match &self.leases {
+            Leases::Sqlite => self.local.expired_leases(now_ms).await,
+            Leases::Postgres(pg) => pg.expired_leases(now_ms).await,
+        }
     }
 
     /// The history of every lease that carried this name, oldest first.
     pub async fn events(&self, name: &str) -> Result<Vec<EventRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, at, kind, lease_id, lease_name, caller_uid, detail FROM event \
-             WHERE lease_name = ? AND kind IN ('create', 'renew', 'release', 'expire', 'purge') \
-             ORDER BY id",
-        )
-        .bind(name)
-        .fetch_all(&self.readers)
-        .await
-        .map_err(StoreError::read)?;
-        rows.iter().map(EventRecord::from_row).collect()
+        match &self.leases {
+            Leases::Sqlite => self.local.events(name).await,
+            Leases::Postgres(pg) => pg.events(name).await,
+        }
     }
 
     /// Up to `limit` events of every kind (processes too) with an id above `after`, in id order:
@@ -338,28 +238,69 @@ impl Store {
         after: i64,
         limit: u32,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        events_after_on(&self.readers, after, limit).await
+        match &self.leases {
+            Leases::Sqlite => self.local.events_after(after, limit).await,
+            Leases::Postgres(pg) => pg.events_after(after, limit).await,
+        }
     }
 
     /// The newest committed event id (0 when there is none).
     pub async fn last_event_id(&self) -> Result<i64, StoreError> {
-        last_event_id_on(&self.readers).await
+        match &self.leases {
+            Leases::Sqlite => self.local.last_event_id().await,
+            Leases::Postgres(pg) => pg.last_event_id().await,
+        }
     }
 
     /// How many leases are active.
     pub async fn active_lease_count(&self) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM lease WHERE state = 'active'")
-            .fetch_one(&self.readers)
-            .await
-            .map_err(StoreError::read)?;
-        Ok(u64::try_from(count).unwrap_or(0))
+        match &self.leases {
+            Leases::Sqlite => self.local.active_lease_count().await,
+            Leases::Postgres(pg) => pg.active_lease_count().await,
+        }
+    }
+
+    /// One process by id (this host's).
+    pub async fn get_process(&self, id: &str) -> Result<Option<ProcessRecord>, StoreError> {
+        self.local.get_process(id).await
+    }
+
+    /// This host's processes of a lease (by its id), oldest first.
+    pub async fn lease_processes(&self, lease_id: i64) -> Result<Vec<ProcessRecord>, StoreError> {
+        self.local.lease_processes(lease_id).await
+    }
+
+    /// The id of every process this host recorded (their log files are kept; any other goes
+    /// at start).
+    pub async fn process_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.local.process_ids().await
+    }
+
+    /// Every process of this host recorded as running, for reconciling with the kernel at start.
+    pub async fn running_processes(&self) -> Result<Vec<ProcessRecord>, StoreError> {
+        self.local.running_processes().await
     }
 }
 
+/// The single writing connection of the lease store. Owned by one task; see [`Writer::begin`].
+#[derive(Debug)]
+pub struct Writer {
+    inner: WriterInner,
+}
+
+#[derive(Debug)]
+enum WriterInner {
+    Sqlite(sqlite::SqliteWriter),
+    Postgres(pg::PgWriter),
+}
+
 impl Writer {
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Which back end this writer writes.
+    pub fn backend(&self) -> Backend {
+        match &self.inner {
+            WriterInner::Sqlite(_) => Backend::Sqlite,
+            WriterInner::Postgres(_) => Backend::Postgres,
+        }
     }
 
     /// Replaces the writing connection with a fresh one; closing the old one rolls back whatever
@@ -370,145 +311,132 @@ impl Writer {
     /// it is still inside a transaction; every later `BEGIN` would then fail, even once the
     /// disk has room again.
     pub async fn reopen(&mut self) -> Result<(), StoreError> {
-        let fresh = SqliteConnection::connect_with(&self.options)
-            .await
-            .map_err(|source| StoreError::Open {
-                path: self.path.clone(),
-                source,
-            })?;
-        let old = std::mem::replace(&mut self.conn, fresh);
-        // Closing may report the failed transaction again; the new connection is what counts.
-        let _ = old.close().await;
-        Ok(())
+        match &mut self.inner {
+            WriterInner::Sqlite(w) => w.reopen(),
+            WriterInner::Postgres(w) => {
+                w.reopen();
+                Ok(())
+            }
+        }
     }
 
-    /// Every block row, for rebuilding the in-memory allocator at start.
+    /// Every block row, for rebuilding the in-memory allocator.
     pub async fn block_rows(&mut self) -> Result<Vec<BlockRow>, StoreError> {
-        let rows = sqlx::query("SELECT start, lease_id, released_at FROM block ORDER BY start")
-            .fetch_all(&mut self.conn)
-            .await
-            .map_err(StoreError::read)?;
-        rows.iter().map(BlockRow::from_row).collect()
+        match &mut self.inner {
+            WriterInner::Sqlite(w) => w.block_rows(),
+            WriterInner::Postgres(w) => w.block_rows().await,
+        }
     }
 
     /// The newest event id (0 when there is none): where the live feed starts.
     pub async fn last_event_id(&mut self) -> Result<i64, StoreError> {
-        last_event_id_on(&mut self.conn).await
+        match &mut self.inner {
+            WriterInner::Sqlite(w) => w.last_event_id(),
+            WriterInner::Postgres(w) => w.last_event_id().await,
+        }
     }
 
-    /// The active leases, for checking them against the configured pool at start.
-    pub async fn active_leases(&mut self) -> Result<Vec<LeaseRecord>, StoreError> {
-        let sql = format!("SELECT {LEASE_COLUMNS} FROM lease WHERE state = 'active' ORDER BY id");
-        let rows = sqlx::query(&sql)
-            .fetch_all(&mut self.conn)
-            .await
-            .map_err(StoreError::read)?;
-        rows.iter().map(LeaseRecord::from_row).collect()
+    /// An active lease that does not lie on whole blocks of the pool `base..end` cut in blocks
+    /// of `block`, if there is one (checked at start: a changed pool must keep every lease).
+    pub async fn first_active_outside(
+        &mut self,
+        base: u32,
+        end: u64,
+        block: u32,
+    ) -> Result<Option<LeaseRecord>, StoreError> {
+        match &mut self.inner {
+            WriterInner::Sqlite(w) => w.first_active_outside(base, end, block),
+            WriterInner::Postgres(w) => w.first_active_outside(base, end, block).await,
+        }
+    }
+
+    /// The pool the store was cut for, recording `pool` when it has none yet. SQLite keeps the
+    /// block size only: the result has the stored block and the given base and size.
+    pub async fn settle_pool(&mut self, pool: PoolMeta) -> Result<PoolMeta, StoreError> {
+        match &mut self.inner {
+            WriterInner::Sqlite(w) => w.settle_pool(pool),
+            WriterInner::Postgres(w) => w.settle_pool(pool).await,
+        }
     }
 
     /// The block size the database was cut with, if it has any blocks; records `block` otherwise.
     pub async fn settle_block_size(&mut self, block: u32) -> Result<u32, StoreError> {
-        let mut tx = self.begin().await?;
-        let stored: Option<String> =
-            sqlx::query_scalar("SELECT value FROM pool_meta WHERE key = 'block'")
-                .fetch_optional(&mut *tx.tx)
-                .await
-                .map_err(StoreError::write)?;
-        let settled = match stored.as_deref().map(str::parse::<u32>) {
-            Some(Ok(stored)) => stored,
-            Some(Err(_)) => {
-                return Err(StoreError::Invalid {
-                    what: "pool_meta.block".into(),
-                    value: stored.unwrap_or_default(),
-                });
-            }
-            None => {
-                sqlx::query("INSERT INTO pool_meta (key, value) VALUES ('block', ?)")
-                    .bind(block.to_string())
-                    .execute(&mut *tx.tx)
-                    .await
-                    .map_err(StoreError::write)?;
-                block
-            }
+        let meta = PoolMeta {
+            base: 0,
+            size: 0,
+            block,
         };
-        tx.commit().await?;
-        Ok(settled)
+        Ok(self.settle_pool(meta).await?.block)
     }
 
-    /// Starts a `BEGIN IMMEDIATE` transaction with full durability: it holds the write lock from
-    /// its first statement and its commit is fsync'd.
+    /// Starts a write transaction that holds the store's write lock from its start (SQLite:
+    /// `BEGIN IMMEDIATE`) and whose commit is durable.
     pub async fn begin(&mut self) -> Result<WriteTx<'_>, StoreError> {
-        let tx = self
-            .conn
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::write)?;
-        Ok(WriteTx { tx })
+        match &mut self.inner {
+            WriterInner::Sqlite(w) => Ok(WriteTx {
+                inner: TxInner::Sqlite(w.begin()?),
+            }),
+            WriterInner::Postgres(w) => Ok(WriteTx {
+                inner: TxInner::Postgres(w.begin().await?),
+            }),
+        }
     }
 }
 
 /// One write transaction. Dropping it without [`WriteTx::commit`] rolls everything back.
 pub struct WriteTx<'c> {
-    tx: sqlx::Transaction<'c, sqlx::Sqlite>,
+    inner: TxInner<'c>,
+}
+
+enum TxInner<'c> {
+    Sqlite(sqlite::SqliteTx<'c>),
+    Postgres(pg::PgTx<'c>),
 }
 
 impl WriteTx<'_> {
+    /// The active and the last released lease of that name, in one step.
+    pub async fn name_state(&mut self, name: &str) -> Result<NameState, StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx.name_state(name),
+            TxInner::Postgres(tx) => tx.name_state(name).await,
+        }
+    }
+
     /// The active lease of that name.
     pub async fn active_lease(&mut self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
-        let sql = format!("SELECT {LEASE_COLUMNS} FROM lease WHERE name = ? AND state = 'active'");
-        let row = sqlx::query(&sql)
-            .bind(name)
-            .fetch_optional(&mut *self.tx)
-            .await
-            .map_err(StoreError::write)?;
-        row.map(|r| LeaseRecord::from_row(&r)).transpose()
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx.active_lease(name),
+            TxInner::Postgres(tx) => tx.active_lease(name).await,
+        }
     }
 
     /// The most recently released lease of that name (for sticky ranges).
     pub async fn last_released(&mut self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {LEASE_COLUMNS} FROM lease WHERE name = ? AND state = 'released' \
-             ORDER BY released_at DESC, id DESC LIMIT 1"
-        );
-        let row = sqlx::query(&sql)
-            .bind(name)
-            .fetch_optional(&mut *self.tx)
-            .await
-            .map_err(StoreError::write)?;
-        row.map(|r| LeaseRecord::from_row(&r)).transpose()
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx.last_released(name),
+            TxInner::Postgres(tx) => tx.last_released(name).await,
+        }
     }
 
-    /// Whether any lease was created on an id of `base..base+size` at or after `since_ms`.
+    /// Whether a lease other than `old` was created on an id of `old`'s range at or after
+    /// `since_ms` (then `old`'s name may not have its range back: see the sticky rule).
     pub async fn range_held_since(
         &mut self,
-        base: u32,
-        size: u32,
+        old: &LeaseRecord,
         since_ms: i64,
     ) -> Result<bool, StoreError> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM lease WHERE created_at >= ? AND uid_base < ? AND uid_base + size > ?",
-        )
-        .bind(since_ms)
-        .bind(i64::from(base) + i64::from(size))
-        .bind(i64::from(base))
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(StoreError::write)?;
-        Ok(count > 0)
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx.range_held_since(old, since_ms),
+            TxInner::Postgres(tx) => tx.range_held_since(old, since_ms).await,
+        }
     }
 
     /// Active leases whose `expires_at` is at or before `now_ms`.
     pub async fn expired(&mut self, now_ms: i64) -> Result<Vec<LeaseRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {LEASE_COLUMNS} FROM lease WHERE state = 'active' \
-             AND expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(now_ms)
-            .fetch_all(&mut *self.tx)
-            .await
-            .map_err(StoreError::write)?;
-        rows.iter().map(LeaseRecord::from_row).collect()
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx.expired(now_ms),
+            TxInner::Postgres(tx) => tx.expired(now_ms).await,
+        }
     }
 
     /// Inserts an active lease, takes its blocks (one row each, `block` ids apart) and records a
@@ -519,86 +447,10 @@ impl WriteTx<'_> {
         new: &NewLease,
         block: u32,
     ) -> Result<LeaseRecord, StoreError> {
-        let labels = serde_json::to_string(&new.labels).map_err(StoreError::encode)?;
-        let rlimits = serde_json::to_string(&new.rlimits).map_err(StoreError::encode)?;
-        let namespaces = serde_json::to_string(&new.namespaces).map_err(StoreError::encode)?;
-        let result = sqlx::query(
-            "INSERT INTO lease (name, uid_base, gid_base, size, state, labels, ttl_seconds, \
-             created_at, expires_at, created_by, rlimits, namespaces, pids_max, max_processes) \
-             VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&new.name)
-        .bind(i64::from(new.uid_base))
-        .bind(i64::from(new.gid_base))
-        .bind(i64::from(new.size))
-        .bind(&labels)
-        .bind(new.ttl_seconds.map(i64::from))
-        .bind(new.created_at)
-        .bind(new.expires_at)
-        .bind(new.created_by.map(i64::from))
-        .bind(rlimits)
-        .bind(namespaces)
-        .bind(new.pids_max.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
-        .bind(
-            new.max_processes
-                .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
-        )
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::write)?;
-        let id = result.last_insert_rowid();
-        let blocks = new.size / block.max(1);
-        for i in 0..blocks {
-            let start = u64::from(new.uid_base) + u64::from(i) * u64::from(block);
-            let taken = sqlx::query(
-                "INSERT INTO block (start, lease_id, released_at) VALUES (?, ?, NULL) \
-                 ON CONFLICT (start) DO UPDATE SET lease_id = excluded.lease_id, released_at = NULL \
-                 WHERE block.lease_id IS NULL",
-            )
-            .bind(start as i64)
-            .bind(id)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(StoreError::write)?;
-            if taken.rows_affected() != 1 {
-                return Err(StoreError::BlockHeld { start });
-            }
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx.insert_lease(new, block),
+            TxInner::Postgres(tx) => tx.insert_lease(new, block).await,
         }
-        let detail = serde_json::json!({
-            "uid_base": new.uid_base,
-            "gid_base": new.gid_base,
-            "size": new.size,
-            "ttl_seconds": new.ttl_seconds,
-            "expires_at": new.expires_at,
-        })
-        .to_string();
-        self.event(
-            new.created_at,
-            EventKind::Create,
-            id,
-            &new.name,
-            new.created_by,
-            Some(&detail),
-        )
-        .await?;
-        Ok(LeaseRecord {
-            id,
-            name: new.name.clone(),
-            uid_base: new.uid_base,
-            gid_base: new.gid_base,
-            size: new.size,
-            state: LeaseState::Active,
-            labels: new.labels.clone(),
-            ttl_seconds: new.ttl_seconds,
-            created_at: new.created_at,
-            expires_at: new.expires_at,
-            released_at: None,
-            created_by: new.created_by,
-            rlimits: new.rlimits.clone(),
-            namespaces: new.namespaces.clone(),
-            pids_max: new.pids_max,
-            max_processes: new.max_processes,
-        })
     }
 
     /// Sets a new expiry on an active lease and records a `renew` event.
@@ -609,29 +461,15 @@ impl WriteTx<'_> {
         now_ms: i64,
         caller: Option<u32>,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE lease SET expires_at = ? WHERE id = ? AND state = 'active'")
-            .bind(expires_at)
-            .bind(lease.id)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(StoreError::write)?;
-        if done.rows_affected() != 1 {
-            return Err(StoreError::NotActive { id: lease.id });
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx.renew(lease, expires_at, now_ms, caller),
+            TxInner::Postgres(tx) => tx.renew(lease, expires_at, now_ms, caller).await,
         }
-        let detail = serde_json::json!({ "expires_at": expires_at }).to_string();
-        self.event(
-            now_ms,
-            EventKind::Renew,
-            lease.id,
-            &lease.name,
-            caller,
-            Some(&detail),
-        )
-        .await
     }
 
     /// Releases an active lease: its blocks become free with `released_at = now_ms` (quarantine
-    /// starts), or `0` when `purge` (reusable at once). Records `release` or `expire`, and `purge`.
+    /// starts), or `0` when `purge` (reusable at once). Records `release` or `expire`, and
+    /// `purge`. The lease's process rows go with it.
     pub async fn release(
         &mut self,
         lease: &LeaseRecord,
@@ -640,50 +478,10 @@ impl WriteTx<'_> {
         now_ms: i64,
         caller: Option<u32>,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query(
-            "UPDATE lease SET state = 'released', released_at = ? WHERE id = ? AND state = 'active'",
-        )
-        .bind(now_ms)
-        .bind(lease.id)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::write)?;
-        if done.rows_affected() != 1 {
-            return Err(StoreError::NotActive { id: lease.id });
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx.release(lease, kind, purge, now_ms, caller),
+            TxInner::Postgres(tx) => tx.release(lease, kind, purge, now_ms, caller).await,
         }
-        // Process rows live as long as their lease.
-        sqlx::query("DELETE FROM process WHERE lease_id = ?")
-            .bind(lease.id)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(StoreError::write)?;
-        let block_released_at = if purge { 0 } else { now_ms };
-        sqlx::query("UPDATE block SET lease_id = NULL, released_at = ? WHERE lease_id = ?")
-            .bind(block_released_at)
-            .bind(lease.id)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(StoreError::write)?;
-        let detail = serde_json::json!({
-            "uid_base": lease.uid_base,
-            "size": lease.size,
-            "purge": purge,
-        })
-        .to_string();
-        self.event(now_ms, kind, lease.id, &lease.name, caller, Some(&detail))
-            .await?;
-        if purge {
-            self.event(
-                now_ms,
-                EventKind::Purge,
-                lease.id,
-                &lease.name,
-                caller,
-                None,
-            )
-            .await?;
-        }
-        Ok(())
     }
 
     /// Makes the quarantined blocks of a released lease reusable at once (`released_at = 0`) and
@@ -694,111 +492,19 @@ impl WriteTx<'_> {
         now_ms: i64,
         caller: Option<u32>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE block SET released_at = 0 WHERE lease_id IS NULL AND start >= ? AND start < ?",
-        )
-        .bind(i64::from(lease.uid_base))
-        .bind(i64::from(lease.uid_base) + i64::from(lease.size))
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::write)?;
-        self.event(
-            now_ms,
-            EventKind::Purge,
-            lease.id,
-            &lease.name,
-            caller,
-            None,
-        )
-        .await
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx.purge_released(lease, now_ms, caller),
+            TxInner::Postgres(tx) => tx.purge_released(lease, now_ms, caller).await,
+        }
     }
 
-    async fn event(
-        &mut self,
-        at: i64,
-        kind: EventKind,
-        lease_id: i64,
-        lease_name: &str,
-        caller: Option<u32>,
-        detail: Option<&str>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO event (at, kind, lease_id, lease_name, caller_uid, detail) \
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(at)
-        .bind(kind.as_str())
-        .bind(lease_id)
-        .bind(lease_name)
-        .bind(caller.map(i64::from))
-        .bind(detail)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::write)?;
-        Ok(())
-    }
-
-    /// Commits; the changes are on disk (fsync'd, `synchronous=FULL`) when this returns `Ok`.
+    /// Commits; the changes are durable when this returns `Ok`.
     pub async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await.map_err(StoreError::write)
+        match self.inner {
+            TxInner::Sqlite(tx) => tx.commit(),
+            TxInner::Postgres(tx) => tx.commit().await,
+        }
     }
-}
-
-/// Events above `after`, oldest first, on any connection or pool.
-async fn last_event_id_on<'e, E: sqlx::SqliteExecutor<'e>>(executor: E) -> Result<i64, StoreError> {
-    let id: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM event")
-        .fetch_one(executor)
-        .await
-        .map_err(StoreError::read)?;
-    Ok(id.unwrap_or(0))
-}
-
-async fn events_after_on<'e, E: sqlx::SqliteExecutor<'e>>(
-    executor: E,
-    after: i64,
-    limit: u32,
-) -> Result<Vec<EventRecord>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT id, at, kind, lease_id, lease_name, caller_uid, detail FROM event \
-         WHERE id > ? ORDER BY id LIMIT ?",
-    )
-    .bind(after)
-    .bind(i64::from(limit))
-    .fetch_all(executor)
-    .await
-    .map_err(StoreError::read)?;
-    rows.iter().map(EventRecord::from_row).collect()
-}
-
-/// Reads an integer column that must fit a `u32`.
-fn get_u32(row: &SqliteRow, column: &str) -> Result<u32, StoreError> {
-    let value: i64 = row.try_get(column).map_err(StoreError::read)?;
-    u32::try_from(value).map_err(|_| StoreError::Invalid {
-        what: column.to_string(),
-        value: value.to_string(),
-    })
-}
-
-/// Reads a nullable integer column that must fit a `u32`.
-fn get_opt_u32(row: &SqliteRow, column: &str) -> Result<Option<u32>, StoreError> {
-    let value: Option<i64> = row.try_get(column).map_err(StoreError::read)?;
-    value
-        .map(|v| {
-            u32::try_from(v).map_err(|_| StoreError::Invalid {
-                what: column.to_string(),
-                value: v.to_string(),
-            })
-        })
-        .transpose()
-}
-
-/// Decodes the `labels` JSON column.
-fn get_labels(row: &SqliteRow) -> Result<BTreeMap<String, String>, StoreError> {
-    let text: String = row.try_get("labels").map_err(StoreError::read)?;
-    serde_json::from_str(&text).map_err(|_| StoreError::Invalid {
-        what: "lease.labels".into(),
-        value: text,
-    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@ use axum::http::header::{HeaderValue, WWW_AUTHENTICATE};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use subid_store::StoreError;
+
+use crate::service_error::ServiceError;
 use utoipa::ToSchema;
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 
@@ -47,6 +49,8 @@ pub enum ApiError {
     StorageFull,
     #[error("{0}")]
     Unavailable(&'static str),
+    #[error("{0}")]
+    StoreUnavailable(&'static str),
     #[error("internal error; the daemon log has the details")]
     Internal(String),
 }
@@ -70,7 +74,9 @@ impl ApiError {
             ApiError::PidsUnsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,13 +101,14 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::StorageFull => "storage_full",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
 }
 
 /// Every code [`ApiError::code`] can return, in the order `docs/API.md` lists them.
-pub const ERROR_CODES: [&str; 18] = [
+pub const ERROR_CODES: [&str; 19] = [
     "invalid_request",
     "unauthorized",
     "forbidden",
@@ -119,6 +126,7 @@ pub const ERROR_CODES: [&str; 18] = [
     "payload_too_large",
     "storage_full",
     "unavailable",
+    "store_unavailable",
     "internal",
 ];
 
@@ -146,15 +154,71 @@ pub struct ErrorCode(pub &'static str);
 
 /// What a client hears when the store failed; the log has the details.
 pub const STORE_UNAVAILABLE: &str = "the lease store cannot be used right now; retry later";
+/// What a client hears when the lease store cannot be reached.
+pub const STORE_UNREACHABLE: &str = "the lease store cannot be reached; nothing was written \
+     (leases this host knows can still be read and spawned into); retry later";
 
 impl From<&StoreError> for ApiError {
     fn from(error: &StoreError) -> ApiError {
         if error.is_full() {
             ApiError::StorageFull
+        } else if error.is_unreachable() {
+            ApiError::StoreUnavailable(STORE_UNREACHABLE)
         } else {
             ApiError::Unavailable(STORE_UNAVAILABLE)
         }
     }
+}
+
+/// The one place a service's error becomes an HTTP answer. Failures of the daemon's own (store,
+/// kernel, bugs) are logged here with their whole chain of causes; the body says little.
+impl From<ServiceError> for ApiError {
+    fn from(error: ServiceError) -> ApiError {
+        match error {
+            ServiceError::NotFound { what } => ApiError::NotFound(what),
+            ServiceError::Invalid { reason } => ApiError::InvalidRequest(reason),
+            ServiceError::Exists { lease } => ApiError::LeaseExists(lease),
+            ServiceError::Conflict { reason } => ApiError::LeaseConflict(reason),
+            ServiceError::Busy { reason, .. } => ApiError::LeaseBusy(reason),
+            ServiceError::Exhausted { reason } => ApiError::PoolExhausted(reason),
+            ServiceError::ProcessLimit { reason } => ApiError::ProcessLimit(reason),
+            pending @ ServiceError::ReleasePending { .. } => {
+                ApiError::LeaseBusy(pending.to_string())
+            }
+            ServiceError::StoreFull { source }
+            | ServiceError::StoreUnavailable { source }
+            | ServiceError::Store { source } => {
+                tracing::error!(error = %chain(&*source), "store failure");
+                ApiError::from(&*source)
+            }
+            ServiceError::Kernel { what, source } => {
+                tracing::error!(%what, error = %chain(&*source), "kernel refusal");
+                ApiError::Unavailable(
+                    "the kernel refused an operation the request needs; see the daemon log",
+                )
+            }
+            ServiceError::Internal { what, source } => {
+                let cause = source.as_deref().map(|s| chain(s)).unwrap_or_default();
+                ApiError::Internal(format!("{what}: {cause}"))
+            }
+            ServiceError::ShuttingDown => ApiError::Unavailable("the daemon is shutting down"),
+        }
+    }
+}
+
+/// An error and its causes, for the log: `a: b: c`.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl From<StoreError> for ApiError {
@@ -210,6 +274,7 @@ mod tests {
             ApiError::PayloadTooLarge { limit: 1 },
             ApiError::StorageFull,
             ApiError::Unavailable(""),
+            ApiError::StoreUnavailable(""),
             ApiError::Internal(String::new()),
         ];
         let codes: Vec<&str> = all.iter().map(ApiError::code).collect();

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod events;
@@ -16,4 +17,5 @@ pub mod metrics;
 pub mod pool;
 pub mod process;
 pub mod server;
+pub mod service_error;
 pub mod systemd;

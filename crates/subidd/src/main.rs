@@ -46,6 +46,10 @@ struct Args {
     /// Log lines as text (default) or JSON (env SUBIDD_LOG_FORMAT, config log_format)
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Keep leases in this PostgreSQL database, shared by a fleet of hosts (env
+    /// SUBIDD_STORE_URL, config store.url; default: the SQLite file in the state dir)
+    #[arg(long, value_name = "URL")]
+    store_url: Option<String>,
     /// Write the man page subidd.8 into DIR and exit (for packaging)
     #[arg(long, hide = true, value_name = "DIR")]
     generate_man: Option<PathBuf>,
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
         listen_tcp: args.listen_tcp,
         token_file: args.token_file,
         log_format: args.log_format,
+        store_url: args.store_url,
     };
     let config = match Config::load(&flags, |k| std::env::var(k).ok()) {
         Ok(config) => config,

@@ -463,7 +463,7 @@ impl ProcessService {
             let _ = pidfd.send_signal(libc_sigkill());
             let reaper = Arc::clone(&pidfd);
             let _ = tokio::task::spawn_blocking(move || reaper.wait()).await;
-            return Err(error);
+            return Err(error.into());
         }
         // Recorded: the files are the process's now, and go with its lease.
         std::mem::forget(unrecorded);
@@ -877,7 +877,7 @@ impl ProcessService {
         }
         drop(guard);
         self.forget_lock(&name, lock);
-        result
+        result.map_err(ApiError::from)
     }
 
     /// Stops everything of the lease's namespace (when `force`) and removes its pins.

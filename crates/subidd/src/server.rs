@@ -85,14 +85,7 @@ impl Daemon {
             source = source.as_str(),
             "pool"
         );
-        let database = config.database();
-        let (store, writer) = subid_store::open(&database).await.with_context(|| {
-            format!(
-                "database {} cannot be used; subidd never recreates it: restore it from a \
-                 backup or move it away",
-                database.display()
-            )
-        })?;
+        let (store, writer) = open_store(config).await?;
         let quarantine = Duration::from_secs(config.quarantine_seconds);
         let leases = LeaseService::start(store, writer, pool, quarantine).await?;
         pool::refuse_undelegated(&leases, config).await?;
@@ -257,6 +250,43 @@ impl Daemon {
         }
         result
     }
+}
+
+/// Opens the lease store `[store]` names: the SQLite file of the state directory, or a fleet's
+/// PostgreSQL database (with this host's file beside it for what is local to the host).
+async fn open_store(config: &Config) -> anyhow::Result<(subid_store::Store, subid_store::Writer)> {
+    let database = config.database();
+    let damaged = || {
+        format!(
+            "database {} cannot be used; subidd never recreates it: restore it from a \
+             backup or move it away",
+            database.display()
+        )
+    };
+    let Some(url) = &config.store.url else {
+        tracing::info!(database = %database.display(), "lease store: SQLite");
+        return subid_store::open(&database).await.with_context(damaged);
+    };
+    let password = match &config.store.password_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading store.password_file {}", path.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        ),
+        None => None,
+    };
+    let pg = subid_store::PgConfig {
+        url: url.clone(),
+        password,
+        host_id: config.store.resolve_host_id()?,
+        timeout: Duration::from_millis(config.store.timeout_ms),
+        max_connections: config.store.max_connections,
+    };
+    tracing::info!(store = %pg.redacted(), host = %pg.host_id, "lease store: PostgreSQL");
+    subid_store::open_fleet(&database, &pg)
+        .await
+        .with_context(|| format!("opening the lease store {}", pg.redacted()))
 }
 
 /// Serves `app` on a bound unix listener until `shutdown` completes; each connection's

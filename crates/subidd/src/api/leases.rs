@@ -240,9 +240,14 @@ pub async fn delete(
         None => Ok(false),
     };
     let (purge, force) = (flag("purge")?, flag("force")?);
+    let kind = if force {
+        ReleaseKind::ForcedDelete
+    } else {
+        ReleaseKind::Delete
+    };
     state
         .processes
-        .release(name, purge, force, caller_uid(caller), ReleaseKind::Delete)
+        .release(name, purge, force, caller_uid(caller), kind)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -1,0 +1,485 @@
+//! Lease writes to the fleet's PostgreSQL store: one connection per host, every transaction
+//! under the fleet's write lock, each statement one round trip that does all of one change
+//! (the lease, its blocks and its event together), each within the deadline.
+
+use sqlx::Connection;
+use sqlx::Postgres;
+use sqlx::postgres::{PgConnection, PgRow};
+
+use super::{CHANNEL, FLEET_LOCK, PgConfig, connect, timed};
+use crate::record::{Cols, LEASE_COLUMNS, block_from, lease_from, release_detail};
+use crate::{BlockRow, EventKind, LeaseRecord, NameState, NewLease, PoolMeta, StoreError};
+
+/// The writing session. Dropped (and made again at the next use) after any failure, so a
+/// session left in an unknown state by a cut connection or a missed deadline is never reused.
+#[derive(Debug)]
+pub(crate) struct PgWriter {
+    conn: Option<PgConnection>,
+    config: PgConfig,
+}
+
+/// Maps a failed write, naming the store.
+fn write_err(config: &PgConfig) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+    move |e| match StoreError::write(e) {
+        StoreError::Unreachable { source, .. } => StoreError::Unreachable {
+            target: config.redacted(),
+            source,
+        },
+        other => other,
+    }
+}
+
+impl PgWriter {
+    pub(crate) fn new(conn: PgConnection, config: PgConfig) -> PgWriter {
+        PgWriter {
+            conn: Some(conn),
+            config,
+        }
+    }
+
+    /// The session, connecting first when there is none.
+    async fn conn(&mut self) -> Result<&mut PgConnection, StoreError> {
+        if self.conn.is_none() {
+            self.conn = Some(connect(&self.config).await?);
+        }
+        self.conn.as_mut().ok_or_else(|| StoreError::Refused {
+            reason: "no session".into(),
+        })
+    }
+
+    /// Drops the session; the next use connects again.
+    pub(crate) fn reopen(&mut self) {
+        self.conn = None;
+    }
+
+    /// Runs `f` on the session within the deadline; any failure drops the session.
+    async fn with<T>(
+        &mut self,
+        what: &'static str,
+        f: impl AsyncFnOnce(&mut PgConnection, &PgConfig) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let timeout = self.config.timeout;
+        let config = self.config.clone();
+        let result = timed(timeout, what, async {
+            let conn = self.conn().await?;
+            f(conn, &config).await
+        })
+        .await;
+        if result.is_err() {
+            self.reopen();
+        }
+        result
+    }
+
+    pub(crate) async fn block_rows(&mut self) -> Result<Vec<BlockRow>, StoreError> {
+        self.with("the block rows", async |conn, config| {
+            let rows = sqlx::query("SELECT start, lease_id, released_at FROM block ORDER BY start")
+                .fetch_all(conn)
+                .await
+                .map_err(write_err(config))?;
+            rows.iter().map(block_from).collect()
+        })
+        .await
+    }
+
+    pub(crate) async fn last_event_id(&mut self) -> Result<i64, StoreError> {
+        self.with("an event read", async |conn, config| {
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0)::BIGINT FROM event")
+                .fetch_one(conn)
+                .await
+                .map_err(write_err(config))
+        })
+        .await
+    }
+
+    pub(crate) async fn first_active_outside(
+        &mut self,
+        base: u32,
+        end: u64,
+        block: u32,
+    ) -> Result<Option<LeaseRecord>, StoreError> {
+        self.with("a lease read", async |conn, config| {
+            let sql = format!(
+                "SELECT {LEASE_COLUMNS} FROM lease WHERE state = 'active' AND NOT \
+                 (uid_base >= $1 AND uid_base + size <= $2 AND (uid_base - $1) % $3 = 0 \
+                 AND size % $3 = 0 AND size > 0) LIMIT 1"
+            );
+            let row = sqlx::query(&sql)
+                .bind(i64::from(base))
+                .bind(i64::try_from(end).unwrap_or(i64::MAX))
+                .bind(i64::from(block))
+                .fetch_optional(conn)
+                .await
+                .map_err(write_err(config))?;
+            row.map(|r| lease_from(&r)).transpose()
+        })
+        .await
+    }
+
+    /// Records the pool when the store has none; returns the stored one. Under the fleet's
+    /// write lock, so two hosts starting together cannot record two pools.
+    pub(crate) async fn settle_pool(&mut self, pool: PoolMeta) -> Result<PoolMeta, StoreError> {
+        self.with("the pool settings", async |conn, config| {
+            let mut tx = conn
+                .begin_with(format!("BEGIN; SELECT pg_advisory_xact_lock({FLEET_LOCK})"))
+                .await
+                .map_err(write_err(config))?;
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT key, value FROM pool_meta WHERE key IN ('block', 'base', 'size')",
+            )
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(write_err(config))?;
+            let get = |key: &str| -> Result<Option<u32>, StoreError> {
+                rows.iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| {
+                        v.parse().map_err(|_| StoreError::Invalid {
+                            what: format!("pool_meta.{key}"),
+                            value: v.clone(),
+                        })
+                    })
+                    .transpose()
+            };
+            let settled = match (get("block")?, get("base")?, get("size")?) {
+                (Some(block), Some(base), Some(size)) => PoolMeta { base, size, block },
+                _ => {
+                    for (key, value) in [
+                        ("block", pool.block),
+                        ("base", pool.base),
+                        ("size", pool.size),
+                    ] {
+                        sqlx::query(
+                            "INSERT INTO pool_meta (key, value) VALUES ($1, $2) \
+                             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        )
+                        .bind(key)
+                        .bind(value.to_string())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(write_err(config))?;
+                    }
+                    pool
+                }
+            };
+            tx.commit().await.map_err(write_err(config))?;
+            Ok(settled)
+        })
+        .await
+    }
+
+    /// Starts a transaction holding the fleet's write lock. Its commit notifies [`CHANNEL`], so
+    /// other hosts hear of the change at once.
+    pub(crate) async fn begin(&mut self) -> Result<PgTx<'_>, StoreError> {
+        let config = self.config.clone();
+        if self.conn.is_none() {
+            self.conn = Some(connect(&config).await?);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(StoreError::Refused {
+                reason: "no session".into(),
+            });
+        };
+        let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({FLEET_LOCK}); NOTIFY {CHANNEL}");
+        // A failure leaves the session to the caller's `reopen` (the lease writer reopens after
+        // every failed group).
+        let tx = timed(config.timeout, "the fleet's write lock", async {
+            conn.begin_with(begin).await.map_err(write_err(&config))
+        })
+        .await?;
+        Ok(PgTx { tx, config })
+    }
+}
+
+/// One write transaction under the fleet's lock. Dropping it without [`PgTx::commit`] rolls
+/// everything back (and the writer drops the session after a failure anyway).
+pub(crate) struct PgTx<'c> {
+    tx: sqlx::Transaction<'c, Postgres>,
+    config: PgConfig,
+}
+
+impl PgTx<'_> {
+    async fn fetch_all(
+        &mut self,
+        what: &'static str,
+        query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<PgRow>, StoreError> {
+        let config = &self.config;
+        let tx = &mut self.tx;
+        timed(config.timeout, what, async {
+            query.fetch_all(&mut **tx).await.map_err(write_err(config))
+        })
+        .await
+    }
+
+    pub(crate) async fn name_state(&mut self, name: &str) -> Result<NameState, StoreError> {
+        let sql = format!(
+            "(SELECT {LEASE_COLUMNS} FROM lease WHERE name = $1 AND state = 'active') \
+             UNION ALL (SELECT {LEASE_COLUMNS} FROM lease WHERE name = $1 AND state = 'released' \
+             ORDER BY released_at DESC, id DESC LIMIT 1)"
+        );
+        let rows = self
+            .fetch_all("a lease read", sqlx::query(&sql).bind(name))
+            .await?;
+        let mut state = NameState::default();
+        for row in &rows {
+            let lease = lease_from(row)?;
+            match lease.state {
+                subid_core::LeaseState::Active => state.active = Some(lease),
+                subid_core::LeaseState::Released => state.last_released = Some(lease),
+            }
+        }
+        Ok(state)
+    }
+
+    pub(crate) async fn active_lease(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<LeaseRecord>, StoreError> {
+        Ok(self.name_state(name).await?.active)
+    }
+
+    pub(crate) async fn last_released(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<LeaseRecord>, StoreError> {
+        Ok(self.name_state(name).await?.last_released)
+    }
+
+    pub(crate) async fn range_held_since(
+        &mut self,
+        old: &LeaseRecord,
+        since_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let rows = self
+            .fetch_all(
+                "a lease read",
+                sqlx::query(
+                    "SELECT COUNT(*) AS n FROM lease WHERE created_at >= $1 AND uid_base < $2 \
+                     AND uid_base + size > $3 AND id <> $4",
+                )
+                .bind(since_ms)
+                .bind(i64::from(old.uid_base) + i64::from(old.size))
+                .bind(i64::from(old.uid_base))
+                .bind(old.id),
+            )
+            .await?;
+        let count = rows.first().map(|r| r.i64("n")).transpose()?.unwrap_or(0);
+        Ok(count > 0)
+    }
+
+    pub(crate) async fn expired(&mut self, now_ms: i64) -> Result<Vec<LeaseRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM lease WHERE state = 'active' \
+             AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at"
+        );
+        let rows = self
+            .fetch_all("a lease read", sqlx::query(&sql).bind(now_ms))
+            .await?;
+        rows.iter().map(lease_from).collect()
+    }
+
+    pub(crate) async fn insert_lease(
+        &mut self,
+        new: &NewLease,
+        block: u32,
+    ) -> Result<LeaseRecord, StoreError> {
+        let (labels, rlimits, namespaces) = new.json_columns()?;
+        let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let blocks = i64::from(new.size / block.max(1));
+        let host = self.config.host_id.clone();
+        let query = sqlx::query(
+            "WITH l AS ( \
+                INSERT INTO lease (name, uid_base, gid_base, size, state, labels, ttl_seconds, \
+                    created_at, expires_at, created_by, rlimits, namespaces, pids_max, \
+                    max_processes, created_host) \
+                VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                RETURNING id, seq), \
+             b AS ( \
+                INSERT INTO block (start, lease_id, released_at, seq) \
+                SELECT $2 + i * $15, l.id, NULL, l.seq FROM l, generate_series(0, $16 - 1) AS i \
+                ON CONFLICT (start) DO UPDATE SET lease_id = excluded.lease_id, \
+                    released_at = NULL, seq = excluded.seq WHERE block.lease_id IS NULL \
+                RETURNING start), \
+             e AS ( \
+                INSERT INTO event (id, at, kind, lease_id, lease_name, caller_uid, detail, host_id) \
+                SELECT nextval('event_id'), $7, 'create', l.id, $1, $9, $17, $14 FROM l) \
+             SELECT l.id AS id, (SELECT COUNT(*) FROM b) AS taken FROM l",
+        )
+        .bind(&new.name)
+        .bind(i64::from(new.uid_base))
+        .bind(i64::from(new.gid_base))
+        .bind(i64::from(new.size))
+        .bind(labels)
+        .bind(new.ttl_seconds.map(i64::from))
+        .bind(new.created_at)
+        .bind(new.expires_at)
+        .bind(new.created_by.map(i64::from))
+        .bind(rlimits)
+        .bind(namespaces)
+        .bind(new.pids_max.map(to_i64))
+        .bind(new.max_processes.map(to_i64))
+        .bind(host)
+        .bind(i64::from(block))
+        .bind(blocks)
+        .bind(new.create_detail());
+        let rows = match self.fetch_all("a lease insert", query).await {
+            Ok(rows) => rows,
+            // The exclusion constraint saw an active lease on these ids first.
+            Err(e) if e.is_constraint() && e.to_string().contains("lease_active_disjoint") => {
+                return Err(StoreError::BlockHeld {
+                    start: u64::from(new.uid_base),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let row = rows.first().ok_or_else(|| StoreError::Invalid {
+            what: "lease insert".into(),
+            value: "no row".into(),
+        })?;
+        let id = row.i64("id")?;
+        if row.i64("taken")? != blocks {
+            return Err(StoreError::BlockHeld {
+                start: u64::from(new.uid_base),
+            });
+        }
+        Ok(new.clone().into_record(id))
+    }
+
+    pub(crate) async fn renew(
+        &mut self,
+        lease: &LeaseRecord,
+        expires_at: i64,
+        now_ms: i64,
+        caller: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let detail = serde_json::json!({ "expires_at": expires_at }).to_string();
+        let host = self.config.host_id.clone();
+        let rows = self
+            .fetch_all(
+                "a lease renewal",
+                sqlx::query(
+                    "WITH u AS (UPDATE lease SET expires_at = $1, seq = nextval('change_seq') \
+                        WHERE id = $2 AND state = 'active' RETURNING id, name), \
+                     e AS (INSERT INTO event (id, at, kind, lease_id, lease_name, caller_uid, \
+                        detail, host_id) \
+                        SELECT nextval('event_id'), $3, 'renew', u.id, u.name, $4, $5, $6 FROM u) \
+                     SELECT COUNT(*) AS n FROM u",
+                )
+                .bind(expires_at)
+                .bind(lease.id)
+                .bind(now_ms)
+                .bind(caller.map(i64::from))
+                .bind(detail)
+                .bind(host),
+            )
+            .await?;
+        if rows.first().map(|r| r.i64("n")).transpose()? != Some(1) {
+            return Err(StoreError::NotActive { id: lease.id });
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn release(
+        &mut self,
+        lease: &LeaseRecord,
+        kind: EventKind,
+        purge: bool,
+        now_ms: i64,
+        caller: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let host = self.config.host_id.clone();
+        let rows = self
+            .fetch_all(
+                "a lease release",
+                sqlx::query(
+                    "WITH u AS (UPDATE lease SET state = 'released', released_at = $1, \
+                        release_requested_at = NULL, release_kind = NULL, release_purge = NULL, \
+                        release_caller = NULL, seq = nextval('change_seq') \
+                        WHERE id = $2 AND state = 'active' RETURNING id, name, seq), \
+                     b AS (UPDATE block SET lease_id = NULL, released_at = $3, \
+                        seq = (SELECT seq FROM u) WHERE lease_id = $2 AND EXISTS (SELECT 1 FROM u)), \
+                     e AS (INSERT INTO event (id, at, kind, lease_id, lease_name, caller_uid, \
+                        detail, host_id) \
+                        SELECT nextval('event_id'), $1, $4, u.id, u.name, $5, $6, $7 FROM u) \
+                     SELECT COUNT(*) AS n FROM u",
+                )
+                .bind(now_ms)
+                .bind(lease.id)
+                .bind(if purge { 0 } else { now_ms })
+                .bind(kind.as_str())
+                .bind(caller.map(i64::from))
+                .bind(release_detail(lease, purge))
+                .bind(host),
+            )
+            .await?;
+        if rows.first().map(|r| r.i64("n")).transpose()? != Some(1) {
+            return Err(StoreError::NotActive { id: lease.id });
+        }
+        if purge {
+            // A statement of its own: ids within one statement come in no set order, and the
+            // purge must follow the release in the feed.
+            self.event(now_ms, EventKind::Purge, lease, caller, None)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn purge_released(
+        &mut self,
+        lease: &LeaseRecord,
+        now_ms: i64,
+        caller: Option<u32>,
+    ) -> Result<(), StoreError> {
+        self.fetch_all(
+            "a purge",
+            sqlx::query(
+                "UPDATE block SET released_at = 0, seq = nextval('change_seq') \
+                 WHERE lease_id IS NULL AND start >= $1 AND start < $2 RETURNING start",
+            )
+            .bind(i64::from(lease.uid_base))
+            .bind(i64::from(lease.uid_base) + i64::from(lease.size)),
+        )
+        .await?;
+        self.event(now_ms, EventKind::Purge, lease, caller, None)
+            .await
+    }
+
+    async fn event(
+        &mut self,
+        at: i64,
+        kind: EventKind,
+        lease: &LeaseRecord,
+        caller: Option<u32>,
+        detail: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let host = self.config.host_id.clone();
+        self.fetch_all(
+            "an event",
+            sqlx::query(
+                "INSERT INTO event (id, at, kind, lease_id, lease_name, caller_uid, detail, host_id) \
+                 VALUES (nextval('event_id'), $1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            )
+            .bind(at)
+            .bind(kind.as_str())
+            .bind(lease.id)
+            .bind(&lease.name)
+            .bind(caller.map(i64::from))
+            .bind(detail)
+            .bind(host),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Commits (with `synchronous_commit` as the server has it: `on`, its default, makes the
+    /// commit durable before this returns) and lets go of the fleet's write lock.
+    pub(crate) async fn commit(self) -> Result<(), StoreError> {
+        let config = self.config;
+        let tx = self.tx;
+        timed(config.timeout, "a commit", async {
+            tx.commit().await.map_err(write_err(&config))
+        })
+        .await
+    }
+}
