@@ -7,6 +7,7 @@ mod concurrency;
 mod config;
 mod containment;
 mod crash;
+mod fleet;
 mod idmap;
 mod integrations;
 mod leases;

@@ -74,6 +74,51 @@ pub struct NameState {
     pub last_released: Option<LeaseRecord>,
 }
 
+/// A claim one host of a fleet found on pool blocks: another id owner (its /etc/subuid,
+/// /etc/subgid, users and groups) or a live process holding ids. Withheld fleet-wide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetClaim {
+    /// The host that found it.
+    pub host: String,
+    /// Pool blocks `first..first+count`.
+    pub first: u32,
+    pub count: u32,
+    /// A live process holds the ids (else another id owner claims them).
+    pub process: bool,
+    /// Who, e.g. "/etc/subuid line 3 (alice:1879048192:65536)".
+    pub source: String,
+}
+
+/// What other hosts changed since a host last looked (see [`WriteTx::changes_since`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Block rows changed, oldest change first.
+    pub blocks: Vec<BlockRow>,
+    /// The newest change number seen: where to look from next time.
+    pub seq: i64,
+    /// The version of the fleet's claims now.
+    pub claims_seq: i64,
+    /// Every host's claims, when their version moved past the one given.
+    pub claims: Option<Vec<FleetClaim>>,
+}
+
+/// A host where a lease has state (a pin, a cgroup, processes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHost {
+    pub host: String,
+    /// It has live processes of the lease.
+    pub live: bool,
+}
+
+/// A forced release (or an expiry) waiting for other hosts: what to do once they are done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseRequest {
+    pub at: i64,
+    pub kind: EventKind,
+    pub purge: bool,
+    pub caller: Option<u32>,
+}
+
 /// Opens (creating when absent) the SQLite database at `path`, applies migrations, and returns the
 /// reads and the writer. An existing file that is not a subidd database, is corrupt, or cannot be
 /// written is refused with an error naming the file; it is never recreated.
@@ -134,20 +179,176 @@ impl Store {
         }
     }
 
-    /// The active lease of that name, else its most recently released one.
+    /// The active lease of that name, else its most recently released one. With a fleet's
+    /// store out of reach, what this host knows of it (the copy in its own file of every lease
+    /// it created, changed or started processes in).
     pub async fn get_lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
         match &self.leases {
             Leases::Sqlite => self.local.get_lease(name).await,
-            Leases::Postgres(pg) => pg.get_lease(name).await,
+            Leases::Postgres(pg) => {
+                if pg.down()
+                    && let Ok(Some(known)) = self.local.get_lease(name).await
+                {
+                    return Ok(Some(known));
+                }
+                match pg.get_lease(name).await {
+                    Err(error) if error.is_unreachable() => {
+                        match self.local.get_lease(name).await {
+                            Ok(Some(known)) => Ok(Some(known)),
+                            _ => Err(error),
+                        }
+                    }
+                    other => other,
+                }
+            }
         }
     }
 
-    /// The lease with this id, in any state.
+    /// The lease with this id, in any state (from this host's copy when a fleet's store is
+    /// out of reach).
     pub async fn get_lease_by_id(&self, id: i64) -> Result<Option<LeaseRecord>, StoreError> {
         match &self.leases {
             Leases::Sqlite => self.local.get_lease_by_id(id).await,
-            Leases::Postgres(pg) => pg.get_lease_by_id(id).await,
+            Leases::Postgres(pg) => {
+                if pg.down()
+                    && let Ok(Some(known)) = self.local.get_lease_by_id(id).await
+                {
+                    return Ok(Some(known));
+                }
+                match pg.get_lease_by_id(id).await {
+                    Err(error) if error.is_unreachable() => {
+                        match self.local.get_lease_by_id(id).await {
+                            Ok(Some(known)) => Ok(Some(known)),
+                            _ => Err(error),
+                        }
+                    }
+                    other => other,
+                }
+            }
         }
+    }
+
+    /// Reads this host's own file (the watchdog's check: it answers whether or not a fleet's
+    /// store can be reached).
+    pub async fn check_local(&self) -> Result<(), StoreError> {
+        self.local.meta("block").await.map(drop)
+    }
+
+    /// How long a client should give a lease write before it counts as lost in an outage: the
+    /// writer's deadline for the group in progress and for its own (`None` with SQLite, whose
+    /// writes wait for the lock as long as SQLite says).
+    pub fn write_deadline(&self) -> Option<std::time::Duration> {
+        match &self.leases {
+            Leases::Sqlite => None,
+            Leases::Postgres(pg) => Some(pg.timeout() * 2 + std::time::Duration::from_secs(1)),
+        }
+    }
+
+    /// This host's name in a fleet (`None` with SQLite).
+    pub fn host_id(&self) -> Option<&str> {
+        match &self.leases {
+            Leases::Sqlite => None,
+            Leases::Postgres(pg) => Some(pg.host_id()),
+        }
+    }
+
+    /// Every host's claims on the pool (none with SQLite).
+    pub async fn fleet_claims(&self) -> Result<Vec<FleetClaim>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => Ok(Vec::new()),
+            Leases::Postgres(pg) => pg.fleet_claims().await,
+        }
+    }
+
+    /// The hosts where a lease has state (none with SQLite).
+    pub async fn lease_hosts(&self, lease_id: i64) -> Result<Vec<LeaseHost>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => Ok(Vec::new()),
+            Leases::Postgres(pg) => pg.lease_hosts(lease_id).await,
+        }
+    }
+
+    /// Leases where this host has state and that are released, or whose release waits for the
+    /// hosts to stop their processes (none with SQLite).
+    pub async fn to_clean_up(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => Ok(Vec::new()),
+            Leases::Postgres(pg) => pg.to_clean_up().await,
+        }
+    }
+
+    /// Leases where this host said it has live processes (none with SQLite).
+    pub async fn live_here(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => Ok(Vec::new()),
+            Leases::Postgres(pg) => pg.live_here().await,
+        }
+    }
+
+    /// Ids of active leases whose release waits and that no host has live processes of any
+    /// more (none with SQLite).
+    pub async fn releasable(&self) -> Result<Vec<i64>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => Ok(Vec::new()),
+            Leases::Postgres(pg) => pg.releasable().await,
+        }
+    }
+
+    /// Up to `limit` leases changed after change number `seq`, each with its change number
+    /// (none with SQLite).
+    pub async fn lease_changes_since(
+        &self,
+        seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(LeaseRecord, i64)>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => Ok(Vec::new()),
+            Leases::Postgres(pg) => pg.lease_changes_since(seq, limit).await,
+        }
+    }
+
+    /// The identity of a shared store (`None` with SQLite).
+    pub async fn store_id(&self) -> Result<Option<String>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => Ok(None),
+            Leases::Postgres(pg) => pg.store_id().await,
+        }
+    }
+
+    /// A session notified of every lease-writing commit of the fleet (`None` with SQLite).
+    pub async fn listen(&self) -> Result<Option<Notifications>, StoreError> {
+        match &self.leases {
+            Leases::Sqlite => Ok(None),
+            Leases::Postgres(pg) => Ok(Some(Notifications {
+                listener: pg.listen().await?,
+            })),
+        }
+    }
+
+    /// Up to `limit` events of this host's own file with an id above `after`: with a fleet's
+    /// store, the process events still to be copied into the fleet's feed.
+    pub async fn local_events_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.local.events_after(after, limit).await
+    }
+
+    /// Whether this host's own file has any lease row (its own leases with SQLite; copies of a
+    /// fleet's leases otherwise).
+    pub async fn local_has_leases(&self) -> Result<bool, StoreError> {
+        self.local.has_leases().await
+    }
+
+    /// The newest event id of this host's own file.
+    pub async fn local_last_event_id(&self) -> Result<i64, StoreError> {
+        self.local.last_event_id().await
+    }
+
+    /// A value of this host's own file's `pool_meta`.
+    pub async fn local_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.local.meta(key).await
     }
 
     /// Leases in `state` (all states when `None`) carrying every label of `labels`, by name.
@@ -282,6 +483,32 @@ impl Store {
     }
 }
 
+/// Notifications of the fleet's commits (LISTEN, see `pg::CHANNEL`).
+pub struct Notifications {
+    listener: sqlx::postgres::PgListener,
+}
+
+impl Notifications {
+    /// Waits for the next commit of any host. An error means the session was lost; it is
+    /// made again at the next call, and commits made meanwhile were not notified (look for
+    /// changes anyway).
+    pub async fn next(&mut self) -> Result<(), StoreError> {
+        match self.listener.try_recv().await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(StoreError::Refused {
+                reason: "the listening session was lost; listening again".into(),
+            }),
+            Err(error) => Err(StoreError::read(error)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Notifications {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Notifications")
+    }
+}
+
 /// The single writing connection of the lease store. Owned by one task; see [`Writer::begin`].
 #[derive(Debug)]
 pub struct Writer {
@@ -328,6 +555,15 @@ impl Writer {
         }
     }
 
+    /// The newest change number of the block rows (0 with SQLite): where a host starts to
+    /// follow other hosts' changes once it has read every block row.
+    pub async fn last_change(&mut self) -> Result<i64, StoreError> {
+        match &mut self.inner {
+            WriterInner::Sqlite(_) => Ok(0),
+            WriterInner::Postgres(w) => w.last_change().await,
+        }
+    }
+
     /// The newest event id (0 when there is none): where the live feed starts.
     pub async fn last_event_id(&mut self) -> Result<i64, StoreError> {
         match &mut self.inner {
@@ -347,6 +583,23 @@ impl Writer {
         match &mut self.inner {
             WriterInner::Sqlite(w) => w.first_active_outside(base, end, block),
             WriterInner::Postgres(w) => w.first_active_outside(base, end, block).await,
+        }
+    }
+
+    /// What other hosts of a fleet changed since change number `seq`, read outside a
+    /// transaction (see [`WriteTx::changes_since`]). Nothing with SQLite.
+    pub async fn changes_since(
+        &mut self,
+        seq: i64,
+        claims_seq: i64,
+    ) -> Result<Changes, StoreError> {
+        match &mut self.inner {
+            WriterInner::Sqlite(_) => Ok(Changes {
+                seq,
+                claims_seq,
+                ..Changes::default()
+            }),
+            WriterInner::Postgres(w) => w.changes_since(seq, claims_seq).await,
         }
     }
 
@@ -394,6 +647,14 @@ enum TxInner<'c> {
 }
 
 impl WriteTx<'_> {
+    /// The lease with this id, in any state.
+    pub async fn lease_by_id(&mut self, id: i64) -> Result<Option<LeaseRecord>, StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => tx.lease_by_id(id),
+            TxInner::Postgres(tx) => tx.lease_by_id(id).await,
+        }
+    }
+
     /// The active and the last released lease of that name, in one step.
     pub async fn name_state(&mut self, name: &str) -> Result<NameState, StoreError> {
         match &mut self.inner {
@@ -495,6 +756,101 @@ impl WriteTx<'_> {
         match &mut self.inner {
             TxInner::Sqlite(tx) => tx.purge_released(lease, now_ms, caller),
             TxInner::Postgres(tx) => tx.purge_released(lease, now_ms, caller).await,
+        }
+    }
+
+    /// What other hosts of a fleet changed since change number `seq` (block rows) and, when
+    /// their version moved past `claims_seq`, every host's claims. Nothing with SQLite, where
+    /// this writer is the only one.
+    pub async fn changes_since(
+        &mut self,
+        seq: i64,
+        claims_seq: i64,
+    ) -> Result<Changes, StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(_) => Ok(Changes {
+                seq,
+                claims_seq,
+                ..Changes::default()
+            }),
+            TxInner::Postgres(tx) => tx.changes_since(seq, claims_seq).await,
+        }
+    }
+
+    /// The hosts where the lease has state (none with SQLite: this host is the only one).
+    pub async fn lease_hosts(&mut self, lease_id: i64) -> Result<Vec<LeaseHost>, StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(_) => Ok(Vec::new()),
+            TxInner::Postgres(tx) => tx.lease_hosts(lease_id).await,
+        }
+    }
+
+    /// Records whether this host has live processes of the lease; `live` is refused (false)
+    /// unless the lease is active and no release of it waits.
+    pub async fn set_presence(
+        &mut self,
+        lease_id: i64,
+        live: bool,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(_) => Ok(true),
+            TxInner::Postgres(tx) => tx.set_presence(lease_id, live, now_ms).await,
+        }
+    }
+
+    /// Forgets that this host has state of the lease.
+    pub async fn clear_presence(&mut self, lease_id: i64) -> Result<(), StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(_) => Ok(()),
+            TxInner::Postgres(tx) => tx.clear_presence(lease_id).await,
+        }
+    }
+
+    /// Records that the lease is to be released once no other host has live processes of it
+    /// (a fleet only). False when it is not active or a release waits already.
+    pub async fn request_release(
+        &mut self,
+        lease: &LeaseRecord,
+        request: &ReleaseRequest,
+    ) -> Result<bool, StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(_) => Err(StoreError::Refused {
+                reason: "a release waiting for other hosts needs a shared store".into(),
+            }),
+            TxInner::Postgres(tx) => tx.request_release(lease, request).await,
+        }
+    }
+
+    /// The release waiting for the lease, if any.
+    pub async fn release_request(
+        &mut self,
+        lease_id: i64,
+    ) -> Result<Option<ReleaseRequest>, StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(_) => Ok(None),
+            TxInner::Postgres(tx) => tx.release_request(lease_id).await,
+        }
+    }
+
+    /// Replaces this host's claims on the pool with `claims` (a fleet only).
+    pub async fn publish_claims(
+        &mut self,
+        claims: &[FleetClaim],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(_) => Ok(()),
+            TxInner::Postgres(tx) => tx.publish_claims(claims, now_ms).await,
+        }
+    }
+
+    /// Copies this host's own events (process starts and ends) into the fleet's feed, each
+    /// once (a fleet only).
+    pub async fn forward_events(&mut self, events: &[EventRecord]) -> Result<(), StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(_) => Ok(()),
+            TxInner::Postgres(tx) => tx.forward_events(events).await,
         }
     }
 

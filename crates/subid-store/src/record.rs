@@ -30,12 +30,21 @@ pub struct LeaseRecord {
     pub pids_max: Option<u64>,
     /// The owner cap: RLIMIT_NPROC of the namespace's creator.
     pub max_processes: Option<u64>,
+    /// A fleet only: when a forced release (or an expiry) was asked for that waits for other
+    /// hosts to stop the lease's processes. The lease stays active until they have.
+    pub release_requested_at: Option<i64>,
 }
 
-/// The columns of `lease` that [`lease_from`] reads, in the order the back ends select them.
+/// The columns of `lease` that [`lease_from`] reads, as SQLite selects them (a host's own file
+/// has no forced releases waiting for other hosts).
 pub(crate) const LEASE_COLUMNS: &str = "id, name, uid_base, gid_base, size, state, labels, \
      ttl_seconds, created_at, expires_at, released_at, created_by, rlimits, namespaces, \
-     pids_max, max_processes";
+     pids_max, max_processes, NULL AS release_requested_at";
+
+/// The same, as PostgreSQL selects them.
+pub(crate) const PG_LEASE_COLUMNS: &str = "id, name, uid_base, gid_base, size, state, labels, \
+     ttl_seconds, created_at, expires_at, released_at, created_by, rlimits, namespaces, \
+     pids_max, max_processes, release_requested_at";
 
 /// The columns of `process`, in the order [`process_from`] and the process writer use them.
 pub(crate) const PROCESS_COLUMNS: &str = "id, lease_id, lease_name, pid, start_ticks, boot_id, \
@@ -82,6 +91,7 @@ impl NewLease {
             namespaces: self.namespaces,
             pids_max: self.pids_max,
             max_processes: self.max_processes,
+            release_requested_at: None,
         }
     }
 
@@ -311,6 +321,7 @@ pub(crate) fn lease_from(row: &impl Cols) -> Result<LeaseRecord, StoreError> {
         namespaces: row.opt_json("namespaces")?.unwrap_or_default(),
         pids_max: row.opt_u64("pids_max")?,
         max_processes: row.opt_u64("max_processes")?,
+        release_requested_at: row.opt_i64("release_requested_at")?,
     })
 }
 

@@ -51,6 +51,10 @@ pub enum ApiError {
     Unavailable(&'static str),
     #[error("{0}")]
     StoreUnavailable(&'static str),
+    /// Not a failure: a forced release is recorded and carried out as other hosts of a fleet
+    /// stop the lease's processes (202).
+    #[error("{0}")]
+    ReleasePending(String),
     #[error("internal error; the daemon log has the details")]
     Internal(String),
 }
@@ -72,6 +76,7 @@ impl ApiError {
             | ApiError::ProcessLimit(_) => StatusCode::CONFLICT,
             ApiError::ExecutableNotFound(_) | ApiError::ExecFailed(_) => StatusCode::BAD_REQUEST,
             ApiError::PidsUnsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::ReleasePending(_) => StatusCode::ACCEPTED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unavailable(_) | ApiError::StoreUnavailable(_) => {
@@ -102,13 +107,14 @@ impl ApiError {
             ApiError::StorageFull => "storage_full",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::StoreUnavailable(_) => "store_unavailable",
+            ApiError::ReleasePending(_) => "release_pending",
             ApiError::Internal(_) => "internal",
         }
     }
 }
 
 /// Every code [`ApiError::code`] can return, in the order `docs/API.md` lists them.
-pub const ERROR_CODES: [&str; 19] = [
+pub const ERROR_CODES: [&str; 20] = [
     "invalid_request",
     "unauthorized",
     "forbidden",
@@ -127,6 +133,7 @@ pub const ERROR_CODES: [&str; 19] = [
     "storage_full",
     "unavailable",
     "store_unavailable",
+    "release_pending",
     "internal",
 ];
 
@@ -179,11 +186,12 @@ impl From<ServiceError> for ApiError {
             ServiceError::Invalid { reason } => ApiError::InvalidRequest(reason),
             ServiceError::Exists { lease } => ApiError::LeaseExists(lease),
             ServiceError::Conflict { reason } => ApiError::LeaseConflict(reason),
+            // The reason names the hosts with live processes when there are other hosts.
             ServiceError::Busy { reason, .. } => ApiError::LeaseBusy(reason),
             ServiceError::Exhausted { reason } => ApiError::PoolExhausted(reason),
             ServiceError::ProcessLimit { reason } => ApiError::ProcessLimit(reason),
             pending @ ServiceError::ReleasePending { .. } => {
-                ApiError::LeaseBusy(pending.to_string())
+                ApiError::ReleasePending(pending.to_string())
             }
             ServiceError::StoreFull { source }
             | ServiceError::StoreUnavailable { source }
@@ -275,6 +283,7 @@ mod tests {
             ApiError::StorageFull,
             ApiError::Unavailable(""),
             ApiError::StoreUnavailable(""),
+            ApiError::ReleasePending(String::new()),
             ApiError::Internal(String::new()),
         ];
         let codes: Vec<&str> = all.iter().map(ApiError::code).collect();

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod fleet;
 pub mod holds;
 pub mod lease;
 pub mod limits;

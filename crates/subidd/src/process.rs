@@ -360,6 +360,9 @@ impl ProcessService {
                 )));
             }
         }
+        // With a fleet's store, the store hears of the lease's first process on this host
+        // before it starts (refused for a lease on its way out); nothing with SQLite.
+        self.inner.leases.spawning(&lease).await?;
         // The process writes its log files itself (no pipe through the daemon), so its output
         // survives a restart of the daemon; the supervisor trims them to `log_max_bytes`.
         let files = self
@@ -1281,4 +1284,63 @@ fn libc_sigterm() -> i32 {
 
 fn libc_sigkill() -> i32 {
     nix::sys::signal::Signal::SIGKILL as i32
+}
+
+/// What a fleet's task needs from this host's processes (see `crate::fleet`). Built on the
+/// teardown a forced release uses.
+impl crate::fleet::LocalProcesses for ProcessService {
+    async fn local_live(&self, lease: &LeaseRecord) -> bool {
+        let pin = self.pin_path(&lease.name);
+        let ns_ino = self.namespace_inode(lease, &pin);
+        self.members_or_live(lease.id, ns_ino).await > 0
+    }
+
+    async fn stop_local(
+        &self,
+        lease: &LeaseRecord,
+    ) -> Result<(), crate::service_error::ServiceError> {
+        use crate::service_error::ServiceError;
+        let lock = self.lease_lock(&lease.name);
+        let guard = lock.write().await;
+        self.forget_lease(&lease.name);
+        // A newer active lease of the same name owns the name's pin and cgroup now: only this
+        // lease's rows and logs go (its processes were stopped before it could be released).
+        let newer = match self.inner.leases.store().get_lease(&lease.name).await {
+            Ok(Some(now)) => now.id != lease.id && now.state == subid_core::LeaseState::Active,
+            Ok(None) => false,
+            Err(error) => return Err(ServiceError::from(error)),
+        };
+        let stopped = if newer {
+            Ok(())
+        } else {
+            self.teardown(lease, true).await
+        };
+        let logs = self
+            .inner
+            .leases
+            .store()
+            .lease_processes(lease.id)
+            .await
+            .unwrap_or_default();
+        drop(guard);
+        self.forget_lock(&lease.name, lock);
+        stopped.map_err(|error| match error {
+            ApiError::LeaseBusy(reason) => ServiceError::Busy {
+                reason,
+                hosts: Vec::new(),
+            },
+            other => ServiceError::internal(other.to_string()),
+        })?;
+        let pool = Arc::clone(&self.inner.logs);
+        let ids: Vec<String> = logs.into_iter().map(|p| p.id).collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for id in ids {
+                for stream in STREAMS {
+                    let _ = std::fs::remove_file(pool.path(&id, stream));
+                }
+            }
+        })
+        .await;
+        Ok(())
+    }
 }

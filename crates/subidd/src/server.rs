@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::auth::{self, TcpPolicy, UnixPeer, UnixPolicy};
 use crate::config::Config;
-use crate::lease::LeaseService;
+use crate::lease::{LeaseService, StartOptions};
 use crate::limits::{self, Limiter, ServeLimits};
 use crate::pool;
 use crate::process::{ProcessConfig, ProcessService};
@@ -55,6 +55,8 @@ pub struct Daemon {
     unix_policy: UnixPolicy,
     tcp: Option<(TcpListener, TcpPolicy)>,
     expiry_interval: Duration,
+    /// How often a fleet member looks for other hosts' changes.
+    fleet_poll: Duration,
     pool_watch: pool::WatchConfig,
     limits: ServeLimits,
     notifier: Option<Notifier>,
@@ -86,8 +88,16 @@ impl Daemon {
             "pool"
         );
         let (store, writer) = open_store(config).await?;
-        let quarantine = Duration::from_secs(config.quarantine_seconds);
-        let leases = LeaseService::start(store, writer, pool, quarantine).await?;
+        let poll = Duration::from_millis(config.store.poll_interval_ms);
+        let options = StartOptions {
+            // Other hosts of a fleet stop a lease's processes within a poll interval (or a
+            // notification) plus the kill grace and the teardown's SIGKILL wait.
+            release_wait: Duration::from_millis(config.kill_grace_ms)
+                + Duration::from_secs(10)
+                + 2 * poll,
+            ..StartOptions::new(Duration::from_secs(config.quarantine_seconds))
+        };
+        let leases = LeaseService::start_with(store, writer, pool, options).await?;
         pool::refuse_undelegated(&leases, config).await?;
         let processes = ProcessService::start(
             leases.clone(),
@@ -151,6 +161,7 @@ impl Daemon {
             },
             tcp,
             expiry_interval: Duration::from_millis(config.expiry_interval_ms),
+            fleet_poll: poll,
             pool_watch: pool::WatchConfig {
                 subuid_file: config.subuid_file.clone(),
                 subgid_file: config.subgid_file.clone(),
@@ -172,6 +183,12 @@ impl Daemon {
                 .run_expiry(self.expiry_interval),
         );
         let pool_watch = tokio::spawn(pool::watch(self.state.leases.clone(), self.pool_watch));
+        // With a fleet's store: this host keeps in step with the others (nothing otherwise).
+        let fleet = tokio::spawn(crate::fleet::run(
+            self.state.leases.clone(),
+            self.state.processes.clone(),
+            self.fleet_poll,
+        ));
         // One budget of requests in flight for both listeners; it is checked before
         // authentication, so a flood of refused callers is shed as well.
         let limiter = Limiter::new(&self.limits);
@@ -240,6 +257,7 @@ impl Daemon {
         }
         expiry.abort();
         pool_watch.abort();
+        fleet.abort();
         if let Some(watchdog) = watchdog {
             watchdog.abort();
         }

@@ -13,6 +13,8 @@ mod write;
 
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use sqlx::Connection;
@@ -94,6 +96,50 @@ pub(crate) fn redact(url: &str) -> String {
     }
 }
 
+/// Whether the server answered lately, shared by the reads and the writer: while it does not,
+/// reads of leases this host knows go to its own copies first, and writes fail at once for a
+/// moment after a failure instead of each waiting out the deadline again.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    /// Unix milliseconds of the last failure to reach the server; 0 while it answers.
+    down_at: AtomicI64,
+}
+
+impl Health {
+    /// How long after a failure writes fail without trying (a reconnect is tried after it).
+    pub(crate) const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+    fn now_ms() -> i64 {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Notes the outcome of an operation.
+    pub(crate) fn note<T>(&self, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) => self.down_at.store(0, Ordering::Release),
+            Err(error) if error.is_unreachable() => {
+                self.down_at.store(Health::now_ms(), Ordering::Release);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Whether the server failed to answer lately (within `window`).
+    pub(crate) fn down_within(&self, window: Duration) -> bool {
+        let at = self.down_at.load(Ordering::Acquire);
+        let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        at != 0 && Health::now_ms().saturating_sub(at) < window
+    }
+
+    /// Whether the server failed to answer and has not answered since.
+    pub(crate) fn is_down(&self) -> bool {
+        self.down_at.load(Ordering::Acquire) != 0
+    }
+}
+
 /// Runs `fut` with a deadline; a miss is [`StoreError::TimedOut`].
 pub(crate) async fn timed<T>(
     after: Duration,
@@ -140,9 +186,10 @@ pub(crate) async fn open(config: &PgConfig) -> Result<(PgReader, PgWriter), Stor
         .acquire_timeout(config.timeout)
         .test_before_acquire(true)
         .connect_lazy_with(config.options()?);
+    let health = Arc::new(Health::default());
     Ok((
-        PgReader::new(pool, config.clone()),
-        PgWriter::new(conn, config.clone()),
+        PgReader::new(pool, config.clone(), Arc::clone(&health)),
+        PgWriter::new(conn, config.clone(), health),
     ))
 }
 

@@ -6,9 +6,15 @@ use sqlx::Connection;
 use sqlx::Postgres;
 use sqlx::postgres::{PgConnection, PgRow};
 
-use super::{CHANNEL, FLEET_LOCK, PgConfig, connect, timed};
-use crate::record::{Cols, LEASE_COLUMNS, block_from, lease_from, release_detail};
-use crate::{BlockRow, EventKind, LeaseRecord, NameState, NewLease, PoolMeta, StoreError};
+use std::sync::Arc;
+
+use super::{CHANNEL, FLEET_LOCK, Health, PgConfig, connect, timed};
+use crate::error::{BackendError, Kind};
+use crate::record::{Cols, PG_LEASE_COLUMNS, block_from, lease_from, release_detail};
+use crate::{
+    BlockRow, Changes, EventKind, EventRecord, FleetClaim, LeaseHost, LeaseRecord, NameState,
+    NewLease, PoolMeta, ReleaseRequest, StoreError,
+};
 
 /// The writing session. Dropped (and made again at the next use) after any failure, so a
 /// session left in an unknown state by a cut connection or a missed deadline is never reused.
@@ -16,6 +22,7 @@ use crate::{BlockRow, EventKind, LeaseRecord, NameState, NewLease, PoolMeta, Sto
 pub(crate) struct PgWriter {
     conn: Option<PgConnection>,
     config: PgConfig,
+    health: Arc<Health>,
 }
 
 /// Maps a failed write, naming the store.
@@ -30,11 +37,28 @@ fn write_err(config: &PgConfig) -> impl Fn(sqlx::Error) -> StoreError + '_ {
 }
 
 impl PgWriter {
-    pub(crate) fn new(conn: PgConnection, config: PgConfig) -> PgWriter {
+    pub(crate) fn new(conn: PgConnection, config: PgConfig, health: Arc<Health>) -> PgWriter {
         PgWriter {
             conn: Some(conn),
             config,
+            health,
         }
+    }
+
+    /// Fails at once, without trying, for a moment after the server could not be reached: a
+    /// storm of writes during an outage then gets its 503s at once rather than each after the
+    /// deadline. The first write after the moment tries again.
+    fn fail_fast(&self) -> Result<(), StoreError> {
+        if self.conn.is_none() && self.health.down_within(Health::RETRY_AFTER) {
+            return Err(StoreError::Unreachable {
+                target: self.config.redacted(),
+                source: BackendError::new(
+                    Kind::Connection,
+                    "the server did not answer a moment ago; trying again shortly",
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The session, connecting first when there is none.
@@ -58,6 +82,7 @@ impl PgWriter {
         what: &'static str,
         f: impl AsyncFnOnce(&mut PgConnection, &PgConfig) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.fail_fast()?;
         let timeout = self.config.timeout;
         let config = self.config.clone();
         let result = timed(timeout, what, async {
@@ -65,6 +90,7 @@ impl PgWriter {
             f(conn, &config).await
         })
         .await;
+        self.health.note(&result);
         if result.is_err() {
             self.reopen();
         }
@@ -78,6 +104,16 @@ impl PgWriter {
                 .await
                 .map_err(write_err(config))?;
             rows.iter().map(block_from).collect()
+        })
+        .await
+    }
+
+    pub(crate) async fn last_change(&mut self) -> Result<i64, StoreError> {
+        self.with("the last change", async |conn, config| {
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM block")
+                .fetch_one(conn)
+                .await
+                .map_err(write_err(config))
         })
         .await
     }
@@ -100,7 +136,7 @@ impl PgWriter {
     ) -> Result<Option<LeaseRecord>, StoreError> {
         self.with("a lease read", async |conn, config| {
             let sql = format!(
-                "SELECT {LEASE_COLUMNS} FROM lease WHERE state = 'active' AND NOT \
+                "SELECT {PG_LEASE_COLUMNS} FROM lease WHERE state = 'active' AND NOT \
                  (uid_base >= $1 AND uid_base + size <= $2 AND (uid_base - $1) % $3 = 0 \
                  AND size % $3 = 0 AND size > 0) LIMIT 1"
             );
@@ -112,6 +148,18 @@ impl PgWriter {
                 .await
                 .map_err(write_err(config))?;
             row.map(|r| lease_from(&r)).transpose()
+        })
+        .await
+    }
+
+    /// [`changes_on`] outside a transaction: no lock is needed to read them consistently.
+    pub(crate) async fn changes_since(
+        &mut self,
+        seq: i64,
+        claims_seq: i64,
+    ) -> Result<Changes, StoreError> {
+        self.with("the fleet's changes", async |conn, config| {
+            changes_on(conn, config, seq, claims_seq).await
         })
         .await
     }
@@ -171,9 +219,12 @@ impl PgWriter {
     /// Starts a transaction holding the fleet's write lock. Its commit notifies [`CHANNEL`], so
     /// other hosts hear of the change at once.
     pub(crate) async fn begin(&mut self) -> Result<PgTx<'_>, StoreError> {
+        self.fail_fast()?;
         let config = self.config.clone();
         if self.conn.is_none() {
-            self.conn = Some(connect(&config).await?);
+            let connected = connect(&config).await;
+            self.health.note(&connected);
+            self.conn = Some(connected?);
         }
         let Some(conn) = self.conn.as_mut() else {
             return Err(StoreError::Refused {
@@ -183,12 +234,66 @@ impl PgWriter {
         let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({FLEET_LOCK}); NOTIFY {CHANNEL}");
         // A failure leaves the session to the caller's `reopen` (the lease writer reopens after
         // every failed group).
+        let health = Arc::clone(&self.health);
         let tx = timed(config.timeout, "the fleet's write lock", async {
             conn.begin_with(begin).await.map_err(write_err(&config))
         })
-        .await?;
-        Ok(PgTx { tx, config })
+        .await;
+        health.note(&tx);
+        Ok(PgTx {
+            tx: tx?,
+            config,
+            health,
+        })
     }
+}
+
+/// Block rows changed after `seq` and, when their version moved past `claims_seq`, every host's
+/// claims. Change numbers are handed out under the fleet's lock and the lock is held to commit,
+/// so a reader (with or without the lock) that saw number N has seen every smaller one.
+async fn changes_on(
+    conn: &mut PgConnection,
+    config: &PgConfig,
+    seq: i64,
+    claims_seq: i64,
+) -> Result<Changes, StoreError> {
+    let rows = sqlx::query(
+        "SELECT start, lease_id, released_at, seq FROM block WHERE seq > $1 \
+         UNION ALL SELECT NULL, NULL, NULL, (SELECT COALESCE(MAX(claims_seq), 0) FROM host) \
+         ORDER BY 4",
+    )
+    .bind(seq)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(write_err(config))?;
+    let mut changes = Changes {
+        seq,
+        claims_seq,
+        ..Changes::default()
+    };
+    for row in &rows {
+        if row.opt_i64("start")?.is_none() {
+            changes.claims_seq = row.i64("seq")?;
+            continue;
+        }
+        changes.blocks.push(block_from(row)?);
+        changes.seq = changes.seq.max(row.i64("seq")?);
+    }
+    if changes.claims_seq != claims_seq {
+        let rows: Vec<(String, i64, i64, String, String)> = sqlx::query_as(
+            "SELECT host_id, first_block, block_count, kind, source FROM claim \
+             ORDER BY host_id, first_block",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(write_err(config))?;
+        changes.claims = Some(
+            rows.into_iter()
+                .filter_map(super::read::fleet_claim)
+                .collect(),
+        );
+    }
+    Ok(changes)
 }
 
 /// One write transaction under the fleet's lock. Dropping it without [`PgTx::commit`] rolls
@@ -196,6 +301,7 @@ impl PgWriter {
 pub(crate) struct PgTx<'c> {
     tx: sqlx::Transaction<'c, Postgres>,
     config: PgConfig,
+    health: Arc<Health>,
 }
 
 impl PgTx<'_> {
@@ -206,16 +312,26 @@ impl PgTx<'_> {
     ) -> Result<Vec<PgRow>, StoreError> {
         let config = &self.config;
         let tx = &mut self.tx;
-        timed(config.timeout, what, async {
+        let rows = timed(config.timeout, what, async {
             query.fetch_all(&mut **tx).await.map_err(write_err(config))
         })
-        .await
+        .await;
+        self.health.note(&rows);
+        rows
+    }
+
+    pub(crate) async fn lease_by_id(&mut self, id: i64) -> Result<Option<LeaseRecord>, StoreError> {
+        let sql = format!("SELECT {PG_LEASE_COLUMNS} FROM lease WHERE id = $1");
+        let rows = self
+            .fetch_all("a lease read", sqlx::query(&sql).bind(id))
+            .await?;
+        rows.first().map(lease_from).transpose()
     }
 
     pub(crate) async fn name_state(&mut self, name: &str) -> Result<NameState, StoreError> {
         let sql = format!(
-            "(SELECT {LEASE_COLUMNS} FROM lease WHERE name = $1 AND state = 'active') \
-             UNION ALL (SELECT {LEASE_COLUMNS} FROM lease WHERE name = $1 AND state = 'released' \
+            "(SELECT {PG_LEASE_COLUMNS} FROM lease WHERE name = $1 AND state = 'active') \
+             UNION ALL (SELECT {PG_LEASE_COLUMNS} FROM lease WHERE name = $1 AND state = 'released' \
              ORDER BY released_at DESC, id DESC LIMIT 1)"
         );
         let rows = self
@@ -270,7 +386,7 @@ impl PgTx<'_> {
 
     pub(crate) async fn expired(&mut self, now_ms: i64) -> Result<Vec<LeaseRecord>, StoreError> {
         let sql = format!(
-            "SELECT {LEASE_COLUMNS} FROM lease WHERE state = 'active' \
+            "SELECT {PG_LEASE_COLUMNS} FROM lease WHERE state = 'active' \
              AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at"
         );
         let rows = self
@@ -472,14 +588,231 @@ impl PgTx<'_> {
         .map(drop)
     }
 
+    /// Block rows changed after change number `seq`, and the fleet's claims when their version
+    /// moved past `claims_seq`. Under the fleet's lock every earlier change is committed, so
+    /// nothing is skipped.
+    pub(crate) async fn changes_since(
+        &mut self,
+        seq: i64,
+        claims_seq: i64,
+    ) -> Result<Changes, StoreError> {
+        let config = self.config.clone();
+        timed(config.timeout, "the fleet's changes", async {
+            changes_on(&mut self.tx, &config, seq, claims_seq).await
+        })
+        .await
+    }
+
+    pub(crate) async fn lease_hosts(
+        &mut self,
+        lease_id: i64,
+    ) -> Result<Vec<LeaseHost>, StoreError> {
+        let rows = self
+            .fetch_all(
+                "a lease's hosts",
+                sqlx::query(
+                    "SELECT host_id, live::int::int8 AS live FROM lease_host WHERE lease_id = $1 \
+                     ORDER BY host_id",
+                )
+                .bind(lease_id),
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LeaseHost {
+                    host: r.text("host_id")?,
+                    live: r.i64("live")? != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Records whether this host has live processes of the lease. Saying `live` is refused
+    /// (false) unless the lease is active and no release of it waits: a host never starts a
+    /// process in a lease on its way out.
+    pub(crate) async fn set_presence(
+        &mut self,
+        lease_id: i64,
+        live: bool,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let host = self.config.host_id.clone();
+        let rows = self
+            .fetch_all(
+                "a lease's hosts",
+                sqlx::query(
+                    "INSERT INTO lease_host (lease_id, host_id, live, updated_at) \
+                     SELECT id, $2, $3, $4 FROM lease WHERE id = $1 AND (NOT $3 OR \
+                        (state = 'active' AND release_requested_at IS NULL)) \
+                     ON CONFLICT (lease_id, host_id) DO UPDATE SET live = excluded.live, \
+                        updated_at = excluded.updated_at RETURNING 1 AS n",
+                )
+                .bind(lease_id)
+                .bind(host)
+                .bind(live)
+                .bind(now_ms),
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Forgets that this host has state of the lease (it has cleaned up).
+    pub(crate) async fn clear_presence(&mut self, lease_id: i64) -> Result<(), StoreError> {
+        let host = self.config.host_id.clone();
+        self.fetch_all(
+            "a lease's hosts",
+            sqlx::query("DELETE FROM lease_host WHERE lease_id = $1 AND host_id = $2 RETURNING 1")
+                .bind(lease_id)
+                .bind(host),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Records that the lease is to be released once no host has live processes of it.
+    /// False when it is not active or a release of it waits already.
+    pub(crate) async fn request_release(
+        &mut self,
+        lease: &LeaseRecord,
+        request: &ReleaseRequest,
+    ) -> Result<bool, StoreError> {
+        let rows = self
+            .fetch_all(
+                "a release request",
+                sqlx::query(
+                    "UPDATE lease SET release_requested_at = $1, release_kind = $2, \
+                        release_purge = $3, release_caller = $4, seq = nextval('change_seq') \
+                     WHERE id = $5 AND state = 'active' AND release_requested_at IS NULL \
+                     RETURNING 1",
+                )
+                .bind(request.at)
+                .bind(request.kind.as_str())
+                .bind(request.purge)
+                .bind(request.caller.map(i64::from))
+                .bind(lease.id),
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// The release waiting for the lease, if any.
+    pub(crate) async fn release_request(
+        &mut self,
+        lease_id: i64,
+    ) -> Result<Option<ReleaseRequest>, StoreError> {
+        let rows = self
+            .fetch_all(
+                "a release request",
+                sqlx::query(
+                    "SELECT release_requested_at, release_kind, release_purge::int::int8 AS purge, \
+                        release_caller FROM lease \
+                     WHERE id = $1 AND state = 'active' AND release_requested_at IS NOT NULL",
+                )
+                .bind(lease_id),
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let kind = row.text("release_kind")?;
+        Ok(Some(ReleaseRequest {
+            at: row.i64("release_requested_at")?,
+            kind: EventKind::parse(&kind).ok_or(StoreError::Invalid {
+                what: "lease.release_kind".into(),
+                value: kind,
+            })?,
+            purge: row.opt_i64("purge")?.unwrap_or(0) != 0,
+            caller: row.opt_u32("release_caller")?,
+        }))
+    }
+
+    /// Replaces this host's claims with `claims` and bumps the fleet's claim version.
+    pub(crate) async fn publish_claims(
+        &mut self,
+        claims: &[FleetClaim],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let host = self.config.host_id.clone();
+        let firsts: Vec<i64> = claims.iter().map(|c| i64::from(c.first)).collect();
+        let counts: Vec<i64> = claims.iter().map(|c| i64::from(c.count)).collect();
+        let kinds: Vec<String> = claims
+            .iter()
+            .map(|c| if c.process { "process" } else { "claim" }.to_string())
+            .collect();
+        let sources: Vec<String> = claims.iter().map(|c| c.source.clone()).collect();
+        self.fetch_all(
+            "the host's claims",
+            sqlx::query(
+                "WITH d AS (DELETE FROM claim WHERE host_id = $1), \
+                 i AS (INSERT INTO claim (host_id, first_block, block_count, kind, source) \
+                    SELECT $1, f, c, k, s FROM unnest($2::int8[], $3::int8[], $4::text[], $5::text[]) \
+                    AS t(f, c, k, s)) \
+                 INSERT INTO host (host_id, seen_at, claims_seq) VALUES ($1, $6, nextval('change_seq')) \
+                 ON CONFLICT (host_id) DO UPDATE SET seen_at = excluded.seen_at, \
+                    claims_seq = excluded.claims_seq RETURNING 1",
+            )
+            .bind(host)
+            .bind(firsts)
+            .bind(counts)
+            .bind(kinds)
+            .bind(sources)
+            .bind(now_ms),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Copies events of this host's own file (process starts and ends) into the fleet's feed,
+    /// once each (`origin_id` is their id in the file), in their order.
+    pub(crate) async fn forward_events(
+        &mut self,
+        events: &[EventRecord],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let host = self.config.host_id.clone();
+        let col = |f: fn(&EventRecord) -> i64| events.iter().map(f).collect::<Vec<i64>>();
+        let (origin, at, lease) = (col(|e| e.id), col(|e| e.at), col(|e| e.lease_id));
+        let kinds: Vec<String> = events.iter().map(|e| e.kind.clone()).collect();
+        let names: Vec<String> = events.iter().map(|e| e.lease_name.clone()).collect();
+        let callers: Vec<Option<i64>> =
+            events.iter().map(|e| e.caller_uid.map(i64::from)).collect();
+        let details: Vec<Option<String>> = events.iter().map(|e| e.detail.clone()).collect();
+        self.fetch_all(
+            "forwarded events",
+            sqlx::query(
+                "INSERT INTO event (id, at, kind, lease_id, lease_name, caller_uid, detail, \
+                    host_id, origin_id) \
+                 SELECT nextval('event_id'), a, k, l, n, c, d, $1, o FROM unnest($2::int8[], \
+                    $3::int8[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::text[]) \
+                    WITH ORDINALITY AS t(o, a, k, l, n, c, d, i) \
+                    WHERE EXISTS (SELECT 1 FROM lease WHERE id = l) ORDER BY i \
+                 ON CONFLICT (host_id, origin_id) DO NOTHING RETURNING 1",
+            )
+            .bind(host)
+            .bind(origin)
+            .bind(at)
+            .bind(kinds)
+            .bind(lease)
+            .bind(names)
+            .bind(callers)
+            .bind(details),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Commits (with `synchronous_commit` as the server has it: `on`, its default, makes the
     /// commit durable before this returns) and lets go of the fleet's write lock.
     pub(crate) async fn commit(self) -> Result<(), StoreError> {
         let config = self.config;
         let tx = self.tx;
-        timed(config.timeout, "a commit", async {
+        let done = timed(config.timeout, "a commit", async {
             tx.commit().await.map_err(write_err(&config))
         })
-        .await
+        .await;
+        self.health.note(&done);
+        done
     }
 }

@@ -94,6 +94,22 @@ impl SqliteReader {
         rows.iter().map(lease_from).collect()
     }
 
+    pub(crate) async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT value FROM pool_meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::read)
+    }
+
+    pub(crate) async fn has_leases(&self) -> Result<bool, StoreError> {
+        let any: Option<i64> = sqlx::query_scalar("SELECT 1 FROM lease LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::read)?;
+        Ok(any.is_some())
+    }
+
     pub(crate) async fn active_names(&self) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar("SELECT name FROM lease WHERE state = 'active' ORDER BY name")
             .fetch_all(&self.pool)

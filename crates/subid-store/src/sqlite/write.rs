@@ -175,6 +175,13 @@ impl SqliteTx<'_> {
         }
     }
 
+    pub(crate) fn lease_by_id(&mut self, id: i64) -> Result<Option<LeaseRecord>, StoreError> {
+        self.one_lease(
+            &format!("SELECT {LEASE_COLUMNS} FROM lease WHERE id = ?1"),
+            [id],
+        )
+    }
+
     pub(crate) fn name_state(&mut self, name: &str) -> Result<NameState, StoreError> {
         Ok(NameState {
             active: self.active_lease(name)?,

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use subid_core::{ClaimSource, ForeignClaim, IdRange};
-use subid_store::StoreError;
+use subid_store::{FleetClaim, StoreError};
 
 use super::{LeaseService, lock};
 use crate::service_error::ServiceError;
@@ -13,6 +13,28 @@ use crate::service_error::ServiceError;
 /// Most pool blocks tracked as claimed by other id owners (a claim over more, only possible with
 /// tiny blocks, is cut here and logged).
 const MAX_FOREIGN_BLOCKS: u64 = 1 << 20;
+
+/// Every block withheld for an owner other than a lease, by where it comes from.
+#[derive(Debug, Default)]
+pub(super) struct Foreign {
+    /// Blocks this host's last applied claims touch (see [`LeaseService::apply_claims`]).
+    pub(super) claims: BTreeSet<u32>,
+    /// Blocks, not active, where a live process of this host holds ids (see
+    /// [`LeaseService::set_process_holds`]).
+    pub(super) holds: BTreeMap<u32, String>,
+    /// Other hosts' claims and holds, with a fleet's store.
+    pub(super) fleet: Vec<FleetClaim>,
+}
+
+impl Foreign {
+    /// All of them, for [`subid_core::Allocator::set_foreign`].
+    pub(super) fn blocks(&self) -> BTreeSet<u32> {
+        let mut all = self.claims.clone();
+        all.extend(self.holds.keys().copied());
+        all.extend(super::writer::claim_blocks(&self.fleet, MAX_FOREIGN_BLOCKS));
+        all
+    }
+}
 
 /// Another id owner claims ids of an active lease. Reported, never resolved by subidd: the
 /// operator moves the other claim or releases the lease.
@@ -70,10 +92,9 @@ impl LeaseService {
         }
         let (pool, conflicts, withheld) = {
             let mut allocator = lock(&self.inner.allocator);
-            let mut foreign = blocks.clone();
-            foreign.extend(lock(&self.inner.process_holds).keys().copied());
-            *lock(&self.inner.claim_blocks) = blocks;
-            let conflicts = allocator.set_foreign(&foreign);
+            let mut foreign = lock(&self.inner.foreign);
+            foreign.claims = blocks;
+            let conflicts = allocator.set_foreign(&foreign.blocks());
             let withheld = allocator.counts(self.now_ms_u64()).withheld;
             (*allocator.pool(), conflicts, withheld)
         };
@@ -141,10 +162,9 @@ impl LeaseService {
                     Some(subid_core::BlockState::Active) | None
                 )
             });
-            let mut foreign = lock(&self.inner.claim_blocks).clone();
-            foreign.extend(holds.keys().copied());
-            allocator.set_foreign(&foreign);
-            let old = std::mem::replace(&mut *lock(&self.inner.process_holds), holds.clone());
+            let mut foreign = lock(&self.inner.foreign);
+            let old = std::mem::replace(&mut foreign.holds, holds.clone());
+            allocator.set_foreign(&foreign.blocks());
             (old, holds)
         };
         for (block, who) in kept.iter().filter(|(b, _)| !old.contains_key(b)) {
@@ -180,7 +200,71 @@ impl LeaseService {
 
     /// The blocks withheld because a live process holds their ids, as last set.
     pub fn process_holds(&self) -> BTreeMap<u32, String> {
-        lock(&self.inner.process_holds).clone()
+        lock(&self.inner.foreign).holds.clone()
+    }
+
+    /// Other hosts' claims and holds on the pool, as last read from a fleet's store.
+    pub fn fleet_claims(&self) -> Vec<FleetClaim> {
+        lock(&self.inner.foreign).fleet.clone()
+    }
+
+    /// The active leases holding any of the pool blocks `first..first+count`.
+    pub async fn active_leases_in(
+        &self,
+        first: u32,
+        count: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        let active: Vec<u32> = {
+            let allocator = lock(&self.inner.allocator);
+            (first..first.saturating_add(count))
+                .filter(|&b| {
+                    matches!(
+                        allocator.block_state(b),
+                        Some(subid_core::BlockState::Active)
+                    )
+                })
+                .take(64)
+                .collect()
+        };
+        let (pool, _) = self.pool_status();
+        let mut names = BTreeSet::new();
+        for block in active {
+            if let Some(start) = pool.block_start(block)
+                && let Some(lease) = self.inner.store.lease_holding(start).await?
+            {
+                names.insert(lease.name);
+            }
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    /// This host's claims and holds, as the fleet's store is to have them.
+    pub fn own_claims(&self) -> Vec<FleetClaim> {
+        let host = self.inner.store.host_id().unwrap_or_default().to_string();
+        let mut own: Vec<FleetClaim> = lock(&self.inner.claims)
+            .iter()
+            .filter(|a| !matches!(a.status, ClaimStatus::HandsOn(_)))
+            .map(|a| FleetClaim {
+                host: host.clone(),
+                first: a.blocks.0,
+                count: a.blocks.1,
+                process: false,
+                source: a.claim.clone(),
+            })
+            .collect();
+        own.extend(
+            lock(&self.inner.foreign)
+                .holds
+                .iter()
+                .map(|(&block, who)| FleetClaim {
+                    host: host.clone(),
+                    first: block,
+                    count: 1,
+                    process: true,
+                    source: who.clone(),
+                }),
+        );
+        own
     }
 
     /// The active lease an /etc/subuid or /etc/subgid entry hands on, when the entry lies wholly

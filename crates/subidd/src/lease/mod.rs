@@ -6,15 +6,18 @@
 //! task and waits for its answer; the answer comes only after the change is committed.
 
 mod claims;
+mod fleet;
 mod writer;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use subid_core::{Allocator, Pool, PoolCounts};
 use subid_store::{
-    LeaseRecord, PoolMeta, ProcessRecord, ProcessState, ProcessWriter, Store, StoreError, Writer,
+    Backend, LeaseRecord, PoolMeta, ProcessRecord, ProcessState, ProcessWriter, Store, StoreError,
+    Writer,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,7 +28,8 @@ use crate::events::{EventFeed, Publisher};
 use crate::holds::HoldScan;
 use crate::metrics::Metrics;
 use crate::service_error::ServiceError;
-use writer::{Command, QUEUE_DEPTH, WriterTask, rebuild};
+use claims::Foreign;
+use writer::{Command, QUEUE_DEPTH, Released, WriterTask, rebuild};
 
 /// The settings a client asks for; `None` means the default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -94,15 +98,58 @@ pub struct StartOptions {
     pub quarantine: Duration,
     /// The time the service goes by.
     pub clock: SharedClock,
+    /// With a fleet's store: how long a forced release waits for other hosts to stop the
+    /// lease's processes before it answers that the release is under way.
+    pub release_wait: Duration,
 }
 
 impl StartOptions {
-    /// The system clock and this quarantine.
+    /// The system clock, this quarantine, and a release wait of 30 s.
     pub fn new(quarantine: Duration) -> StartOptions {
         StartOptions {
             quarantine,
             clock: Arc::new(SystemClock),
+            release_wait: Duration::from_secs(30),
         }
+    }
+}
+
+/// Whether the lease store answered when last used; logged and shown in `/metrics` when it
+/// changes.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreHealth {
+    down: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+impl StoreHealth {
+    fn new(metrics: Arc<Metrics>, backend: Backend) -> StoreHealth {
+        metrics.set_store(backend.as_str(), true);
+        StoreHealth {
+            down: Arc::new(AtomicBool::new(false)),
+            metrics,
+        }
+    }
+
+    /// The store answered.
+    pub(crate) fn ok(&self) {
+        if self.down.swap(false, Ordering::AcqRel) {
+            tracing::info!("the lease store answers again; lease writes work");
+            self.metrics.set_store_up(true);
+        }
+    }
+
+    /// An operation failed; a store that cannot be reached is logged once until it answers.
+    pub(crate) fn failed(&self, error: &StoreError) {
+        if error.is_unreachable() && !self.down.swap(true, Ordering::AcqRel) {
+            tracing::error!(%error, "the lease store cannot be reached: lease writes answer 503 store_unavailable; reads of leases this host knows and spawns into them go on; reconnecting");
+            self.metrics.set_store_up(false);
+        }
+    }
+
+    /// Whether the store failed to answer last time.
+    pub(crate) fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
     }
 }
 
@@ -118,12 +165,12 @@ struct Inner {
     store: Store,
     clock: SharedClock,
     claims: Mutex<Vec<AppliedClaim>>,
-    /// Blocks the last applied claims touch (see [`LeaseService::apply_claims`]).
-    claim_blocks: Mutex<BTreeSet<u32>>,
-    /// Blocks, not active, where a live process holds ids: withheld like claimed ones (see
-    /// [`LeaseService::set_process_holds`]).
-    process_holds: Mutex<BTreeMap<u32, String>>,
+    /// Blocks withheld for owners other than leases (see [`Foreign`]).
+    foreign: Arc<Mutex<Foreign>>,
     holds: HoldScan,
+    health: StoreHealth,
+    /// Set with a fleet's store.
+    fleet: Option<fleet::FleetSide>,
     metrics: Arc<Metrics>,
     feed: EventFeed,
     /// Process rows, written on the caller's thread (see `subid_store::ProcessWriter`).
@@ -156,11 +203,19 @@ impl LeaseService {
             size: pool.range().len(),
             block: pool.block(),
         };
+        let rows = Arc::new(ProcessWriter::open(store.path())?);
+        fleet::check_membership(&store, &rows).await?;
         let settled = writer.settle_pool(wanted).await?;
         if settled.block != pool.block() {
             return Err(StartError::BlockChanged {
                 stored: settled.block,
                 configured: pool.block(),
+            });
+        }
+        if settled != wanted {
+            return Err(StartError::PoolMismatch {
+                stored: settled,
+                configured: wanted,
             });
         }
         let range = pool.range();
@@ -174,20 +229,36 @@ impl LeaseService {
                 size: lease.size,
             });
         }
+        // Changes from here on are read again by the writer's first catch-up: applying a row
+        // twice changes nothing.
+        let seq = writer.last_change().await?;
         let allocator = rebuild(&mut writer, pool, quarantine_ms).await?;
         let allocator = Arc::new(Mutex::new(allocator));
         let metrics = Arc::new(Metrics::new());
+        let health = StoreHealth::new(Arc::clone(&metrics), store.backend());
         let feed = EventFeed::new(writer.last_event_id().await?);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let publisher = Publisher::new(feed.clone(), Arc::clone(&metrics), store.clone());
-        let rows = Arc::new(ProcessWriter::open(store.path())?);
         let published = publisher.poke();
+        let foreign = Arc::new(Mutex::new(Foreign::default()));
+        let side = match store.host_id() {
+            Some(host) => Some(fleet::FleetSide::new(host, options.release_wait)),
+            None => None,
+        };
         WriterTask {
             writer,
             allocator: Arc::clone(&allocator),
+            foreign: Arc::clone(&foreign),
             rx,
             clock: Arc::clone(&options.clock),
             published: Arc::clone(&published),
+            fleet: side.as_ref().map(|s| writer::Fleet {
+                host: s.host.clone(),
+                seq,
+                claims_seq: 0,
+                rows: Arc::clone(&rows),
+            }),
+            health: health.clone(),
         }
         .spawn()?;
         tokio::spawn(publisher.run());
@@ -198,9 +269,10 @@ impl LeaseService {
                 store,
                 clock: options.clock,
                 claims: Mutex::new(Vec::new()),
-                claim_blocks: Mutex::new(BTreeSet::new()),
-                process_holds: Mutex::new(BTreeMap::new()),
+                foreign,
                 holds: HoldScan::default(),
+                health,
+                fleet: side,
                 metrics,
                 feed,
                 rows,
@@ -259,7 +331,7 @@ impl LeaseService {
             reply,
         })
         .await?;
-        rx.await.map_err(|_| ServiceError::ShuttingDown)?
+        self.answer(rx).await
     }
 
     /// Pushes the expiry of a lease with a ttl to now + ttl.
@@ -271,11 +343,17 @@ impl LeaseService {
             reply,
         })
         .await?;
-        rx.await.map_err(|_| ServiceError::ShuttingDown)?
+        self.answer(rx).await
     }
 
     /// Releases the active lease of that name; with `purge`, skips quarantine (also for a lease
     /// released earlier whose range is still in quarantine).
+    ///
+    /// With a fleet's store, other hosts' live processes of the lease refuse a plain release
+    /// (`Busy`, naming the hosts). A forced one (or an expiry) is recorded and carried out by
+    /// every host for its own processes; the range stays taken until they report none left. A
+    /// forced release waits up to `release_wait` for that, then answers `ReleasePending`; an
+    /// expiry does not wait.
     pub async fn release(
         &self,
         name: String,
@@ -285,14 +363,23 @@ impl LeaseService {
     ) -> Result<(), ServiceError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Release {
-            name,
+            name: name.clone(),
             purge,
             caller,
             kind,
             reply,
         })
         .await?;
-        rx.await.map_err(|_| ServiceError::ShuttingDown)?
+        match self.answer(rx).await? {
+            Released::Done => Ok(()),
+            Released::Pending { lease, hosts } => {
+                tracing::info!(lease = %name, hosts = %hosts.join(","), "release recorded; waiting for the hosts to stop the lease's processes");
+                if kind == ReleaseKind::Expire {
+                    return Ok(());
+                }
+                self.wait_released(*lease, hosts).await
+            }
+        }
     }
 
     /// Writes a change to the process table; `Ok` once it is in the database file, where it
@@ -330,11 +417,31 @@ impl LeaseService {
     }
 
     async fn send(&self, command: Command) -> Result<(), ServiceError> {
-        self.inner
-            .tx
-            .send(command)
-            .await
-            .map_err(|_| ServiceError::ShuttingDown)
+        let sent = self.inner.tx.send(command);
+        match self.inner.store.write_deadline() {
+            None => sent.await.map_err(|_| ServiceError::ShuttingDown),
+            Some(deadline) => match tokio::time::timeout(deadline, sent).await {
+                Ok(result) => result.map_err(|_| ServiceError::ShuttingDown),
+                Err(_) => Err(unanswered(deadline)),
+            },
+        }
+    }
+
+    /// The writer's answer. With a fleet's store, within the store's write deadline: a client
+    /// never waits longer for a 503 `store_unavailable` in an outage (the write may still take
+    /// effect if the store comes back in the meantime: read back before retrying, or use `PUT`,
+    /// which answers the existing lease).
+    async fn answer<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, ServiceError>>,
+    ) -> Result<T, ServiceError> {
+        match self.inner.store.write_deadline() {
+            None => rx.await.map_err(|_| ServiceError::ShuttingDown)?,
+            Some(deadline) => match tokio::time::timeout(deadline, rx).await {
+                Ok(answer) => answer.map_err(|_| ServiceError::ShuttingDown)?,
+                Err(_) => Err(unanswered(deadline)),
+            },
+        }
     }
 
     /// Test hook: makes the allocator believe the blocks of `lease` are free, as a bug or a
@@ -355,6 +462,17 @@ impl LeaseService {
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(
+        "the lease store was set up for the pool base {} size {} block {} but this host's \
+         config gives base {} size {} block {}; every host of a fleet must use the same pool",
+        stored.base, stored.size, stored.block, configured.base, configured.size, configured.block
+    )]
+    PoolMismatch {
+        stored: PoolMeta,
+        configured: PoolMeta,
+    },
+    #[error("{0}")]
+    Membership(String),
     #[error(
         "the database was cut into blocks of {stored} ids but the config says block = {configured}; \
          set [pool] block = {stored} (a database cannot change its block size)"
@@ -383,6 +501,16 @@ fn write_row(rows: &ProcessWriter, op: &ProcessOp, wait: bool) -> Result<(), Sto
             signal,
             ended_at,
         } => rows.finish(id, *state, *exit_code, *signal, *ended_at, wait),
+    }
+}
+
+/// The error for a write the store did not answer in time.
+fn unanswered(deadline: Duration) -> ServiceError {
+    ServiceError::StoreUnavailable {
+        source: Arc::new(StoreError::TimedOut {
+            what: "a lease write",
+            after: deadline,
+        }),
     }
 }
 

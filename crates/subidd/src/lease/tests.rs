@@ -28,8 +28,8 @@ async fn service(
     .expect("pool");
     let clock = ManualClock::at(T0);
     let options = StartOptions {
-        quarantine,
         clock: clock.clone(),
+        ..StartOptions::new(quarantine)
     };
     let leases = LeaseService::start_with(store, writer, pool, options)
         .await

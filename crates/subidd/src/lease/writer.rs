@@ -10,15 +10,25 @@
 //! in memory (the allocator disagrees with the database), the change stands, the client hears
 //! of it, and the allocator is rebuilt from the database after the commit.
 //!
+//! With a fleet's store, other hosts allocate too. Every transaction holds the fleet's write
+//! lock, and the first thing a group does under it is to read the block rows other hosts
+//! changed since this host last looked (and their claims on the pool, when those changed), so
+//! every decision is made against the fleet's state, as a single host's are against its own.
+//!
 //! The task runs on a thread of its own (see `spawn`): with the SQLite back end every statement
 //! of a group then runs there without a hand-off to another thread.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use subid_core::{AllocError, Allocator, Pool};
-use subid_store::{EventKind, LeaseRecord, NewLease, StoreError, WriteTx, Writer};
+use subid_core::{AllocError, Allocator, BlockState, Pool};
+use subid_store::{
+    BlockRow, Changes, EventKind, EventRecord, FleetClaim, LeaseRecord, NewLease, ProcessWriter,
+    ReleaseRequest, StoreError, WriteTx, Writer,
+};
 use tokio::sync::{mpsc, oneshot};
 
+use super::claims::Foreign;
 use super::{Caller, CreateMode, Created, LeaseSpec, ReleaseKind, StartError, is_expired, lock};
 use crate::clock::SharedClock;
 use crate::service_error::ServiceError;
@@ -29,6 +39,20 @@ pub(super) const MAX_BATCH: usize = 512;
 pub(super) const QUEUE_DEPTH: usize = 4096;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;
+
+/// What a release request came to.
+#[derive(Debug, Clone)]
+pub(super) enum Released {
+    /// Released (or nothing to do: an expiry someone else did first, a purge of a range
+    /// taken since).
+    Done,
+    /// Other hosts of the fleet have live processes of it: the release is recorded and waits
+    /// for them to stop them.
+    Pending {
+        lease: Box<LeaseRecord>,
+        hosts: Vec<String>,
+    },
+}
 
 pub(super) enum Command {
     Create {
@@ -48,18 +72,60 @@ pub(super) enum Command {
         purge: bool,
         caller: Caller,
         kind: ReleaseKind,
+        reply: Reply<Released>,
+    },
+    /// This host has (`live`) or no longer has live processes of a lease. `true` is refused
+    /// (answered `false`) for a lease that is not active or on its way out.
+    Presence {
+        lease_id: i64,
+        live: bool,
+        reply: Reply<bool>,
+    },
+    /// This host has cleaned up what it had of a lease; completes a waiting release when it
+    /// was the last host with live processes.
+    ClearPresence {
+        lease_id: i64,
+        reply: Reply<Option<LeaseRecord>>,
+    },
+    /// Completes a waiting release when no host has live processes of the lease any more.
+    CompleteRelease {
+        lease_id: i64,
+        reply: Reply<Option<LeaseRecord>>,
+    },
+    /// Replaces this host's claims on the pool in the fleet's store.
+    PublishClaims {
+        claims: Vec<FleetClaim>,
         reply: Reply<()>,
     },
+    /// Copies process events of this host's file into the fleet's feed.
+    ForwardEvents {
+        events: Vec<EventRecord>,
+        reply: Reply<()>,
+    },
+    /// Reads what other hosts changed, outside any transaction.
+    CatchUp { reply: Reply<()> },
     /// A health check: answered as soon as the writer has finished the group it was taken with.
     Ping { reply: oneshot::Sender<()> },
+}
+
+impl Command {
+    /// Commands that take no part in a transaction.
+    fn outside(&self) -> bool {
+        matches!(self, Command::Ping { .. } | Command::CatchUp { .. })
+    }
 }
 
 /// The answer a command is waiting for, decided before the commit and sent after it.
 enum Outcome {
     Create(Reply<Created>, Result<Created, ServiceError>),
     Renew(Reply<LeaseRecord>, Result<LeaseRecord, ServiceError>),
-    Release(Reply<()>, Result<(), ServiceError>),
-    Ping(oneshot::Sender<()>),
+    Release(Reply<Released>, Result<Released, ServiceError>),
+    Flag(Reply<bool>, Result<bool, ServiceError>),
+    Lease(
+        Reply<Option<LeaseRecord>>,
+        Result<Option<LeaseRecord>, ServiceError>,
+    ),
+    Unit(Reply<()>, Result<(), ServiceError>),
 }
 
 impl Outcome {
@@ -79,43 +145,74 @@ impl Outcome {
             Outcome::Create(tx, r) => drop(tx.send(pick(failure, r))),
             Outcome::Renew(tx, r) => drop(tx.send(pick(failure, r))),
             Outcome::Release(tx, r) => drop(tx.send(pick(failure, r))),
-            Outcome::Ping(tx) => drop(tx.send(())),
+            Outcome::Flag(tx, r) => drop(tx.send(pick(failure, r))),
+            Outcome::Lease(tx, r) => drop(tx.send(pick(failure, r))),
+            Outcome::Unit(tx, r) => drop(tx.send(pick(failure, r))),
         }
     }
 
-    /// An outcome for a command that was never decided: the group's failure is sent instead.
-    fn unreached(command: Command) -> Outcome {
+    /// The shell of an outcome for a command that was not decided (the group failed before
+    /// it): only the group's failure is ever sent through it.
+    fn undecided(command: Command) -> Option<Outcome> {
         fn e<T>() -> Result<T, ServiceError> {
             Err(ServiceError::internal(
                 "the group failed before this command",
             ))
         }
-        match command {
+        Some(match command {
             Command::Create { reply, .. } => Outcome::Create(reply, e()),
             Command::Renew { reply, .. } => Outcome::Renew(reply, e()),
             Command::Release { reply, .. } => Outcome::Release(reply, e()),
-            Command::Ping { reply } => Outcome::Ping(reply),
-        }
+            Command::Presence { reply, .. } => Outcome::Flag(reply, e()),
+            Command::ClearPresence { reply, .. } | Command::CompleteRelease { reply, .. } => {
+                Outcome::Lease(reply, e())
+            }
+            Command::PublishClaims { reply, .. }
+            | Command::ForwardEvents { reply, .. }
+            | Command::CatchUp { reply } => Outcome::Unit(reply, e()),
+            Command::Ping { .. } => return None,
+        })
     }
+}
+
+/// What the writer keeps of a fleet's store.
+pub(super) struct Fleet {
+    /// This host's name in the fleet.
+    pub(super) host: String,
+    /// The newest change number of the block rows applied to the allocator.
+    pub(super) seq: i64,
+    /// The version of the fleet's claims applied.
+    pub(super) claims_seq: i64,
+    /// This host's own file, for its copies of the leases it changed and its process rows.
+    pub(super) rows: Arc<ProcessWriter>,
 }
 
 /// The task that owns the writer.
 pub(super) struct WriterTask {
     pub(super) writer: Writer,
     pub(super) allocator: Arc<Mutex<Allocator>>,
+    pub(super) foreign: Arc<Mutex<Foreign>>,
     pub(super) rx: mpsc::Receiver<Command>,
     pub(super) clock: SharedClock,
     /// Tells the event publisher that a commit may have added events.
     pub(super) published: Arc<tokio::sync::Notify>,
+    /// Set with a fleet's store.
+    pub(super) fleet: Option<Fleet>,
+    /// Whether the store answered the last time it was used (for the log and metrics).
+    pub(super) health: super::StoreHealth,
 }
 
 /// What deciding the commands of one group needs besides the transaction.
 struct Decide<'a> {
     allocator: &'a Mutex<Allocator>,
     now: i64,
+    /// This host's name in a fleet.
+    host: Option<&'a str>,
     /// Set when a committed change could not be mirrored in the allocator: it is rebuilt from
     /// the database after the group.
     resync: bool,
+    /// Leases this group changed, for this host's copies once committed (a fleet only).
+    changed: Vec<LeaseRecord>,
 }
 
 impl WriterTask {
@@ -146,40 +243,102 @@ impl WriterTask {
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while self.rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            // Pings take no part in the transaction; they are answered after the group's commit.
-            let pings: Vec<Command> = batch
-                .extract_if(.., |c| matches!(c, Command::Ping { .. }))
-                .collect();
+            // Pings and catch-ups take no part in the transaction; catch-ups run first (the
+            // group reads the changes again under the lock anyway), pings are answered after
+            // the group's commit.
+            let outside: Vec<Command> = batch.extract_if(.., |c| c.outside()).collect();
+            let mut pings = Vec::new();
+            for command in outside {
+                match command {
+                    Command::CatchUp { reply } => {
+                        let result = self.catch_up().await;
+                        let _ = reply.send(result);
+                    }
+                    Command::Ping { reply } => pings.push(reply),
+                    _ => {}
+                }
+            }
             if !batch.is_empty() {
                 self.commit_group(&mut batch).await;
             }
             for ping in pings {
-                if let Command::Ping { reply } = ping {
-                    let _ = reply.send(());
-                }
+                let _ = ping.send(());
             }
         }
     }
 
+    /// Applies what other hosts changed, read outside a transaction.
+    async fn catch_up(&mut self) -> Result<(), ServiceError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
+        let (seq, claims_seq) = (fleet.seq, fleet.claims_seq);
+        match self.writer.changes_since(seq, claims_seq).await {
+            Ok(changes) => {
+                self.health.ok();
+                if self.apply(changes) {
+                    self.resync().await;
+                }
+                Ok(())
+            }
+            Err(error) => {
+                self.health.failed(&error);
+                self.writer.reopen().await.ok();
+                Err(ServiceError::store(error))
+            }
+        }
+    }
+
+    /// Applies other hosts' changes to the allocator and the claims, and moves the watermark;
+    /// true when the allocator disagreed and must be rebuilt.
+    fn apply(&mut self, changes: Changes) -> bool {
+        let Some(fleet) = &mut self.fleet else {
+            return false;
+        };
+        let resync = apply_changes(&self.allocator, &self.foreign, Some(&fleet.host), &changes);
+        fleet.seq = changes.seq;
+        fleet.claims_seq = changes.claims_seq;
+        resync
+    }
+
     /// Decides, commits and answers one group of commands.
     async fn commit_group(&mut self, batch: &mut Vec<Command>) {
+        let host = self.fleet.as_ref().map(|f| f.host.clone());
         let mut ctx = Decide {
             allocator: &self.allocator,
             now: self.clock.now_ms(),
+            host: host.as_deref(),
             resync: false,
+            changed: Vec::new(),
         };
         let mut outcomes = Vec::with_capacity(batch.len());
+        let watermark = self.fleet.as_ref().map(|f| (f.seq, f.claims_seq));
+        let mut changes = None;
         let failure = match self.writer.begin().await {
             Err(error) => Some(error),
             Ok(mut tx) => {
                 let mut failure = None;
-                for command in batch.drain(..) {
-                    match decide(&mut tx, &mut ctx, command).await {
-                        Ok(outcome) => outcomes.push(outcome),
-                        Err((outcome, error)) => {
-                            outcomes.push(outcome);
-                            failure = Some(error);
-                            break;
+                // Under the fleet's lock: what other hosts did first.
+                if let Some((seq, claims_seq)) = watermark {
+                    match tx.changes_since(seq, claims_seq).await {
+                        Ok(found) => changes = Some(found),
+                        Err(error) => failure = Some(error),
+                    }
+                }
+                if let Some(found) = &changes {
+                    // Applied before deciding; a rollback rebuilds the allocator anyway.
+                    ctx.resync |=
+                        apply_changes(&self.allocator, &self.foreign, host.as_deref(), found);
+                }
+                if failure.is_none() {
+                    for command in batch.drain(..) {
+                        match decide(&mut tx, &mut ctx, command).await {
+                            Ok(outcome) => outcomes.push(outcome),
+                            Err((outcome, error)) => {
+                                outcomes.push(outcome);
+                                failure = Some(error);
+                                break;
+                            }
                         }
                     }
                 }
@@ -192,25 +351,61 @@ impl WriterTask {
         // Commands not reached because an earlier one failed get the same failure.
         let unreached: Vec<Command> = std::mem::take(batch);
         let failure = failure.map(Arc::new);
-        if let Some(error) = &failure {
-            tracing::error!(%error, "lease store write failed; group rolled back");
-            if let Err(e) = self.writer.reopen().await {
-                tracing::error!(error = %e, "cannot reopen the lease store after a failed write");
+        let resync = ctx.resync;
+        let changed = std::mem::take(&mut ctx.changed);
+        match &failure {
+            Some(error) => {
+                self.health.failed(error);
+                tracing::error!(%error, "lease store write failed; group rolled back");
+                if let Err(e) = self.writer.reopen().await {
+                    tracing::error!(error = %e, "cannot reopen the lease store after a failed write");
+                }
+            }
+            None => {
+                self.health.ok();
+                if let (Some(fleet), Some(found)) = (&mut self.fleet, changes) {
+                    fleet.seq = found.seq;
+                    fleet.claims_seq = found.claims_seq;
+                }
             }
         }
-        if failure.is_some() || ctx.resync {
+        if failure.is_some() || resync {
             self.resync().await;
         }
         for outcome in outcomes {
             outcome.send(failure.as_ref());
         }
         for command in unreached {
-            Outcome::unreached(command).send(failure.as_ref());
+            if let Some(outcome) = Outcome::undecided(command) {
+                outcome.send(failure.as_ref());
+            }
+        }
+        if failure.is_none() {
+            self.keep_copies(&changed);
         }
         // Events are published by a task of their own: reading the new rows back is one more
         // round trip, which neither this client nor the next should wait for. Streams may see
         // an event a moment after its request was answered; none is missed.
         self.published.notify_one();
+    }
+
+    /// With a fleet's store: this host's copies of the leases the group changed, and the
+    /// process rows of those it released, after the answers are sent (this thread may wait).
+    fn keep_copies(&self, changed: &[LeaseRecord]) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        for lease in changed {
+            if lease.state == subid_core::LeaseState::Released
+                && let Err(error) = fleet.rows.delete_processes(lease.id)
+            {
+                tracing::warn!(lease = %lease.name, %error, "cannot remove the process rows of a released lease");
+            }
+            if let Err(error) = fleet.rows.mirror(lease, now) {
+                tracing::warn!(lease = %lease.name, %error, "cannot keep this host's copy of a lease");
+            }
+        }
     }
 
     /// Rebuilds the allocator from the database, keeping the blocks withheld for other owners.
@@ -230,6 +425,66 @@ impl WriterTask {
     }
 }
 
+/// [`WriterTask::apply`] for a group, whose changes are kept only if it commits.
+fn apply_changes(
+    allocator: &Mutex<Allocator>,
+    foreign: &Mutex<Foreign>,
+    host: Option<&str>,
+    changes: &Changes,
+) -> bool {
+    let mut resync = false;
+    let mut allocator = lock(allocator);
+    let pool = *allocator.pool();
+    for row in &changes.blocks {
+        if let Err(error) = apply_block(&mut allocator, &pool, row) {
+            tracing::warn!(start = row.start, %error, "a block another host changed does not fit this host's allocator; rebuilding it");
+            resync = true;
+        }
+    }
+    if let Some(claims) = &changes.claims {
+        let mut foreign = lock(foreign);
+        foreign.fleet = claims
+            .iter()
+            .filter(|c| Some(c.host.as_str()) != host)
+            .cloned()
+            .collect();
+        allocator.set_foreign(&foreign.blocks());
+    }
+    resync
+}
+
+/// Brings one block of the allocator to what its row says (applying a row twice changes
+/// nothing). A block withheld here for a claim is let go for the change and withheld again.
+fn apply_block(allocator: &mut Allocator, pool: &Pool, row: &BlockRow) -> Result<(), AllocError> {
+    let Some(idx) = pool.block_of(row.start) else {
+        // Outside this host's pool: the start-up check refuses a pool that differs.
+        return Ok(());
+    };
+    let state = allocator.block_state(idx);
+    let withheld = matches!(state, Some(BlockState::Withheld));
+    let kept = withheld.then(|| allocator.foreign().clone());
+    if let Some(foreign) = &kept {
+        let mut without = foreign.clone();
+        without.remove(&idx);
+        allocator.set_foreign(&without);
+    }
+    let state = allocator.block_state(idx);
+    let result = match (row.lease_id, row.released_at, state) {
+        (Some(_), _, Some(BlockState::Active)) => Ok(()),
+        (Some(_), _, _) => allocator.claim(idx, 1),
+        (None, Some(at), Some(BlockState::Active)) => {
+            allocator.release(idx, 1, u64::try_from(at).unwrap_or(0), at == 0)
+        }
+        (None, Some(0), Some(BlockState::Released(_))) => allocator.purge(idx, 1),
+        (None, Some(at), _) => allocator.mark_released(idx, 1, u64::try_from(at).unwrap_or(0)),
+        (None, None, _) => Ok(()),
+    };
+    if let Some(foreign) = &kept {
+        allocator.set_foreign(foreign);
+    }
+    result
+}
+
 /// Decides one command inside the group's transaction. `Err` means the store failed and the
 /// whole group must be rolled back; the outcome is still returned so its sender gets the error.
 async fn decide(
@@ -237,11 +492,13 @@ async fn decide(
     ctx: &mut Decide<'_>,
     command: Command,
 ) -> Result<Outcome, (Outcome, StoreError)> {
-    fn failed<T>(
-        reply: Reply<T>,
-        wrap: fn(Reply<T>, Result<T, ServiceError>) -> Outcome,
-    ) -> Outcome {
-        wrap(reply, Err(ServiceError::internal("rolled back")))
+    macro_rules! answer {
+        ($result:expr, $reply:expr, $wrap:path) => {
+            match $result {
+                Ok(r) => Ok($wrap($reply, r)),
+                Err(e) => Err(($wrap($reply, Err(ServiceError::internal("rolled back"))), e)),
+            }
+        };
     }
     match command {
         Command::Create {
@@ -250,36 +507,79 @@ async fn decide(
             mode,
             caller,
             reply,
-        } => match create(tx, ctx, &name, &spec, mode, caller).await {
-            Ok(r) => Ok(Outcome::Create(reply, r)),
-            Err(e) => Err((failed(reply, Outcome::Create), e)),
-        },
+        } => answer!(
+            create(tx, ctx, &name, &spec, mode, caller).await,
+            reply,
+            Outcome::Create
+        ),
         Command::Renew {
             name,
             caller,
             reply,
-        } => match renew(tx, ctx, &name, caller).await {
-            Ok(r) => Ok(Outcome::Renew(reply, r)),
-            Err(e) => Err((failed(reply, Outcome::Renew), e)),
-        },
+        } => answer!(renew(tx, ctx, &name, caller).await, reply, Outcome::Renew),
         Command::Release {
             name,
             purge,
             caller,
             kind,
             reply,
-        } => match release(tx, ctx, &name, purge, caller, kind).await {
-            Ok(r) => Ok(Outcome::Release(reply, r)),
-            Err(e) => Err((failed(reply, Outcome::Release), e)),
-        },
-        // `run` takes pings out of the group; one that got here is answered with the group.
-        Command::Ping { reply } => Ok(Outcome::Ping(reply)),
+        } => answer!(
+            release(tx, ctx, &name, purge, caller, kind).await,
+            reply,
+            Outcome::Release
+        ),
+        Command::Presence {
+            lease_id,
+            live,
+            reply,
+        } => answer!(
+            tx.set_presence(lease_id, live, ctx.now).await.map(Ok),
+            reply,
+            Outcome::Flag
+        ),
+        Command::ClearPresence { lease_id, reply } => {
+            let result = match tx.clear_presence(lease_id).await {
+                Ok(()) => complete(tx, ctx, lease_id).await,
+                Err(e) => Err(e),
+            };
+            answer!(result.map(Ok), reply, Outcome::Lease)
+        }
+        Command::CompleteRelease { lease_id, reply } => answer!(
+            complete(tx, ctx, lease_id).await.map(Ok),
+            reply,
+            Outcome::Lease
+        ),
+        Command::PublishClaims { claims, reply } => answer!(
+            tx.publish_claims(&claims, ctx.now).await.map(Ok),
+            reply,
+            Outcome::Unit
+        ),
+        Command::ForwardEvents { events, reply } => answer!(
+            tx.forward_events(&events).await.map(Ok),
+            reply,
+            Outcome::Unit
+        ),
+        // `run` takes these out of the group.
+        Command::CatchUp { reply } => Ok(Outcome::Unit(reply, Ok(()))),
+        Command::Ping { reply } => {
+            let _ = reply.send(());
+            Ok(Outcome::Unit(oneshot::channel().0, Ok(())))
+        }
     }
 }
 
 /// The settings a spec resolves to with defaults filled in.
 fn resolve(spec: &LeaseSpec, pool: &Pool) -> (u32, Option<u32>) {
     (spec.size.unwrap_or(pool.block()), spec.ttl_seconds)
+}
+
+/// The refusal for a lease whose release waits for other hosts.
+fn on_its_way_out(name: &str) -> ServiceError {
+    ServiceError::Conflict {
+        reason: format!(
+            "lease {name} is being released (hosts are stopping its processes); retry in a moment"
+        ),
+    }
 }
 
 async fn create(
@@ -305,6 +605,9 @@ async fn create(
             return Ok(Err(ServiceError::Conflict {
                 reason: format!("lease {name} expired and is being released; retry in a moment"),
             }));
+        }
+        if existing.release_requested_at.is_some() {
+            return Ok(Err(on_its_way_out(name)));
         }
         if mode == CreateMode::New {
             return Ok(Err(ServiceError::Exists {
@@ -405,6 +708,7 @@ async fn create(
         max_processes: spec.max_processes,
     };
     let lease = tx.insert_lease(&new, pool.block()).await?;
+    ctx.changed.push(lease.clone());
     Ok(Ok(Created {
         lease,
         created: true,
@@ -428,6 +732,9 @@ async fn renew(
             what: format!("lease {name} expired and is being released; create it again"),
         }));
     }
+    if lease.release_requested_at.is_some() {
+        return Ok(Err(on_its_way_out(name)));
+    }
     let Some(ttl) = lease.ttl_seconds else {
         return Ok(Err(ServiceError::Conflict {
             reason: format!(
@@ -438,6 +745,7 @@ async fn renew(
     let expires_at = now.saturating_add(i64::from(ttl) * 1000);
     tx.renew(&lease, expires_at, now, caller).await?;
     lease.expires_at = Some(expires_at);
+    ctx.changed.push(lease.clone());
     Ok(Ok(lease))
 }
 
@@ -448,37 +756,59 @@ async fn release(
     purge: bool,
     caller: Caller,
     kind: ReleaseKind,
-) -> Result<Result<(), ServiceError>, StoreError> {
+) -> Result<Result<Released, ServiceError>, StoreError> {
     let now = ctx.now;
     let pool = *lock(ctx.allocator).pool();
     let known = tx.name_state(name).await?;
     if let Some(lease) = known.active {
         if kind == ReleaseKind::Expire && !is_expired(&lease, now) {
             // Renewed since the expiry pass looked: nothing to do.
-            return Ok(Ok(()));
+            return Ok(Ok(Released::Done));
         }
         let event = match kind {
             ReleaseKind::Delete | ReleaseKind::ForcedDelete => EventKind::Release,
             ReleaseKind::Expire => EventKind::Expire,
         };
-        tx.release(&lease, event, purge, now, caller).await?;
-        // The release is in the transaction and goes with the group's commit whatever memory
-        // says: an allocator that disagrees is rebuilt from the database afterwards.
-        let mirrored = match blocks_of(&pool, &lease) {
-            Some((first, count)) => lock(ctx.allocator)
-                .release(first, count, u64::try_from(now).unwrap_or(0), purge)
-                .map_err(|e| e.to_string()),
-            None => Err("it lies outside the pool".to_string()),
-        };
-        if let Err(error) = mirrored {
-            tracing::error!(lease = %name, %error, "the allocator disagrees with the database about a released lease; rebuilding it from the database");
-            ctx.resync = true;
+        // The caller has stopped this host's processes; other hosts' live ones stand in the
+        // way (a fleet only).
+        let others: Vec<String> = tx
+            .lease_hosts(lease.id)
+            .await?
+            .into_iter()
+            .filter(|h| h.live && Some(h.host.as_str()) != ctx.host)
+            .map(|h| h.host)
+            .collect();
+        tx.clear_presence(lease.id).await?;
+        if !others.is_empty() {
+            if kind == ReleaseKind::Delete && lease.release_requested_at.is_none() {
+                return Ok(Err(ServiceError::Busy {
+                    reason: format!(
+                        "lease {name} has live processes on host(s) {}; stop them or delete \
+                         with ?force=true",
+                        others.join(", ")
+                    ),
+                    hosts: others,
+                }));
+            }
+            let request = ReleaseRequest {
+                at: now,
+                kind: event,
+                purge,
+                caller,
+            };
+            tx.request_release(&lease, &request).await?;
+            return Ok(Ok(Released::Pending {
+                lease: Box::new(lease),
+                hosts: others,
+            }));
         }
-        return Ok(Ok(()));
+        tx.release(&lease, event, purge, now, caller).await?;
+        mirror_release(ctx, &pool, &lease, purge);
+        return Ok(Ok(Released::Done));
     }
     if kind == ReleaseKind::Expire {
         // Released by someone else since the expiry pass looked.
-        return Ok(Ok(()));
+        return Ok(Ok(Released::Done));
     }
     if purge {
         // Purging a lease released earlier: its range leaves quarantine now, if nobody took it.
@@ -503,12 +833,57 @@ async fn release(
                     }));
                 }
             }
-            return Ok(Ok(()));
+            return Ok(Ok(Released::Done));
         }
     }
     Ok(Err(ServiceError::NotFound {
         what: format!("no active lease {name}"),
     }))
+}
+
+/// Completes the waiting release of a lease when no host has live processes of it any more.
+async fn complete(
+    tx: &mut WriteTx<'_>,
+    ctx: &mut Decide<'_>,
+    lease_id: i64,
+) -> Result<Option<LeaseRecord>, StoreError> {
+    let Some(request) = tx.release_request(lease_id).await? else {
+        return Ok(None);
+    };
+    if tx.lease_hosts(lease_id).await?.iter().any(|h| h.live) {
+        return Ok(None);
+    }
+    let Some(lease) = tx.lease_by_id(lease_id).await? else {
+        return Ok(None);
+    };
+    let pool = *lock(ctx.allocator).pool();
+    tx.release(&lease, request.kind, request.purge, ctx.now, request.caller)
+        .await?;
+    mirror_release(ctx, &pool, &lease, request.purge);
+    tracing::info!(lease = %lease.name, "every host stopped the lease's processes; released");
+    Ok(Some(lease))
+}
+
+/// Mirrors a release in the allocator (and this host's copies). The release is in the
+/// transaction and goes with the group's commit whatever memory says: an allocator that
+/// disagrees is rebuilt from the database afterwards.
+fn mirror_release(ctx: &mut Decide<'_>, pool: &Pool, lease: &LeaseRecord, purge: bool) {
+    let mirrored = match blocks_of(pool, lease) {
+        Some((first, count)) => lock(ctx.allocator)
+            .release(first, count, u64::try_from(ctx.now).unwrap_or(0), purge)
+            .map_err(|e| e.to_string()),
+        None => Err("it lies outside the pool".to_string()),
+    };
+    if let Err(error) = mirrored {
+        tracing::error!(lease = %lease.name, %error, "the allocator disagrees with the database about a released lease; rebuilding it from the database");
+        ctx.resync = true;
+    }
+    ctx.changed.push(LeaseRecord {
+        state: subid_core::LeaseState::Released,
+        released_at: Some(ctx.now),
+        release_requested_at: None,
+        ..lease.clone()
+    });
 }
 
 /// The first block index and block count of a lease.
@@ -537,4 +912,18 @@ pub(super) async fn rebuild(
         result.map_err(|e| StartError::Inconsistent(format!("block at {}: {e}", row.start)))?;
     }
     Ok(allocator)
+}
+
+/// Blocks a set of claims touches, at most `limit` of them.
+pub(super) fn claim_blocks(claims: &[FleetClaim], limit: u64) -> BTreeSet<u32> {
+    let mut blocks = BTreeSet::new();
+    let mut tracked = 0u64;
+    for claim in claims {
+        tracked = tracked.saturating_add(u64::from(claim.count));
+        if tracked > limit {
+            break;
+        }
+        blocks.extend(claim.first..claim.first.saturating_add(claim.count));
+    }
+    blocks
 }
