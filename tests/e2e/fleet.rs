@@ -25,13 +25,17 @@ pub fn slot_base(slot: u32) -> u32 {
     FLEET_BASE + slot * SLOT_BLOCKS * BLOCK
 }
 
+/// The deadline of the store's operations in these tests (`store.timeout_ms`).
+pub const STORE_TIMEOUT_MS: u64 = 1500;
+
 /// A config for host `host` of a fleet on `url` with a pool of `blocks` blocks in slot `slot`;
 /// `extra` goes first (top-level keys).
 pub fn fleet_config(url: &str, host: &str, slot: u32, blocks: u32, extra: &str) -> String {
     assert!(blocks <= SLOT_BLOCKS);
     format!(
         "{extra}\n[pool]\nbase = {base}\nsize = {size}\nblock = {BLOCK}\n\
-         [store]\nurl = {url:?}\nhost_id = {host:?}\ntimeout_ms = 3000\npoll_interval_ms = 200\n",
+         [store]\nurl = {url:?}\nhost_id = {host:?}\ntimeout_ms = {STORE_TIMEOUT_MS}\n\
+         poll_interval_ms = 200\n",
         base = slot_base(slot),
         size = blocks * BLOCK
     )

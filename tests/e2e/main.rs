@@ -8,6 +8,7 @@ mod config;
 mod containment;
 mod crash;
 mod fleet;
+mod fleet_outage;
 mod idmap;
 mod integrations;
 mod leases;

@@ -112,9 +112,7 @@ async fn turn(leases: &LeaseService, local: &impl LocalProcesses) {
     match store.live_here().await {
         Ok(live) => {
             for lease in live {
-                if !local.local_live(&lease).await
-                    && let Err(error) = leases.set_live(lease.id, false).await
-                {
+                if let Err(error) = leases.unset_live_if(&lease, local.local_live(&lease)).await {
                     tracing::debug!(lease = %lease.name, %error, "cannot tell the store");
                 }
             }

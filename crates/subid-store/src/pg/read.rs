@@ -4,6 +4,7 @@
 use sqlx::postgres::PgPool;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::{Health, PgConfig, timed};
@@ -16,6 +17,8 @@ pub(crate) struct PgReader {
     pool: PgPool,
     config: PgConfig,
     health: Arc<Health>,
+    /// The active lease count as last read, for `/metrics` while the server is out of reach.
+    last_count: Arc<AtomicU64>,
 }
 
 /// Maps a failed read, naming the store.
@@ -35,6 +38,7 @@ impl PgReader {
             pool,
             config,
             health,
+            last_count: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -217,15 +221,29 @@ impl PgReader {
         .await
     }
 
+    /// The number of active leases; while the server is out of reach, the number last read
+    /// (for `/metrics`, which keeps answering in an outage).
     pub(crate) async fn active_lease_count(&self) -> Result<u64, StoreError> {
-        let count: i64 = timed(self.config.timeout, "a lease count", async {
+        if self.down() {
+            return Ok(self.last_count.load(Ordering::Relaxed));
+        }
+        let count: Result<i64, StoreError> = timed(self.config.timeout, "a lease count", async {
             sqlx::query_scalar("SELECT COUNT(*) FROM lease WHERE state = 'active'")
                 .fetch_one(&self.pool)
                 .await
                 .map_err(read_err(&self.config))
         })
-        .await?;
-        Ok(u64::try_from(count).unwrap_or(0))
+        .await;
+        self.health.note(&count);
+        match count {
+            Ok(count) => {
+                let count = u64::try_from(count).unwrap_or(0);
+                self.last_count.store(count, Ordering::Relaxed);
+                Ok(count)
+            }
+            Err(error) if error.is_unreachable() => Ok(self.last_count.load(Ordering::Relaxed)),
+            Err(error) => Err(error),
+        }
     }
 }
 

@@ -324,17 +324,24 @@ pub async fn get_one(
         view.limits.pids_current = Some(current);
         view.limits.pids_denied = Some(denied);
     }
+    // A fleet: where the lease has processes (left out while the store is out of reach and
+    // the lease comes from this host's own copy).
     if state.leases.host_id().is_some() && lease.state == LeaseState::Active {
-        let hosts = state.leases.store().lease_hosts(lease.id).await?;
-        view.hosts = Some(
-            hosts
-                .into_iter()
-                .map(|h| LeaseHostView {
-                    host: h.host,
-                    live: h.live,
-                })
-                .collect(),
-        );
+        match state.leases.store().lease_hosts(lease.id).await {
+            Ok(hosts) => {
+                view.hosts = Some(
+                    hosts
+                        .into_iter()
+                        .map(|h| LeaseHostView {
+                            host: h.host,
+                            live: h.live,
+                        })
+                        .collect(),
+                );
+            }
+            Err(error) if error.is_unreachable() => {}
+            Err(error) => return Err(error.into()),
+        }
     }
     Ok(json(StatusCode::OK, &view))
 }

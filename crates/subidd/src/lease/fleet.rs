@@ -3,7 +3,7 @@
 //! feed, and its copies of leases (what it can still read while the store is out of reach).
 //! The task that drives these is `crate::fleet`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,12 +25,21 @@ const COPIES_SEQ: &str = "copies_seq";
 /// Events copied into the fleet's feed per transaction.
 const FORWARD_PAGE: u32 = 500;
 
+/// How long after a spawn began in a lease this host does not tell the store it has no live
+/// processes of it: the spawn's process may not be visible yet.
+const SPAWN_GRACE: Duration = Duration::from_secs(5);
+
 /// What the service keeps with a fleet's store.
 pub(super) struct FleetSide {
     pub(super) host: String,
     release_wait: Duration,
     /// Leases this host told the store it has live processes of.
     live: Mutex<BTreeSet<i64>>,
+    /// When a spawn last began in each lease.
+    spawned: Mutex<BTreeMap<i64, Instant>>,
+    /// Orders the changes of `live` with the store: a spawn marking a lease live and the fleet
+    /// task marking it no longer live never cross.
+    transitions: tokio::sync::Mutex<()>,
     /// Leases a spawn could not tell the store about (it was out of reach): told once it answers.
     untold: Mutex<BTreeSet<i64>>,
     /// This host's claims as last published.
@@ -43,6 +52,8 @@ impl FleetSide {
             host: host.to_string(),
             release_wait,
             live: Mutex::new(BTreeSet::new()),
+            spawned: Mutex::new(BTreeMap::new()),
+            transitions: tokio::sync::Mutex::new(()),
             untold: Mutex::new(BTreeSet::new()),
             published: Mutex::new(None),
         }
@@ -118,6 +129,8 @@ impl LeaseService {
         let Some(side) = &self.inner.fleet else {
             return Ok(());
         };
+        let _transition = side.transitions.lock().await;
+        lock(&side.spawned).insert(lease.id, Instant::now());
         if lock(&side.live).contains(&lease.id) {
             return Ok(());
         }
@@ -138,6 +151,29 @@ impl LeaseService {
             }
             Err(error) => Err(error),
         }
+    }
+
+    /// Tells the store this host has no live processes of `lease` any more, when `is_live`
+    /// (asked under the same order as spawns) says so and no spawn began in it lately. Returns
+    /// whether it did.
+    pub async fn unset_live_if(
+        &self,
+        lease: &LeaseRecord,
+        is_live: impl std::future::Future<Output = bool>,
+    ) -> Result<bool, ServiceError> {
+        let Some(side) = &self.inner.fleet else {
+            return Ok(false);
+        };
+        let _transition = side.transitions.lock().await;
+        let recent = lock(&side.spawned)
+            .get(&lease.id)
+            .is_some_and(|at| at.elapsed() < SPAWN_GRACE);
+        if recent || is_live.await {
+            return Ok(false);
+        }
+        self.set_live(lease.id, false).await?;
+        lock(&side.spawned).remove(&lease.id);
+        Ok(true)
     }
 
     /// Keeps this host's copy of a lease (a fleet only), on the blocking pool.
