@@ -8,6 +8,7 @@ mod config;
 mod containment;
 mod crash;
 mod fleet;
+mod fleet_move_in;
 mod fleet_outage;
 mod idmap;
 mod integrations;

@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+mod copy;
 mod error;
 mod pg;
 mod process_writer;
@@ -23,6 +24,7 @@ use std::path::Path;
 
 use subid_core::LeaseState;
 
+pub use copy::{MoveReport, move_in};
 pub use error::{BackendError, Kind, StoreError};
 pub use pg::{CHANNEL, PgConfig};
 pub use process_writer::ProcessWriter;

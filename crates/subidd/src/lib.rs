@@ -15,6 +15,7 @@ pub mod lease;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
+pub mod move_in;
 pub mod pool;
 pub mod process;
 pub mod server;

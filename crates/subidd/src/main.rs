@@ -57,6 +57,12 @@ struct Args {
     /// (default /etc/subuid, /etc/subgid), then exit
     #[arg(long)]
     register: bool,
+    /// Copy this host's leases (the SQLite file in the state dir) into the empty PostgreSQL
+    /// store named by store.url, keeping every range and its history, so the host can join a
+    /// fleet; then exit. Stop the daemon first. Refuses a store that is not empty or was set
+    /// up for another pool.
+    #[arg(long)]
+    move_in: bool,
 }
 
 fn main() -> ExitCode {
@@ -102,6 +108,9 @@ fn main() -> ExitCode {
     init_logging(config.log_format);
     if args.register {
         return register(&config);
+    }
+    if args.move_in {
+        return move_in(&config);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -165,6 +174,34 @@ fn register(config: &Config) -> ExitCode {
         }
         Err(error) => {
             eprintln!("subidd: cannot register the pool: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--move-in`: 0 when every lease was copied, 1 when refused or failed (nothing copied).
+fn move_in(config: &Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("subidd: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(subidd::move_in::run(config)) {
+        Ok(done) => {
+            println!(
+                "moved in: {} active and {} released leases, {} blocks, {} events; this host's \
+                 file now belongs to the fleet store {}: start the daemon with the same store.url",
+                done.active, done.released, done.blocks, done.events, done.store_id
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("subidd: cannot move in: {error:#}");
             ExitCode::FAILURE
         }
     }

@@ -281,9 +281,20 @@ async fn open_store(config: &Config) -> anyhow::Result<(subid_store::Store, subi
             database.display()
         )
     };
-    let Some(url) = &config.store.url else {
+    let Some(pg) = pg_config(config)? else {
         tracing::info!(database = %database.display(), "lease store: SQLite");
         return subid_store::open(&database).await.with_context(damaged);
+    };
+    tracing::info!(store = %pg.redacted(), host = %pg.host_id, "lease store: PostgreSQL");
+    subid_store::open_fleet(&database, &pg)
+        .await
+        .with_context(|| format!("opening the lease store {}", pg.redacted()))
+}
+
+/// How to reach the PostgreSQL store `[store]` names, if it names one.
+pub(crate) fn pg_config(config: &Config) -> anyhow::Result<Option<subid_store::PgConfig>> {
+    let Some(url) = &config.store.url else {
+        return Ok(None);
     };
     let password = match &config.store.password_file {
         Some(path) => Some(
@@ -294,17 +305,13 @@ async fn open_store(config: &Config) -> anyhow::Result<(subid_store::Store, subi
         ),
         None => None,
     };
-    let pg = subid_store::PgConfig {
+    Ok(Some(subid_store::PgConfig {
         url: url.clone(),
         password,
         host_id: config.store.resolve_host_id()?,
         timeout: Duration::from_millis(config.store.timeout_ms),
         max_connections: config.store.max_connections,
-    };
-    tracing::info!(store = %pg.redacted(), host = %pg.host_id, "lease store: PostgreSQL");
-    subid_store::open_fleet(&database, &pg)
-        .await
-        .with_context(|| format!("opening the lease store {}", pg.redacted()))
+    }))
 }
 
 /// Serves `app` on a bound unix listener until `shutdown` completes; each connection's

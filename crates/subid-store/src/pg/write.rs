@@ -97,6 +97,23 @@ impl PgWriter {
         result
     }
 
+    /// Runs `f` on the session with no deadline of its own (the caller sets one); a failure
+    /// drops the session.
+    pub(crate) async fn session<T>(
+        &mut self,
+        f: impl AsyncFnOnce(&mut PgConnection, &PgConfig) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let config = self.config.clone();
+        let result = match self.conn().await {
+            Ok(conn) => f(conn, &config).await,
+            Err(error) => Err(error),
+        };
+        if result.is_err() {
+            self.reopen();
+        }
+        result
+    }
+
     pub(crate) async fn block_rows(&mut self) -> Result<Vec<BlockRow>, StoreError> {
         self.with("the block rows", async |conn, config| {
             let rows = sqlx::query("SELECT start, lease_id, released_at FROM block ORDER BY start")
