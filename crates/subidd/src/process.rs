@@ -176,19 +176,13 @@ impl ProcessService {
     /// database's released leases are touched, never other directories under the parent. A
     /// cgroup that still holds processes is kept and reported, like a pin.
     async fn sweep_stale_cgroups(&self) -> Result<(), anyhow::Error> {
-        let store = self.inner.leases.store();
-        let active: std::collections::HashSet<String> = store
-            .list_leases(Some(subid_core::LeaseState::Active), &[])
+        let stale: std::collections::BTreeSet<String> = self
+            .inner
+            .leases
+            .store()
+            .stale_capped_names()
             .await?
             .into_iter()
-            .map(|l| l.name)
-            .collect();
-        let stale: std::collections::BTreeSet<String> = store
-            .list_leases(Some(subid_core::LeaseState::Released), &[])
-            .await?
-            .into_iter()
-            .filter(|l| l.pids_max.is_some() && !active.contains(&l.name))
-            .map(|l| l.name)
             .collect();
         if stale.is_empty() {
             return Ok(());
@@ -243,10 +237,9 @@ impl ProcessService {
             .inner
             .leases
             .store()
-            .list_leases(Some(subid_core::LeaseState::Active), &[])
+            .active_names()
             .await?
             .into_iter()
-            .map(|l| l.name)
             .collect();
         let ns_dir = self.inner.config.ns_dir.clone();
         tokio::task::spawn_blocking(move || {
