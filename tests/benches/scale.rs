@@ -183,17 +183,25 @@ fn report(rows: &[Row], leases: usize) -> String {
     line(&mut out, "`PUT`, 1 client, pool empty (p50 / p99)", &|r| {
         format!("{:.0} / {:.0} us", us(r.empty.p50), us(r.empty.p99))
     });
-    line(&mut out, &format!("`PUT`, 1 client, {leases} active (p50 / p99)"), &|r| {
-        format!("{:.0} / {:.0} us", us(r.full.p50), us(r.full.p99))
-    });
-    line(&mut out, &format!("filling: leases/s, {FILLERS} clients"), &|r| {
-        format!("{:.0}", r.fill_rate)
-    });
+    line(
+        &mut out,
+        &format!("`PUT`, 1 client, {leases} active (p50 / p99)"),
+        &|r| format!("{:.0} / {:.0} us", us(r.full.p50), us(r.full.p99)),
+    );
+    line(
+        &mut out,
+        &format!("filling: leases/s, {FILLERS} clients"),
+        &|r| format!("{:.0}", r.fill_rate),
+    );
     line(&mut out, "daemon RSS once filled", &|r| {
         format!("{:.1} MiB", r.rss_filled_mib)
     });
     line(&mut out, "`GET /v1/leases`, all of them, streamed", &|r| {
-        format!("{:.0} ms, {:.1} MB", ms(r.list_all), r.list_bytes as f64 / 1e6)
+        format!(
+            "{:.0} ms, {:.1} MB",
+            ms(r.list_all),
+            r.list_bytes as f64 / 1e6
+        )
     });
     line(&mut out, "daemon RSS after that list", &|r| {
         format!("{:.1} MiB", r.rss_after_list_mib)
@@ -213,7 +221,9 @@ fn report(rows: &[Row], leases: usize) -> String {
     line(&mut out, "daemon RSS after those", &|r| {
         format!("{:.1} MiB", r.rss_after_use_mib)
     });
-    out.push_str("\n| target | back end | measured | ratio | target met |\n|---|---|---|---|---|\n");
+    out.push_str(
+        "\n| target | back end | measured | ratio | target met |\n|---|---|---|---|---|\n",
+    );
     for r in rows {
         let mut target = |name: String, measured: String, ratio: f64, ok: bool| {
             out.push_str(&format!(

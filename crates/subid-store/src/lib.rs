@@ -491,12 +491,12 @@ pub struct Notifications {
 }
 
 impl Notifications {
-    /// Waits for the next commit of any host. An error means the session was lost; it is
-    /// made again at the next call, and commits made meanwhile were not notified (look for
-    /// changes anyway).
-    pub async fn next(&mut self) -> Result<(), StoreError> {
+    /// Waits for the next commit of any host; the host that made it. An error means the
+    /// session was lost; it is made again at the next call, and commits made meanwhile were
+    /// not notified (look for changes anyway).
+    pub async fn next(&mut self) -> Result<String, StoreError> {
         match self.listener.try_recv().await {
-            Ok(Some(_)) => Ok(()),
+            Ok(Some(notification)) => Ok(notification.payload().to_string()),
             Ok(None) => Err(StoreError::Refused {
                 reason: "the listening session was lost; listening again".into(),
             }),
@@ -624,6 +624,48 @@ impl Writer {
         Ok(self.settle_pool(meta).await?.block)
     }
 
+    /// [`Writer::begin`], and at once what a group of commands needs first: with `changes`
+    /// (`(seq, claims_seq)`), what other hosts changed since ([`WriteTx::changes_since`]), and
+    /// the state of each of `names` ([`WriteTx::name_state`]). With PostgreSQL all of it is one
+    /// round trip.
+    pub async fn begin_group(
+        &mut self,
+        names: &[String],
+        changes: Option<(i64, i64)>,
+    ) -> Result<GroupStart<'_>, StoreError> {
+        match &mut self.inner {
+            WriterInner::Sqlite(w) => {
+                let mut tx = w.begin()?;
+                let mut states = std::collections::HashMap::new();
+                for name in names {
+                    states.insert(name.clone(), tx.name_state(name)?);
+                }
+                let changes = changes.map(|(seq, claims_seq)| Changes {
+                    seq,
+                    claims_seq,
+                    ..Changes::default()
+                });
+                Ok((
+                    WriteTx {
+                        inner: TxInner::Sqlite(tx),
+                    },
+                    changes,
+                    states,
+                ))
+            }
+            WriterInner::Postgres(w) => {
+                let (tx, changes, states) = w.begin_group(names, changes).await?;
+                Ok((
+                    WriteTx {
+                        inner: TxInner::Postgres(tx),
+                    },
+                    changes,
+                    states,
+                ))
+            }
+        }
+    }
+
     /// Starts a write transaction that holds the store's write lock from its start (SQLite:
     /// `BEGIN IMMEDIATE`) and whose commit is durable.
     pub async fn begin(&mut self) -> Result<WriteTx<'_>, StoreError> {
@@ -637,6 +679,13 @@ impl Writer {
         }
     }
 }
+
+/// What [`Writer::begin_group`] read at the start of the transaction.
+pub type GroupStart<'c> = (
+    WriteTx<'c>,
+    Option<Changes>,
+    std::collections::HashMap<String, NameState>,
+);
 
 /// One write transaction. Dropping it without [`WriteTx::commit`] rolls everything back.
 pub struct WriteTx<'c> {
@@ -654,6 +703,23 @@ impl WriteTx<'_> {
         match &mut self.inner {
             TxInner::Sqlite(tx) => tx.lease_by_id(id),
             TxInner::Postgres(tx) => tx.lease_by_id(id).await,
+        }
+    }
+
+    /// [`WriteTx::name_state`] of several names in one step (one round trip with PostgreSQL).
+    pub async fn name_states(
+        &mut self,
+        names: &[String],
+    ) -> Result<std::collections::HashMap<String, NameState>, StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => {
+                let mut all = std::collections::HashMap::new();
+                for name in names {
+                    all.insert(name.clone(), tx.name_state(name)?);
+                }
+                Ok(all)
+            }
+            TxInner::Postgres(tx) => tx.name_states(names).await,
         }
     }
 
@@ -713,6 +779,19 @@ impl WriteTx<'_> {
         match &mut self.inner {
             TxInner::Sqlite(tx) => tx.insert_lease(new, block),
             TxInner::Postgres(tx) => tx.insert_lease(new, block).await,
+        }
+    }
+
+    /// [`WriteTx::insert_lease`] of several leases (of distinct names), in their order; with
+    /// PostgreSQL one statement for all of them.
+    pub async fn insert_leases(
+        &mut self,
+        news: &[NewLease],
+        block: u32,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => news.iter().map(|n| tx.insert_lease(n, block)).collect(),
+            TxInner::Postgres(tx) => tx.insert_leases(news, block).await,
         }
     }
 

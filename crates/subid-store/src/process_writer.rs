@@ -145,41 +145,54 @@ impl ProcessWriter {
     /// any other active copy of the name (released meanwhile by another host). Waits for the
     /// lock; call from a thread that may block.
     pub fn mirror(&self, lease: &LeaseRecord, now_ms: i64) -> Result<(), StoreError> {
-        let (labels, rlimits, namespaces) = (
-            serde_json::to_string(&lease.labels).map_err(StoreError::encode)?,
-            serde_json::to_string(&lease.rlimits).map_err(StoreError::encode)?,
-            serde_json::to_string(&lease.namespaces).map_err(StoreError::encode)?,
-        );
+        self.mirror_all(std::slice::from_ref(lease), now_ms)
+    }
+
+    /// [`ProcessWriter::mirror`] of several leases in one transaction.
+    pub fn mirror_all(&self, leases: &[LeaseRecord], now_ms: i64) -> Result<(), StoreError> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let mut columns = Vec::with_capacity(leases.len());
+        for lease in leases {
+            columns.push((
+                serde_json::to_string(&lease.labels).map_err(StoreError::encode)?,
+                serde_json::to_string(&lease.rlimits).map_err(StoreError::encode)?,
+                serde_json::to_string(&lease.namespaces).map_err(StoreError::encode)?,
+            ));
+        }
         let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let mut conn = self.conn(true)?;
         let _mode = Mode::set(true);
         let result = (|| {
             let tx = conn.transaction()?;
-            if lease.state == LeaseState::Active {
-                tx.prepare_cached(
-                    "UPDATE lease SET state = 'released', released_at = ?3 \
-                     WHERE name = ?1 AND state = 'active' AND id <> ?2",
-                )?
-                .execute(params![lease.name, lease.id, now_ms])?;
+            for (lease, (labels, rlimits, namespaces)) in leases.iter().zip(&columns) {
+                if lease.state == LeaseState::Active {
+                    tx.prepare_cached(
+                        "UPDATE lease SET state = 'released', released_at = ?3 \
+                         WHERE name = ?1 AND state = 'active' AND id <> ?2",
+                    )?
+                    .execute(params![lease.name, lease.id, now_ms])?;
+                }
+                tx.prepare_cached(MIRROR)?.execute(params![
+                    lease.id,
+                    lease.name,
+                    i64::from(lease.uid_base),
+                    i64::from(lease.gid_base),
+                    i64::from(lease.size),
+                    lease.state.as_str(),
+                    labels,
+                    lease.ttl_seconds.map(i64::from),
+                    lease.created_at,
+                    lease.expires_at,
+                    lease.released_at,
+                    lease.created_by.map(i64::from),
+                    rlimits,
+                    namespaces,
+                    lease.pids_max.map(to_i64),
+                    lease.max_processes.map(to_i64),
+                ])?;
             }
-            tx.prepare_cached(MIRROR)?.execute(params![
-                lease.id,
-                lease.name,
-                i64::from(lease.uid_base),
-                i64::from(lease.gid_base),
-                i64::from(lease.size),
-                lease.state.as_str(),
-                labels,
-                lease.ttl_seconds.map(i64::from),
-                lease.created_at,
-                lease.expires_at,
-                lease.released_at,
-                lease.created_by.map(i64::from),
-                rlimits,
-                namespaces,
-                lease.pids_max.map(to_i64),
-                lease.max_processes.map(to_i64),
-            ])?;
             tx.commit()
         })();
         settle(&conn, result.map(|()| 0))
@@ -188,20 +201,30 @@ impl ProcessWriter {
     /// Brings the copies this file has of these leases up to date (leases it has no copy of
     /// are left out). Returns how many copies changed.
     pub fn refresh_mirror(&self, leases: &[LeaseRecord], now_ms: i64) -> Result<usize, StoreError> {
-        let mut changed = 0;
-        for lease in leases {
-            let known: bool = {
-                let conn = self.conn(true)?;
-                conn.prepare_cached("SELECT 1 FROM lease WHERE id = ?1")
-                    .and_then(|mut s| s.exists([lease.id]))
-                    .map_err(StoreError::read)?
-            };
-            if known {
-                self.mirror(lease, now_ms)?;
-                changed += 1;
-            }
+        if leases.is_empty() {
+            return Ok(0);
         }
-        Ok(changed)
+        let ids = serde_json::to_string(&leases.iter().map(|l| l.id).collect::<Vec<_>>())
+            .map_err(StoreError::encode)?;
+        let known: std::collections::HashSet<i64> = {
+            let conn = self.conn(true)?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id FROM lease WHERE id IN (SELECT value FROM json_each(?1))",
+                )
+                .map_err(StoreError::read)?;
+            let found = stmt
+                .query_map([ids], |r| r.get::<_, i64>(0))
+                .map_err(StoreError::read)?;
+            found.collect::<Result<_, _>>().map_err(StoreError::read)?
+        };
+        let known: Vec<LeaseRecord> = leases
+            .iter()
+            .filter(|l| known.contains(&l.id))
+            .cloned()
+            .collect();
+        self.mirror_all(&known, now_ms)?;
+        Ok(known.len())
     }
 
     /// Removes this host's process rows of a lease (released fleet-wide). Waits for the lock.

@@ -73,7 +73,7 @@ pub struct NewLease {
 
 impl NewLease {
     /// The record this lease is once stored with `id`.
-    pub(crate) fn into_record(self, id: i64) -> LeaseRecord {
+    pub fn into_record(self, id: i64) -> LeaseRecord {
         LeaseRecord {
             id,
             name: self.name,

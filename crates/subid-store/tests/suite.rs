@@ -98,6 +98,7 @@ both!(
     the_range_held_since_rule_skips_the_lease_itself,
     events_come_in_id_order,
     leases_outside_the_pool_are_found,
+    a_group_of_leases_goes_in_together,
 );
 
 fn new_lease(name: &str, base: u32, size: u32, at: i64) -> NewLease {
@@ -465,4 +466,39 @@ async fn leases_outside_the_pool_are_found(mut u: Under) {
             .expect("check"),
         Some(inside)
     );
+}
+
+async fn a_group_of_leases_goes_in_together(mut u: Under) {
+    let news: Vec<NewLease> = (0..3u32)
+        .map(|i| new_lease(&format!("g{i}"), BASE + 2 * i * BLOCK, 2 * BLOCK, 100 + i64::from(i)))
+        .collect();
+    let mut tx = u.writer.begin().await.expect("begin");
+    let records = tx.insert_leases(&news, BLOCK).await.expect("insert");
+    tx.commit().await.expect("commit");
+    assert_eq!(records.len(), 3);
+    for (record, new) in records.iter().zip(&news) {
+        assert_eq!(record.name, new.name);
+        let stored = u.store.get_lease(&new.name).await.expect("get").expect("there");
+        assert_eq!(&stored, record, "each record reads back with its id");
+    }
+    assert_eq!(u.writer.block_rows().await.expect("blocks").len(), 6);
+    let names: Vec<String> = u
+        .store
+        .events_after(0, 10)
+        .await
+        .expect("feed")
+        .into_iter()
+        .map(|e| e.lease_name)
+        .collect();
+    assert_eq!(names, ["g0", "g1", "g2"], "events in the group's order");
+    // One lease of a group on a held block: the whole group is refused.
+    let clash = [
+        new_lease("h0", BASE + 8 * BLOCK, BLOCK, 200),
+        new_lease("h1", BASE + 2 * BLOCK, BLOCK, 200),
+    ];
+    let mut tx = u.writer.begin().await.expect("begin");
+    let err = tx.insert_leases(&clash, BLOCK).await.expect_err("a held block");
+    assert!(matches!(err, StoreError::BlockHeld { .. }), "{err:?}");
+    drop(tx);
+    assert_eq!(u.store.get_lease("h0").await.expect("get"), None, "nothing went in");
 }

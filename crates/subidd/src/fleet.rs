@@ -45,14 +45,16 @@ pub trait LocalProcesses: Clone + Send + Sync + 'static {
 /// Keeps this host in step with the fleet; runs until the task is aborted. Does nothing with
 /// the SQLite store.
 pub async fn run(leases: LeaseService, local: impl LocalProcesses, poll: Duration) {
-    if leases.host_id().is_none() {
+    let Some(me) = leases.host_id().map(str::to_string) else {
         return;
-    }
+    };
     let store = leases.store().clone();
     let mut listener = None;
     loop {
         turn(&leases, &local).await;
-        // Wait for another host's commit, or the poll interval.
+        // Under a storm of commits, turns come at most every MIN_GAP: one turn handles
+        // everything committed before it.
+        tokio::time::sleep(MIN_GAP).await;
         if listener.is_none() {
             match store.listen().await {
                 Ok(found) => listener = found,
@@ -61,22 +63,37 @@ pub async fn run(leases: LeaseService, local: impl LocalProcesses, poll: Duratio
                 }
             }
         }
-        match &mut listener {
-            Some(notifications) => {
-                tokio::select! {
-                    result = notifications.next() => {
-                        if let Err(error) = result {
-                            tracing::debug!(%error, "the listening session ended; listening again");
-                            listener = None;
-                        }
+        // Wait for another host's commit, or the poll interval.
+        let deadline = tokio::time::Instant::now() + poll;
+        while let Some(notifications) = &mut listener {
+            tokio::select! {
+                result = notifications.next() => match result {
+                    // This host's own commits need no turn.
+                    Ok(host) if host == me => continue,
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::debug!(%error, "the listening session ended; listening again");
+                        listener = None;
                     }
-                    () = tokio::time::sleep(poll) => {}
+                },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        match &mut listener {
+            // What else arrived meanwhile is handled by the same turn.
+            Some(notifications) => {
+                while let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_millis(1), notifications.next()).await
+                {
                 }
             }
-            None => tokio::time::sleep(poll).await,
+            None => tokio::time::sleep_until(deadline).await,
         }
     }
 }
+
+/// The shortest time between two turns.
+const MIN_GAP: Duration = Duration::from_millis(100);
 
 /// One turn (see the module docs). Failures are logged and the step retried next turn.
 async fn turn(leases: &LeaseService, local: &impl LocalProcesses) {

@@ -676,7 +676,7 @@ impl ProcessService {
         }
         if done.lease.state == subid_core::LeaseState::Active {
             // Its first spawn, which often follows at once, need not read it back.
-            lock_map(&self.inner.lease_cache).insert(name, done.lease.clone());
+            cache_lease(&self.inner.lease_cache, name, done.lease.clone());
         }
         Ok(done)
     }
@@ -1002,7 +1002,7 @@ impl ProcessService {
             Some(lease)
                 if lease.state == subid_core::LeaseState::Active && !is_expired(&lease, now) =>
             {
-                lock_map(&self.inner.lease_cache).insert(name.to_string(), lease.clone());
+                cache_lease(&self.inner.lease_cache, name.to_string(), lease.clone());
                 Ok(lease)
             }
             _ => Err(ApiError::NotFound(format!("no active lease {name}"))),
@@ -1265,6 +1265,19 @@ impl Drop for Unrecorded<'_> {
             let _ = std::fs::remove_file(self.pool.path(self.id, stream));
         }
     }
+}
+
+/// Most leases kept in the cache of active leases: with many leases, memory must not grow with
+/// their number (a cache that is full starts again empty; a miss costs one read).
+const LEASE_CACHE_MAX: usize = 4096;
+
+fn cache_lease(cache: &Mutex<HashMap<String, LeaseRecord>>, name: String, lease: LeaseRecord) {
+    let mut cache = lock_map(cache);
+    if cache.len() >= LEASE_CACHE_MAX && !cache.contains_key(&name) {
+        cache.clear();
+        cache.shrink_to(LEASE_CACHE_MAX);
+    }
+    cache.insert(name, lease);
 }
 
 fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -3,9 +3,10 @@
 //! (the lease, its blocks and its event together), each within the deadline.
 
 use sqlx::Connection;
-use sqlx::Postgres;
 use sqlx::postgres::{PgConnection, PgRow};
+use sqlx::{Postgres, Row};
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{CHANNEL, FLEET_LOCK, Health, PgConfig, connect, timed};
@@ -236,6 +237,19 @@ impl PgWriter {
     /// Starts a transaction holding the fleet's write lock. Its commit notifies [`CHANNEL`], so
     /// other hosts hear of the change at once.
     pub(crate) async fn begin(&mut self) -> Result<PgTx<'_>, StoreError> {
+        Ok(self.begin_group(&[], None).await?.0)
+    }
+
+    /// [`PgWriter::begin`], and in the same round trip: the block rows changed after change
+    /// number `changes.0` (and the fleet's claims when their version moved past `changes.1`),
+    /// and the state of each of `names`. One simple query: `BEGIN`, the lock, the `NOTIFY`, the
+    /// reads. Values put in its text are integers the daemon computed and names checked to be
+    /// plain (others are read with a bound parameter afterwards).
+    pub(crate) async fn begin_group(
+        &mut self,
+        names: &[String],
+        changes: Option<(i64, i64)>,
+    ) -> Result<(PgTx<'_>, Option<Changes>, HashMap<String, NameState>), StoreError> {
         self.fail_fast()?;
         let config = self.config.clone();
         if self.conn.is_none() {
@@ -243,25 +257,107 @@ impl PgWriter {
             self.health.note(&connected);
             self.conn = Some(connected?);
         }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(StoreError::Refused {
-                reason: "no session".into(),
-            });
+        // The payload names this host, so that it can skip its own notifications. Host ids
+        // are checked plain ([A-Za-z0-9_.-]); quotes are doubled all the same.
+        let host = config.host_id.replace('\'', "''");
+        let mut text = format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({FLEET_LOCK}); NOTIFY {CHANNEL}, '{host}';"
+        );
+        if let Some((seq, _)) = changes {
+            text.push_str(&format!(
+                " SELECT 'b' AS row_kind, start, lease_id, released_at, seq FROM block \
+                 WHERE seq > {seq} UNION ALL SELECT 'c', NULL, NULL, NULL, \
+                 (SELECT COALESCE(MAX(claims_seq), 0) FROM host) ORDER BY 5;"
+            ));
+        }
+        let plain = |n: &String| {
+            !n.is_empty()
+                && n.len() <= 128
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
         };
-        let begin = format!("BEGIN; SELECT pg_advisory_xact_lock({FLEET_LOCK}); NOTIFY {CHANNEL}");
-        // A failure leaves the session to the caller's `reopen` (the lease writer reopens after
-        // every failed group).
+        let (inline, bound): (Vec<String>, Vec<String>) = names.iter().cloned().partition(plain);
+        if !inline.is_empty() {
+            let list = inline
+                .iter()
+                .map(|n| format!("'{n}'"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            text.push_str(&format!(
+                " (SELECT {PG_LEASE_COLUMNS} FROM lease WHERE name IN ({list}) AND state = 'active') \
+                 UNION ALL (SELECT DISTINCT ON (name) {PG_LEASE_COLUMNS} FROM lease \
+                 WHERE name IN ({list}) AND state = 'released' \
+                 ORDER BY name, released_at DESC, id DESC);"
+            ));
+        }
         let health = Arc::clone(&self.health);
-        let tx = timed(config.timeout, "the fleet's write lock", async {
-            conn.begin_with(begin).await.map_err(write_err(&config))
-        })
-        .await;
-        health.note(&tx);
-        Ok(PgTx {
-            tx: tx?,
+        let rows = {
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(StoreError::Refused {
+                    reason: "no session".into(),
+                });
+            };
+            let rows = timed(config.timeout, "the fleet's write lock", async {
+                sqlx::raw_sql(&text)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(write_err(&config))
+            })
+            .await;
+            health.note(&rows);
+            match rows {
+                Ok(rows) => rows,
+                Err(error) => {
+                    // The session may be inside the transaction, or in no known state.
+                    self.conn = None;
+                    return Err(error);
+                }
+            }
+        };
+        let mut tx = PgTx {
+            slot: &mut self.conn,
+            open: true,
             config,
             health,
-        })
+        };
+        let mut found = changes.map(|(seq, claims_seq)| Changes {
+            seq,
+            claims_seq,
+            ..Changes::default()
+        });
+        let mut states: HashMap<String, NameState> = names
+            .iter()
+            .map(|n| (n.clone(), NameState::default()))
+            .collect();
+        for row in &rows {
+            if row.try_column("row_kind").is_ok() {
+                let Some(changes) = found.as_mut() else {
+                    continue;
+                };
+                if row.opt_i64("start")?.is_none() {
+                    changes.claims_seq = row.i64("seq")?;
+                } else {
+                    changes.blocks.push(block_from(row)?);
+                    changes.seq = changes.seq.max(row.i64("seq")?);
+                }
+            } else if row.try_column("uid_base").is_ok() {
+                let lease = lease_from(row)?;
+                let entry = states.entry(lease.name.clone()).or_default();
+                match lease.state {
+                    subid_core::LeaseState::Active => entry.active = Some(lease),
+                    subid_core::LeaseState::Released => entry.last_released = Some(lease),
+                }
+            }
+        }
+        if let (Some(changes), Some((_, claims_seq))) = (found.as_mut(), changes)
+            && changes.claims_seq != claims_seq
+        {
+            changes.claims = Some(tx.all_claims().await?);
+        }
+        if !bound.is_empty() {
+            states.extend(tx.name_states(&bound).await?);
+        }
+        Ok((tx, found, states))
     }
 }
 
@@ -315,26 +411,78 @@ async fn changes_on(
 
 /// One write transaction under the fleet's lock. Dropping it without [`PgTx::commit`] rolls
 /// everything back (and the writer drops the session after a failure anyway).
+///
+/// The transaction is the writer's session itself, begun with a plain `BEGIN`: dropping it
+/// without [`PgTx::commit`] drops the session, and the server rolls the transaction back (and
+/// lets go of the lock) as the session closes.
 pub(crate) struct PgTx<'c> {
-    tx: sqlx::Transaction<'c, Postgres>,
+    slot: &'c mut Option<PgConnection>,
+    /// Not yet committed.
+    open: bool,
     config: PgConfig,
     health: Arc<Health>,
 }
 
+impl Drop for PgTx<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            *self.slot = None;
+        }
+    }
+}
+
 impl PgTx<'_> {
+    fn conn(&mut self) -> Result<&mut PgConnection, StoreError> {
+        self.slot.as_mut().ok_or_else(|| StoreError::Refused {
+            reason: "the session was dropped".into(),
+        })
+    }
+
     async fn fetch_all(
         &mut self,
         what: &'static str,
         query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<Vec<PgRow>, StoreError> {
-        let config = &self.config;
-        let tx = &mut self.tx;
+        let config = self.config.clone();
+        let conn = self.conn()?;
         let rows = timed(config.timeout, what, async {
-            query.fetch_all(&mut **tx).await.map_err(write_err(config))
+            query
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(write_err(&config))
         })
         .await;
         self.health.note(&rows);
         rows
+    }
+
+    /// Every host's claims.
+    async fn all_claims(&mut self) -> Result<Vec<FleetClaim>, StoreError> {
+        let rows = self
+            .fetch_all(
+                "the fleet's claims",
+                sqlx::query(
+                    "SELECT host_id, first_block, block_count, kind, source FROM claim \
+                     ORDER BY host_id, first_block",
+                ),
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.text("host_id")?,
+                    r.i64("first_block")?,
+                    r.i64("block_count")?,
+                    r.text("kind")?,
+                    r.text("source")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()
+            .map(|rows| {
+                rows.into_iter()
+                    .filter_map(super::read::fleet_claim)
+                    .collect()
+            })
     }
 
     pub(crate) async fn lease_by_id(&mut self, id: i64) -> Result<Option<LeaseRecord>, StoreError> {
@@ -363,6 +511,33 @@ impl PgTx<'_> {
             }
         }
         Ok(state)
+    }
+
+    pub(crate) async fn name_states(
+        &mut self,
+        names: &[String],
+    ) -> Result<std::collections::HashMap<String, NameState>, StoreError> {
+        let sql = format!(
+            "(SELECT {PG_LEASE_COLUMNS} FROM lease WHERE name = ANY($1) AND state = 'active') \
+             UNION ALL (SELECT DISTINCT ON (name) {PG_LEASE_COLUMNS} FROM lease \
+             WHERE name = ANY($1) AND state = 'released' ORDER BY name, released_at DESC, id DESC)"
+        );
+        let rows = self
+            .fetch_all("a lease read", sqlx::query(&sql).bind(names.to_vec()))
+            .await?;
+        let mut all: std::collections::HashMap<String, NameState> = names
+            .iter()
+            .map(|n| (n.clone(), NameState::default()))
+            .collect();
+        for row in &rows {
+            let lease = lease_from(row)?;
+            let entry = all.entry(lease.name.clone()).or_default();
+            match lease.state {
+                subid_core::LeaseState::Active => entry.active = Some(lease),
+                subid_core::LeaseState::Released => entry.last_released = Some(lease),
+            }
+        }
+        Ok(all)
     }
 
     pub(crate) async fn active_lease(
@@ -477,6 +652,113 @@ impl PgTx<'_> {
             });
         }
         Ok(new.clone().into_record(id))
+    }
+
+    pub(crate) async fn insert_leases(
+        &mut self,
+        news: &[NewLease],
+        block: u32,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
+        match news {
+            [] => return Ok(Vec::new()),
+            [one] => return Ok(vec![self.insert_lease(one, block).await?]),
+            _ => {}
+        }
+        let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut labels = Vec::with_capacity(news.len());
+        let mut rlimits = Vec::with_capacity(news.len());
+        let mut namespaces = Vec::with_capacity(news.len());
+        for new in news {
+            let (l, r, n) = new.json_columns()?;
+            labels.push(l);
+            rlimits.push(r);
+            namespaces.push(n);
+        }
+        let col = |f: fn(&NewLease) -> i64| news.iter().map(f).collect::<Vec<i64>>();
+        let opt = |f: fn(&NewLease) -> Option<i64>| news.iter().map(f).collect::<Vec<_>>();
+        let blocks: i64 = news.iter().map(|n| i64::from(n.size / block.max(1))).sum();
+        let host = self.config.host_id.clone();
+        // Event ids follow the order of `news` (volatile functions of a select list are
+        // computed after its ORDER BY).
+        let query = sqlx::query(
+            "WITH n AS (SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], \
+                $5::text[], $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::text[], \
+                $11::text[], $12::int8[], $13::int8[], $14::text[]) WITH ORDINALITY AS t(name, \
+                uid_base, gid_base, size, labels, ttl_seconds, created_at, expires_at, \
+                created_by, rlimits, namespaces, pids_max, max_processes, detail, ord)), \
+             l AS (INSERT INTO lease (name, uid_base, gid_base, size, state, labels, ttl_seconds, \
+                created_at, expires_at, created_by, rlimits, namespaces, pids_max, \
+                max_processes, created_host) \
+                SELECT name, uid_base, gid_base, size, 'active', labels, ttl_seconds, created_at, \
+                expires_at, created_by, rlimits, namespaces, pids_max, max_processes, $15 \
+                FROM n ORDER BY ord RETURNING id, name, uid_base, size, seq), \
+             b AS (INSERT INTO block (start, lease_id, released_at, seq) \
+                SELECT l.uid_base + i * $16, l.id, NULL, l.seq FROM l, \
+                generate_series(0, l.size / $16 - 1) AS i \
+                ON CONFLICT (start) DO UPDATE SET lease_id = excluded.lease_id, \
+                    released_at = NULL, seq = excluded.seq WHERE block.lease_id IS NULL \
+                RETURNING start), \
+             e AS (INSERT INTO event (id, at, kind, lease_id, lease_name, caller_uid, detail, \
+                host_id) SELECT nextval('event_id'), n.created_at, 'create', l.id, n.name, \
+                n.created_by, n.detail, $15 FROM l JOIN n ON n.name = l.name ORDER BY n.ord) \
+             SELECT l.id AS id, l.name AS name, (SELECT COUNT(*) FROM b) AS taken FROM l",
+        )
+        .bind(news.iter().map(|n| n.name.clone()).collect::<Vec<_>>())
+        .bind(col(|n| i64::from(n.uid_base)))
+        .bind(col(|n| i64::from(n.gid_base)))
+        .bind(col(|n| i64::from(n.size)))
+        .bind(labels)
+        .bind(opt(|n| n.ttl_seconds.map(i64::from)))
+        .bind(col(|n| n.created_at))
+        .bind(opt(|n| n.expires_at))
+        .bind(opt(|n| n.created_by.map(i64::from)))
+        .bind(rlimits)
+        .bind(namespaces)
+        .bind(
+            news.iter()
+                .map(|n| n.pids_max.map(to_i64))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            news.iter()
+                .map(|n| n.max_processes.map(to_i64))
+                .collect::<Vec<_>>(),
+        )
+        .bind(news.iter().map(NewLease::create_detail).collect::<Vec<_>>())
+        .bind(host)
+        .bind(i64::from(block));
+        let rows = match self.fetch_all("a lease insert", query).await {
+            Ok(rows) => rows,
+            Err(e) if e.is_constraint() && e.to_string().contains("lease_active_disjoint") => {
+                return Err(StoreError::BlockHeld {
+                    start: u64::from(news[0].uid_base),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let mut ids = HashMap::new();
+        let mut taken = 0;
+        for row in &rows {
+            ids.insert(row.text("name")?, row.i64("id")?);
+            taken = row.i64("taken")?;
+        }
+        if taken != blocks {
+            return Err(StoreError::BlockHeld {
+                start: u64::from(news[0].uid_base),
+            });
+        }
+        news.iter()
+            .map(|n| {
+                let id = ids
+                    .get(&n.name)
+                    .copied()
+                    .ok_or_else(|| StoreError::Invalid {
+                        what: "lease insert".into(),
+                        value: format!("no id for {}", n.name),
+                    })?;
+                Ok(n.clone().into_record(id))
+            })
+            .collect()
     }
 
     pub(crate) async fn renew(
@@ -614,8 +896,9 @@ impl PgTx<'_> {
         claims_seq: i64,
     ) -> Result<Changes, StoreError> {
         let config = self.config.clone();
+        let conn = self.conn()?;
         timed(config.timeout, "the fleet's changes", async {
-            changes_on(&mut self.tx, &config, seq, claims_seq).await
+            changes_on(conn, &config, seq, claims_seq).await
         })
         .await
     }
@@ -822,14 +1105,20 @@ impl PgTx<'_> {
 
     /// Commits (with `synchronous_commit` as the server has it: `on`, its default, makes the
     /// commit durable before this returns) and lets go of the fleet's write lock.
-    pub(crate) async fn commit(self) -> Result<(), StoreError> {
-        let config = self.config;
-        let tx = self.tx;
+    pub(crate) async fn commit(mut self) -> Result<(), StoreError> {
+        let config = self.config.clone();
+        let conn = self.conn()?;
         let done = timed(config.timeout, "a commit", async {
-            tx.commit().await.map_err(write_err(&config))
+            sqlx::raw_sql("COMMIT")
+                .execute(&mut *conn)
+                .await
+                .map(drop)
+                .map_err(write_err(&config))
         })
         .await;
         self.health.note(&done);
+        // A failed or unanswered commit leaves the session to be dropped (see `Drop`).
+        self.open = done.is_err();
         done
     }
 }

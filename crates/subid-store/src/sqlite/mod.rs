@@ -64,10 +64,17 @@ pub(crate) async fn open(path: &Path) -> Result<(SqliteReader, SqliteWriter), St
             source: source.into(),
         })?;
     conn.close().await.map_err(open_err)?;
+    // Read connections keep a small page cache each (SQLite's default is 2 MiB): a list of
+    // every lease walks the whole table, and the daemon's memory must not grow with it.
     let readers = SqlitePoolOptions::new()
         .max_connections(4)
         .min_connections(1)
-        .connect_with(options.read_only(true).create_if_missing(false))
+        .connect_with(
+            options
+                .read_only(true)
+                .create_if_missing(false)
+                .pragma("cache_size", "-512"),
+        )
         .await
         .map_err(open_err)?;
     let writer = SqliteWriter::open(path)?;

@@ -22,6 +22,10 @@ const FORWARDED: &str = "forwarded_event_id";
 /// Key of this host's file's `pool_meta`: the newest change of the fleet's leases its copies
 /// have seen.
 const COPIES_SEQ: &str = "copies_seq";
+/// How often this host's copies of leases are brought up to date.
+const COPIES_EVERY: Duration = Duration::from_secs(5);
+/// Lease changes read per refresh of the copies.
+const COPIES_PAGE: u32 = 5000;
 /// Events copied into the fleet's feed per transaction.
 const FORWARD_PAGE: u32 = 500;
 
@@ -44,6 +48,8 @@ pub(super) struct FleetSide {
     untold: Mutex<BTreeSet<i64>>,
     /// This host's claims as last published.
     published: Mutex<Option<Vec<FleetClaim>>>,
+    /// When the copies of leases were last brought up to date.
+    copies_at: Mutex<Option<Instant>>,
 }
 
 impl FleetSide {
@@ -56,6 +62,7 @@ impl FleetSide {
             transitions: tokio::sync::Mutex::new(()),
             untold: Mutex::new(BTreeSet::new()),
             published: Mutex::new(None),
+            copies_at: Mutex::new(None),
         }
     }
 }
@@ -347,11 +354,20 @@ impl LeaseService {
         Ok(count)
     }
 
-    /// Brings this host's copies of leases other hosts changed up to date (up to 1000 changes
-    /// a call); returns how many changes were read.
+    /// Brings this host's copies of leases other hosts changed up to date (up to 5000 changes
+    /// a call, at most every [`COPIES_EVERY`] unless a backlog is left); returns how many
+    /// changes were read. The copies serve reads while the store is out of reach, so they
+    /// may lag that much.
     pub async fn refresh_copies(&self) -> Result<usize, ServiceError> {
-        if self.inner.fleet.is_none() {
+        let Some(side) = &self.inner.fleet else {
             return Ok(0);
+        };
+        {
+            let mut last = lock(&side.copies_at);
+            if last.is_some_and(|at| at.elapsed() < COPIES_EVERY) {
+                return Ok(0);
+            }
+            *last = Some(Instant::now());
         }
         let store = &self.inner.store;
         let after: i64 = store
@@ -359,11 +375,15 @@ impl LeaseService {
             .await?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let changed = store.lease_changes_since(after, 1000).await?;
+        let changed = store.lease_changes_since(after, COPIES_PAGE).await?;
         let Some(newest) = changed.iter().map(|(_, seq)| *seq).max() else {
             return Ok(0);
         };
         let count = changed.len();
+        if count == COPIES_PAGE as usize {
+            // A backlog: the next turn goes on at once.
+            *lock(&side.copies_at) = None;
+        }
         let leases: Vec<LeaseRecord> = changed.into_iter().map(|(l, _)| l).collect();
         let (rows, now) = (Arc::clone(&self.inner.rows), self.now_ms());
         tokio::task::spawn_blocking(move || {

@@ -257,6 +257,7 @@ impl LeaseService {
                 seq,
                 claims_seq: 0,
                 rows: Arc::clone(&rows),
+                caught_up: None,
             }),
             health: health.clone(),
         }

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use subid_core::{AllocError, Allocator, BlockState, Pool};
 use subid_store::{
-    BlockRow, Changes, EventKind, EventRecord, FleetClaim, LeaseRecord, NewLease, ProcessWriter,
-    ReleaseRequest, StoreError, WriteTx, Writer,
+    BlockRow, Changes, EventKind, EventRecord, FleetClaim, LeaseRecord, NameState, NewLease,
+    ProcessWriter, ReleaseRequest, StoreError, WriteTx, Writer,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -185,7 +185,12 @@ pub(super) struct Fleet {
     pub(super) claims_seq: i64,
     /// This host's own file, for its copies of the leases it changed and its process rows.
     pub(super) rows: Arc<ProcessWriter>,
+    /// When the writer last read other hosts' changes.
+    pub(super) caught_up: Option<std::time::Instant>,
 }
+
+/// A catch-up asked for within this long of the last one is skipped.
+const CATCH_UP_SKIP: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The task that owns the writer.
 pub(super) struct WriterTask {
@@ -213,6 +218,58 @@ struct Decide<'a> {
     resync: bool,
     /// Leases this group changed, for this host's copies once committed (a fleet only).
     changed: Vec<LeaseRecord>,
+    /// What the group's names were at its start, read in one step; a name is read again
+    /// once a command of the group changed it.
+    known: std::collections::HashMap<String, NameState>,
+    /// Leases decided but not yet inserted, with the index of their outcome: inserted together
+    /// (one statement with PostgreSQL) before any other kind of command and before the commit.
+    pending: Vec<(usize, NewLease)>,
+}
+
+impl Decide<'_> {
+    /// Whether `command` must see the pending inserts first.
+    fn must_flush(&self, command: &Command) -> bool {
+        match command {
+            Command::Create { name, .. } => self.pending.iter().any(|(_, n)| &n.name == name),
+            _ => !self.pending.is_empty(),
+        }
+    }
+
+    /// Inserts the pending leases and fills their ids into the outcomes.
+    async fn flush(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        outcomes: &mut [Outcome],
+    ) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let block = lock(self.allocator).pool().block();
+        let (slots, news): (Vec<usize>, Vec<NewLease>) =
+            std::mem::take(&mut self.pending).into_iter().unzip();
+        let records = tx.insert_leases(&news, block).await?;
+        for (slot, record) in slots.into_iter().zip(records) {
+            if let Some(Outcome::Create(_, Ok(created))) = outcomes.get_mut(slot) {
+                created.lease = record.clone();
+            }
+            self.changed.push(record);
+        }
+        Ok(())
+    }
+}
+
+impl Decide<'_> {
+    /// The name's state: from the group's first read, or read now.
+    async fn name_state(
+        &mut self,
+        tx: &mut WriteTx<'_>,
+        name: &str,
+    ) -> Result<NameState, StoreError> {
+        match self.known.remove(name) {
+            Some(state) => Ok(state),
+            None => tx.name_state(name).await,
+        }
+    }
 }
 
 impl WriterTask {
@@ -241,6 +298,12 @@ impl WriterTask {
     }
 
     async fn run(mut self) {
+        if self.fleet.is_some() {
+            // The session opened at start belongs to the daemon's runtime, whose threads would
+            // then relay every answer of the server to this one: one more thread wake-up per
+            // round trip. A session of this thread's own is made at the first write.
+            let _ = self.writer.reopen().await;
+        }
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while self.rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
             // Pings and catch-ups take no part in the transaction; catch-ups run first (the
@@ -272,10 +335,21 @@ impl WriterTask {
         let Some(fleet) = &self.fleet else {
             return Ok(());
         };
+        // Every group catches up under the lock: while groups come often, this one is not
+        // needed.
+        if fleet
+            .caught_up
+            .is_some_and(|at| at.elapsed() < CATCH_UP_SKIP)
+        {
+            return Ok(());
+        }
         let (seq, claims_seq) = (fleet.seq, fleet.claims_seq);
         match self.writer.changes_since(seq, claims_seq).await {
             Ok(changes) => {
                 self.health.ok();
+                if let Some(fleet) = &mut self.fleet {
+                    fleet.caught_up = Some(std::time::Instant::now());
+                }
                 if self.apply(changes) {
                     self.resync().await;
                 }
@@ -303,6 +377,8 @@ impl WriterTask {
 
     /// Decides, commits and answers one group of commands.
     async fn commit_group(&mut self, batch: &mut Vec<Command>) {
+        let started = std::time::Instant::now();
+        let commands = batch.len();
         let host = self.fleet.as_ref().map(|f| f.host.clone());
         let mut ctx = Decide {
             allocator: &self.allocator,
@@ -310,37 +386,63 @@ impl WriterTask {
             host: host.as_deref(),
             resync: false,
             changed: Vec::new(),
+            known: std::collections::HashMap::new(),
+            pending: Vec::new(),
+        };
+        let names: Vec<String> = {
+            let mut names: Vec<String> = batch
+                .iter()
+                .filter_map(|c| match c {
+                    Command::Create { name, .. }
+                    | Command::Renew { name, .. }
+                    | Command::Release { name, .. } => Some(name.clone()),
+                    _ => None,
+                })
+                .collect();
+            names.sort();
+            names.dedup();
+            names
         };
         let mut outcomes = Vec::with_capacity(batch.len());
         let watermark = self.fleet.as_ref().map(|f| (f.seq, f.claims_seq));
         let mut changes = None;
-        let failure = match self.writer.begin().await {
+        let failure = match self.writer.begin_group(&names, watermark).await {
             Err(error) => Some(error),
-            Ok(mut tx) => {
+            Ok((mut tx, found, known)) => {
                 let mut failure = None;
                 // Under the fleet's lock: what other hosts did first.
-                if let Some((seq, claims_seq)) = watermark {
-                    match tx.changes_since(seq, claims_seq).await {
-                        Ok(found) => changes = Some(found),
-                        Err(error) => failure = Some(error),
-                    }
-                }
-                if let Some(found) = &changes {
+                if let Some(found) = &found {
                     // Applied before deciding; a rollback rebuilds the allocator anyway.
                     ctx.resync |=
                         apply_changes(&self.allocator, &self.foreign, host.as_deref(), found);
                 }
-                if failure.is_none() {
-                    for command in batch.drain(..) {
-                        match decide(&mut tx, &mut ctx, command).await {
-                            Ok(outcome) => outcomes.push(outcome),
-                            Err((outcome, error)) => {
-                                outcomes.push(outcome);
-                                failure = Some(error);
-                                break;
-                            }
+                changes = found;
+                ctx.known = known;
+                for command in batch.drain(..) {
+                    if ctx.must_flush(&command)
+                        && let Err(error) = ctx.flush(&mut tx, &mut outcomes).await
+                    {
+                        failure = Some(error);
+                        // The command was not decided: it gets the group's failure.
+                        if let Some(outcome) = Outcome::undecided(command) {
+                            outcomes.push(outcome);
+                        }
+                        break;
+                    }
+                    let slot = outcomes.len();
+                    match decide(&mut tx, &mut ctx, command, slot).await {
+                        Ok(outcome) => outcomes.push(outcome),
+                        Err((outcome, error)) => {
+                            outcomes.push(outcome);
+                            failure = Some(error);
+                            break;
                         }
                     }
+                }
+                if failure.is_none()
+                    && let Err(error) = ctx.flush(&mut tx, &mut outcomes).await
+                {
+                    failure = Some(error);
                 }
                 match failure {
                     Some(error) => Some(error),
@@ -366,6 +468,7 @@ impl WriterTask {
                 if let (Some(fleet), Some(found)) = (&mut self.fleet, changes) {
                     fleet.seq = found.seq;
                     fleet.claims_seq = found.claims_seq;
+                    fleet.caught_up = Some(std::time::Instant::now());
                 }
             }
         }
@@ -380,9 +483,16 @@ impl WriterTask {
                 outcome.send(failure.as_ref());
             }
         }
+        let answered = started.elapsed();
         if failure.is_none() {
             self.keep_copies(&changed);
         }
+        tracing::debug!(
+            commands,
+            answered_us = answered.as_micros() as u64,
+            done_us = started.elapsed().as_micros() as u64,
+            "group"
+        );
         // Events are published by a task of their own: reading the new rows back is one more
         // round trip, which neither this client nor the next should wait for. Streams may see
         // an event a moment after its request was answered; none is missed.
@@ -402,9 +512,9 @@ impl WriterTask {
             {
                 tracing::warn!(lease = %lease.name, %error, "cannot remove the process rows of a released lease");
             }
-            if let Err(error) = fleet.rows.mirror(lease, now) {
-                tracing::warn!(lease = %lease.name, %error, "cannot keep this host's copy of a lease");
-            }
+        }
+        if let Err(error) = fleet.rows.mirror_all(changed, now) {
+            tracing::warn!(%error, "cannot keep this host's copies of the leases a group changed");
         }
     }
 
@@ -491,6 +601,7 @@ async fn decide(
     tx: &mut WriteTx<'_>,
     ctx: &mut Decide<'_>,
     command: Command,
+    slot: usize,
 ) -> Result<Outcome, (Outcome, StoreError)> {
     macro_rules! answer {
         ($result:expr, $reply:expr, $wrap:path) => {
@@ -508,7 +619,7 @@ async fn decide(
             caller,
             reply,
         } => answer!(
-            create(tx, ctx, &name, &spec, mode, caller).await,
+            create(tx, ctx, &name, &spec, mode, caller, slot).await,
             reply,
             Outcome::Create
         ),
@@ -589,6 +700,7 @@ async fn create(
     spec: &LeaseSpec,
     mode: CreateMode,
     caller: Caller,
+    slot: usize,
 ) -> Result<Result<Created, ServiceError>, StoreError> {
     let now = ctx.now;
     let (pool, quarantine) = {
@@ -599,7 +711,7 @@ async fn create(
         )
     };
     let (size, ttl_seconds) = resolve(spec, &pool);
-    let known = tx.name_state(name).await?;
+    let known = ctx.name_state(tx, name).await?;
     if let Some(existing) = known.active {
         if is_expired(&existing, now) {
             return Ok(Err(ServiceError::Conflict {
@@ -707,8 +819,9 @@ async fn create(
         pids_max: spec.pids_max,
         max_processes: spec.max_processes,
     };
-    let lease = tx.insert_lease(&new, pool.block()).await?;
-    ctx.changed.push(lease.clone());
+    // Inserted with the group's other new leases (see `Decide::flush`), which fills in the id.
+    let lease = new.clone().into_record(0);
+    ctx.pending.push((slot, new));
     Ok(Ok(Created {
         lease,
         created: true,
@@ -722,7 +835,7 @@ async fn renew(
     caller: Caller,
 ) -> Result<Result<LeaseRecord, ServiceError>, StoreError> {
     let now = ctx.now;
-    let Some(mut lease) = tx.active_lease(name).await? else {
+    let Some(mut lease) = ctx.name_state(tx, name).await?.active else {
         return Ok(Err(ServiceError::NotFound {
             what: format!("no active lease {name}"),
         }));
@@ -759,7 +872,7 @@ async fn release(
 ) -> Result<Result<Released, ServiceError>, StoreError> {
     let now = ctx.now;
     let pool = *lock(ctx.allocator).pool();
-    let known = tx.name_state(name).await?;
+    let known = ctx.name_state(tx, name).await?;
     if let Some(lease) = known.active {
         if kind == ReleaseKind::Expire && !is_expired(&lease, now) {
             // Renewed since the expiry pass looked: nothing to do.
