@@ -1,6 +1,6 @@
 //! Sets cfgs the tests are gated on: `subidd_root` when built as root, `subidd_pids` when the host
-//! has a pids controller, one per container tool the integration recipes use, and
-//! `subidd_dockerd` when a Docker engine can be started, so tests that
+//! has a pids controller, `subidd_postgres` when PostgreSQL is installed, one per container
+//! tool the integration recipes use, and `subidd_dockerd` when a Docker engine can be started, so tests that
 //! cannot run here are reported as ignored (not silently passed).
 
 use std::os::unix::fs::PermissionsExt;
@@ -33,6 +33,11 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(subidd_dockerd)");
     if on_path("dockerd") && (on_path("docker") || Path::new("/usr/bin/docker").exists()) {
         println!("cargo::rustc-cfg=subidd_dockerd");
+    }
+    // PostgreSQL's programs, for the fleet tests (tests/support/pg.rs starts a cluster).
+    println!("cargo::rustc-check-cfg=cfg(subidd_postgres)");
+    if has_initdb() {
+        println!("cargo::rustc-cfg=subidd_postgres");
     }
     println!("cargo::rustc-check-cfg=cfg(subidd_busybox)");
     if is_static_elf(Path::new(BUSYBOX)) {
@@ -91,6 +96,19 @@ fn has_v1_pids_beside_cgroup2() -> bool {
         .filter_map(fstype_opts)
         .any(|(t, _)| t == "cgroup2");
     v1_pids && v2
+}
+
+/// Whether PostgreSQL's `initdb` is on PATH or in `/usr/lib/postgresql/<version>/bin`, where
+/// Debian installs it.
+fn has_initdb() -> bool {
+    on_path("initdb")
+        || std::fs::read_dir("/usr/lib/postgresql")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.path().join("bin/initdb").is_file())
+            })
+            .unwrap_or(false)
 }
 
 /// Whether an executable file named `tool` is in a directory of PATH.

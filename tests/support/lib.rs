@@ -15,6 +15,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
+pub mod pg;
+
 /// The `subidd` binary under test: `$SUBIDD_BIN`, else the one cargo built beside this test
 /// (`target/<profile>/subidd`; build it with `cargo build --workspace --bins`).
 pub fn subidd_bin() -> anyhow::Result<PathBuf> {

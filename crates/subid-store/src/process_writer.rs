@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags, params};
 
 use crate::error::StoreError;
-use crate::record::{ProcessRecord, ProcessState};
+use crate::record::{LeaseRecord, ProcessRecord, ProcessState};
+use subid_core::LeaseState;
 
 /// How long a write waits for the lease writer to let go of the write lock.
 const BUSY_WAIT: Duration = Duration::from_secs(5);
@@ -38,6 +39,14 @@ const BUSY_STEP: Duration = Duration::from_micros(50);
 const INSERT: &str = "INSERT INTO process (id, lease_id, lease_name, pid, start_ticks, boot_id, \
      host_uid, host_gid, argv, state, exit_code, signal, started_at, ended_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+
+/// A copy of a fleet's lease, by its id there.
+const MIRROR: &str = "INSERT INTO lease (id, name, uid_base, gid_base, size, state, labels, \
+     ttl_seconds, created_at, expires_at, released_at, created_by, rlimits, namespaces, pids_max, \
+     max_processes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+     ON CONFLICT (id) DO UPDATE SET state = excluded.state, labels = excluded.labels, \
+     ttl_seconds = excluded.ttl_seconds, expires_at = excluded.expires_at, \
+     released_at = excluded.released_at";
 
 const FINISH: &str = "UPDATE process SET state = ?1, exit_code = ?2, signal = ?3, ended_at = ?4 \
      WHERE id = ?5 AND state = 'running'";
@@ -128,6 +137,116 @@ impl ProcessWriter {
                 id,
             ])
         });
+        settle(&conn, result)
+    }
+
+    /// Keeps a copy of a lease of a fleet's store in this host's file: process rows name it,
+    /// and the host can still read it while the store is out of reach. An active copy replaces
+    /// any other active copy of the name (released meanwhile by another host). Waits for the
+    /// lock; call from a thread that may block.
+    pub fn mirror(&self, lease: &LeaseRecord, now_ms: i64) -> Result<(), StoreError> {
+        self.mirror_all(std::slice::from_ref(lease), now_ms)
+    }
+
+    /// [`ProcessWriter::mirror`] of several leases in one transaction.
+    pub fn mirror_all(&self, leases: &[LeaseRecord], now_ms: i64) -> Result<(), StoreError> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let mut columns = Vec::with_capacity(leases.len());
+        for lease in leases {
+            columns.push((
+                serde_json::to_string(&lease.labels).map_err(StoreError::encode)?,
+                serde_json::to_string(&lease.rlimits).map_err(StoreError::encode)?,
+                serde_json::to_string(&lease.namespaces).map_err(StoreError::encode)?,
+            ));
+        }
+        let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut conn = self.conn(true)?;
+        let _mode = Mode::set(true);
+        let result = (|| {
+            let tx = conn.transaction()?;
+            for (lease, (labels, rlimits, namespaces)) in leases.iter().zip(&columns) {
+                if lease.state == LeaseState::Active {
+                    tx.prepare_cached(
+                        "UPDATE lease SET state = 'released', released_at = ?3 \
+                         WHERE name = ?1 AND state = 'active' AND id <> ?2",
+                    )?
+                    .execute(params![lease.name, lease.id, now_ms])?;
+                }
+                tx.prepare_cached(MIRROR)?.execute(params![
+                    lease.id,
+                    lease.name,
+                    i64::from(lease.uid_base),
+                    i64::from(lease.gid_base),
+                    i64::from(lease.size),
+                    lease.state.as_str(),
+                    labels,
+                    lease.ttl_seconds.map(i64::from),
+                    lease.created_at,
+                    lease.expires_at,
+                    lease.released_at,
+                    lease.created_by.map(i64::from),
+                    rlimits,
+                    namespaces,
+                    lease.pids_max.map(to_i64),
+                    lease.max_processes.map(to_i64),
+                ])?;
+            }
+            tx.commit()
+        })();
+        settle(&conn, result.map(|()| 0))
+    }
+
+    /// Brings the copies this file has of these leases up to date (leases it has no copy of
+    /// are left out). Returns how many copies changed.
+    pub fn refresh_mirror(&self, leases: &[LeaseRecord], now_ms: i64) -> Result<usize, StoreError> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let ids = serde_json::to_string(&leases.iter().map(|l| l.id).collect::<Vec<_>>())
+            .map_err(StoreError::encode)?;
+        let known: std::collections::HashSet<i64> = {
+            let conn = self.conn(true)?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id FROM lease WHERE id IN (SELECT value FROM json_each(?1))",
+                )
+                .map_err(StoreError::read)?;
+            let found = stmt
+                .query_map([ids], |r| r.get::<_, i64>(0))
+                .map_err(StoreError::read)?;
+            found.collect::<Result<_, _>>().map_err(StoreError::read)?
+        };
+        let known: Vec<LeaseRecord> = leases
+            .iter()
+            .filter(|l| known.contains(&l.id))
+            .cloned()
+            .collect();
+        self.mirror_all(&known, now_ms)?;
+        Ok(known.len())
+    }
+
+    /// Removes this host's process rows of a lease (released fleet-wide). Waits for the lock.
+    pub fn delete_processes(&self, lease_id: i64) -> Result<(), StoreError> {
+        let conn = self.conn(true)?;
+        let _mode = Mode::set(true);
+        let result = conn
+            .prepare_cached("DELETE FROM process WHERE lease_id = ?1")
+            .and_then(|mut s| s.execute([lease_id]));
+        settle(&conn, result)
+    }
+
+    /// Sets a value of this file's `pool_meta`. Waits for the lock.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let conn = self.conn(true)?;
+        let _mode = Mode::set(true);
+        let result = conn
+            .prepare_cached(
+                "INSERT INTO pool_meta (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut s| s.execute([key, value]));
         settle(&conn, result)
     }
 

@@ -1,12 +1,11 @@
-//! The rows the store hands out: leases, blocks and history events.
+//! The rows the store hands out (leases, blocks, history events, processes) and how a row of
+//! either back end is read into them.
 
 use std::collections::BTreeMap;
 
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 use subid_core::LeaseState;
 
-use crate::{StoreError, get_labels, get_opt_u32, get_u32};
+use crate::StoreError;
 
 /// A lease as stored. Times are unix milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,62 +30,28 @@ pub struct LeaseRecord {
     pub pids_max: Option<u64>,
     /// The owner cap: RLIMIT_NPROC of the namespace's creator.
     pub max_processes: Option<u64>,
+    /// A fleet only: when a forced release (or an expiry) was asked for that waits for other
+    /// hosts to stop the lease's processes. The lease stays active until they have.
+    pub release_requested_at: Option<i64>,
 }
 
-impl LeaseRecord {
-    pub(crate) fn from_row(row: &SqliteRow) -> Result<LeaseRecord, StoreError> {
-        let state: String = row.try_get("state").map_err(StoreError::read)?;
-        Ok(LeaseRecord {
-            id: row.try_get("id").map_err(StoreError::read)?,
-            name: row.try_get("name").map_err(StoreError::read)?,
-            uid_base: get_u32(row, "uid_base")?,
-            gid_base: get_u32(row, "gid_base")?,
-            size: get_u32(row, "size")?,
-            state: LeaseState::parse(&state).ok_or(StoreError::Invalid {
-                what: "lease.state".into(),
-                value: state,
-            })?,
-            labels: get_labels(row)?,
-            ttl_seconds: get_opt_u32(row, "ttl_seconds")?,
-            created_at: row.try_get("created_at").map_err(StoreError::read)?,
-            expires_at: row.try_get("expires_at").map_err(StoreError::read)?,
-            released_at: row.try_get("released_at").map_err(StoreError::read)?,
-            created_by: get_opt_u32(row, "created_by")?,
-            rlimits: get_json(row, "rlimits")?.unwrap_or_default(),
-            namespaces: get_json(row, "namespaces")?.unwrap_or_default(),
-            pids_max: get_opt_u64(row, "pids_max")?,
-            max_processes: get_opt_u64(row, "max_processes")?,
-        })
-    }
-}
+/// The columns of `lease` that [`lease_from`] reads, as SQLite selects them (a host's own file
+/// has no forced releases waiting for other hosts).
+pub(crate) const LEASE_COLUMNS: &str = "id, name, uid_base, gid_base, size, state, labels, \
+     ttl_seconds, created_at, expires_at, released_at, created_by, rlimits, namespaces, \
+     pids_max, max_processes, NULL AS release_requested_at";
 
-/// Reads a nullable, non-negative integer column.
-fn get_opt_u64(row: &SqliteRow, column: &str) -> Result<Option<u64>, StoreError> {
-    let value: Option<i64> = row.try_get(column).map_err(StoreError::read)?;
-    value
-        .map(|v| {
-            u64::try_from(v).map_err(|_| StoreError::Invalid {
-                what: format!("lease.{column}"),
-                value: v.to_string(),
-            })
-        })
-        .transpose()
-}
+/// The same, as PostgreSQL selects them.
+pub(crate) const PG_LEASE_COLUMNS: &str = "id, name, uid_base, gid_base, size, state, labels, \
+     ttl_seconds, created_at, expires_at, released_at, created_by, rlimits, namespaces, \
+     pids_max, max_processes, release_requested_at";
 
-/// Decodes a nullable JSON column.
-fn get_json<T: serde::de::DeserializeOwned>(
-    row: &SqliteRow,
-    column: &str,
-) -> Result<Option<T>, StoreError> {
-    let text: Option<String> = row.try_get(column).map_err(StoreError::read)?;
-    text.map(|t| {
-        serde_json::from_str(&t).map_err(|_| StoreError::Invalid {
-            what: format!("lease.{column}"),
-            value: t,
-        })
-    })
-    .transpose()
-}
+/// The columns of `process`, in the order [`process_from`] and the process writer use them.
+pub(crate) const PROCESS_COLUMNS: &str = "id, lease_id, lease_name, pid, start_ticks, boot_id, \
+     host_uid, host_gid, argv, state, exit_code, signal, started_at, ended_at";
+
+/// The columns of `event`.
+pub(crate) const EVENT_COLUMNS: &str = "id, at, kind, lease_id, lease_name, caller_uid, detail";
 
 /// What the daemon decided a new lease is; the store adds the id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +71,62 @@ pub struct NewLease {
     pub max_processes: Option<u64>,
 }
 
+impl NewLease {
+    /// The record this lease is once stored with `id`.
+    pub fn into_record(self, id: i64) -> LeaseRecord {
+        LeaseRecord {
+            id,
+            name: self.name,
+            uid_base: self.uid_base,
+            gid_base: self.gid_base,
+            size: self.size,
+            state: LeaseState::Active,
+            labels: self.labels,
+            ttl_seconds: self.ttl_seconds,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            released_at: None,
+            created_by: self.created_by,
+            rlimits: self.rlimits,
+            namespaces: self.namespaces,
+            pids_max: self.pids_max,
+            max_processes: self.max_processes,
+            release_requested_at: None,
+        }
+    }
+
+    /// The JSON columns: labels, rlimits, namespaces.
+    pub(crate) fn json_columns(&self) -> Result<(String, String, String), StoreError> {
+        Ok((
+            serde_json::to_string(&self.labels).map_err(StoreError::encode)?,
+            serde_json::to_string(&self.rlimits).map_err(StoreError::encode)?,
+            serde_json::to_string(&self.namespaces).map_err(StoreError::encode)?,
+        ))
+    }
+
+    /// The `detail` of its `create` event.
+    pub(crate) fn create_detail(&self) -> String {
+        serde_json::json!({
+            "uid_base": self.uid_base,
+            "gid_base": self.gid_base,
+            "size": self.size,
+            "ttl_seconds": self.ttl_seconds,
+            "expires_at": self.expires_at,
+        })
+        .to_string()
+    }
+}
+
+/// The `detail` of a `release` or `expire` event.
+pub(crate) fn release_detail(lease: &LeaseRecord, purge: bool) -> String {
+    serde_json::json!({
+        "uid_base": lease.uid_base,
+        "size": lease.size,
+        "purge": purge,
+    })
+    .to_string()
+}
+
 /// One row of `block`: a block that was handed out at least once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockRow {
@@ -115,16 +136,6 @@ pub struct BlockRow {
     pub lease_id: Option<i64>,
     /// When it was last released (0 = purged), while free.
     pub released_at: Option<i64>,
-}
-
-impl BlockRow {
-    pub(crate) fn from_row(row: &SqliteRow) -> Result<BlockRow, StoreError> {
-        Ok(BlockRow {
-            start: get_u32(row, "start")?,
-            lease_id: row.try_get("lease_id").map_err(StoreError::read)?,
-            released_at: row.try_get("released_at").map_err(StoreError::read)?,
-        })
-    }
 }
 
 /// What happened to a lease.
@@ -147,6 +158,17 @@ impl EventKind {
             EventKind::Purge => "purge",
         }
     }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        match s {
+            "create" => Some(EventKind::Create),
+            "renew" => Some(EventKind::Renew),
+            "release" => Some(EventKind::Release),
+            "expire" => Some(EventKind::Expire),
+            "purge" => Some(EventKind::Purge),
+            _ => None,
+        }
+    }
 }
 
 /// One row of the history.
@@ -159,20 +181,6 @@ pub struct EventRecord {
     pub lease_name: String,
     pub caller_uid: Option<u32>,
     pub detail: Option<String>,
-}
-
-impl EventRecord {
-    pub(crate) fn from_row(row: &SqliteRow) -> Result<EventRecord, StoreError> {
-        Ok(EventRecord {
-            id: row.try_get("id").map_err(StoreError::read)?,
-            at: row.try_get("at").map_err(StoreError::read)?,
-            kind: row.try_get("kind").map_err(StoreError::read)?,
-            lease_id: row.try_get("lease_id").map_err(StoreError::read)?,
-            lease_name: row.try_get("lease_name").map_err(StoreError::read)?,
-            caller_uid: get_opt_u32(row, "caller_uid")?,
-            detail: row.try_get("detail").map_err(StoreError::read)?,
-        })
-    }
 }
 
 /// Where a process stands.
@@ -222,42 +230,174 @@ pub struct ProcessRecord {
     pub ended_at: Option<i64>,
 }
 
-impl ProcessRecord {
-    pub(crate) fn from_row(row: &SqliteRow) -> Result<ProcessRecord, StoreError> {
-        let state: String = row.try_get("state").map_err(StoreError::read)?;
-        let argv: String = row.try_get("argv").map_err(StoreError::read)?;
-        let start_ticks: i64 = row.try_get("start_ticks").map_err(StoreError::read)?;
-        let opt_i32 = |column: &str| -> Result<Option<i32>, StoreError> {
-            let v: Option<i64> = row.try_get(column).map_err(StoreError::read)?;
-            v.map(|v| {
-                i32::try_from(v).map_err(|_| StoreError::Invalid {
+/// Named columns of a result row, whatever the driver: integers and text are all the schemas
+/// use (JSON is stored as text), so every record is read through these four.
+pub(crate) trait Cols {
+    fn opt_i64(&self, column: &str) -> Result<Option<i64>, StoreError>;
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError>;
+
+    fn i64(&self, column: &str) -> Result<i64, StoreError> {
+        self.opt_i64(column)?.ok_or_else(|| null(column))
+    }
+
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        self.opt_text(column)?.ok_or_else(|| null(column))
+    }
+
+    /// An integer column that must fit a `u32`.
+    fn u32(&self, column: &str) -> Result<u32, StoreError> {
+        let value = self.i64(column)?;
+        u32::try_from(value).map_err(|_| invalid(column, value))
+    }
+
+    fn opt_u32(&self, column: &str) -> Result<Option<u32>, StoreError> {
+        self.opt_i64(column)?
+            .map(|v| u32::try_from(v).map_err(|_| invalid(column, v)))
+            .transpose()
+    }
+
+    fn opt_u64(&self, column: &str) -> Result<Option<u64>, StoreError> {
+        self.opt_i64(column)?
+            .map(|v| u64::try_from(v).map_err(|_| invalid(column, v)))
+            .transpose()
+    }
+
+    fn opt_i32(&self, column: &str) -> Result<Option<i32>, StoreError> {
+        self.opt_i64(column)?
+            .map(|v| i32::try_from(v).map_err(|_| invalid(column, v)))
+            .transpose()
+    }
+
+    /// A nullable JSON text column.
+    fn opt_json<T: serde::de::DeserializeOwned>(
+        &self,
+        column: &str,
+    ) -> Result<Option<T>, StoreError> {
+        self.opt_text(column)?
+            .map(|text| {
+                serde_json::from_str(&text).map_err(|_| StoreError::Invalid {
                     what: column.to_string(),
-                    value: v.to_string(),
+                    value: text,
                 })
             })
             .transpose()
-        };
-        Ok(ProcessRecord {
-            id: row.try_get("id").map_err(StoreError::read)?,
-            lease_id: row.try_get("lease_id").map_err(StoreError::read)?,
-            lease_name: row.try_get("lease_name").map_err(StoreError::read)?,
-            pid: opt_i32("pid")?.unwrap_or_default(),
-            start_ticks: u64::try_from(start_ticks).unwrap_or_default(),
-            boot_id: row.try_get("boot_id").map_err(StoreError::read)?,
-            host_uid: get_u32(row, "host_uid")?,
-            host_gid: get_u32(row, "host_gid")?,
-            argv: serde_json::from_str(&argv).map_err(|_| StoreError::Invalid {
-                what: "process.argv".into(),
-                value: argv.clone(),
-            })?,
-            state: ProcessState::parse(&state).ok_or(StoreError::Invalid {
-                what: "process.state".into(),
-                value: state,
-            })?,
-            exit_code: opt_i32("exit_code")?,
-            signal: opt_i32("signal")?,
-            started_at: row.try_get("started_at").map_err(StoreError::read)?,
-            ended_at: row.try_get("ended_at").map_err(StoreError::read)?,
-        })
+    }
+}
+
+fn null(column: &str) -> StoreError {
+    StoreError::Invalid {
+        what: column.to_string(),
+        value: "NULL".into(),
+    }
+}
+
+fn invalid(column: &str, value: i64) -> StoreError {
+    StoreError::Invalid {
+        what: column.to_string(),
+        value: value.to_string(),
+    }
+}
+
+/// Reads a lease row selected with [`LEASE_COLUMNS`].
+pub(crate) fn lease_from(row: &impl Cols) -> Result<LeaseRecord, StoreError> {
+    let state = row.text("state")?;
+    Ok(LeaseRecord {
+        id: row.i64("id")?,
+        name: row.text("name")?,
+        uid_base: row.u32("uid_base")?,
+        gid_base: row.u32("gid_base")?,
+        size: row.u32("size")?,
+        state: LeaseState::parse(&state).ok_or(StoreError::Invalid {
+            what: "lease.state".into(),
+            value: state,
+        })?,
+        labels: row.opt_json("labels")?.unwrap_or_default(),
+        ttl_seconds: row.opt_u32("ttl_seconds")?,
+        created_at: row.i64("created_at")?,
+        expires_at: row.opt_i64("expires_at")?,
+        released_at: row.opt_i64("released_at")?,
+        created_by: row.opt_u32("created_by")?,
+        rlimits: row.opt_json("rlimits")?.unwrap_or_default(),
+        namespaces: row.opt_json("namespaces")?.unwrap_or_default(),
+        pids_max: row.opt_u64("pids_max")?,
+        max_processes: row.opt_u64("max_processes")?,
+        release_requested_at: row.opt_i64("release_requested_at")?,
+    })
+}
+
+/// Reads a `block` row.
+pub(crate) fn block_from(row: &impl Cols) -> Result<BlockRow, StoreError> {
+    Ok(BlockRow {
+        start: row.u32("start")?,
+        lease_id: row.opt_i64("lease_id")?,
+        released_at: row.opt_i64("released_at")?,
+    })
+}
+
+/// Reads an event row selected with [`EVENT_COLUMNS`].
+pub(crate) fn event_from(row: &impl Cols) -> Result<EventRecord, StoreError> {
+    Ok(EventRecord {
+        id: row.i64("id")?,
+        at: row.i64("at")?,
+        kind: row.text("kind")?,
+        lease_id: row.i64("lease_id")?,
+        lease_name: row.text("lease_name")?,
+        caller_uid: row.opt_u32("caller_uid")?,
+        detail: row.opt_text("detail")?,
+    })
+}
+
+/// Reads a process row selected with [`PROCESS_COLUMNS`].
+pub(crate) fn process_from(row: &impl Cols) -> Result<ProcessRecord, StoreError> {
+    let state = row.text("state")?;
+    let argv = row.text("argv")?;
+    Ok(ProcessRecord {
+        id: row.text("id")?,
+        lease_id: row.i64("lease_id")?,
+        lease_name: row.text("lease_name")?,
+        pid: row.opt_i32("pid")?.unwrap_or_default(),
+        start_ticks: u64::try_from(row.i64("start_ticks")?).unwrap_or_default(),
+        boot_id: row.text("boot_id")?,
+        host_uid: row.u32("host_uid")?,
+        host_gid: row.u32("host_gid")?,
+        argv: serde_json::from_str(&argv).map_err(|_| StoreError::Invalid {
+            what: "process.argv".into(),
+            value: argv.clone(),
+        })?,
+        state: ProcessState::parse(&state).ok_or(StoreError::Invalid {
+            what: "process.state".into(),
+            value: state,
+        })?,
+        exit_code: row.opt_i32("exit_code")?,
+        signal: row.opt_i32("signal")?,
+        started_at: row.i64("started_at")?,
+        ended_at: row.opt_i64("ended_at")?,
+    })
+}
+
+/// sqlx rows of either back end.
+macro_rules! sqlx_cols {
+    ($row:ty) => {
+        impl Cols for $row {
+            fn opt_i64(&self, column: &str) -> Result<Option<i64>, StoreError> {
+                sqlx::Row::try_get(self, column).map_err(StoreError::read)
+            }
+
+            fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+                sqlx::Row::try_get(self, column).map_err(StoreError::read)
+            }
+        }
+    };
+}
+sqlx_cols!(sqlx::sqlite::SqliteRow);
+sqlx_cols!(sqlx::postgres::PgRow);
+
+impl Cols for rusqlite::Row<'_> {
+    fn opt_i64(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.get(column).map_err(StoreError::read)
+    }
+
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        self.get(column).map_err(StoreError::read)
     }
 }

@@ -1,7 +1,11 @@
-//! Store tests on a real SQLite file in a temp dir.
+//! Tests of what only the SQLite file does (damaged files, process rows, old schemas), on a real
+//! file in a temp dir. What both back ends do is tested by `tests/suite.rs` against each.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+
+use sqlx::Connection;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 
 use super::*;
 
@@ -30,171 +34,6 @@ async fn fresh() -> (tempfile::TempDir, Store, Writer) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, writer) = open(&dir.path().join("subidd.db")).await.expect("open");
     (dir, store, writer)
-}
-
-#[tokio::test]
-async fn insert_release_and_read_back() {
-    let (_dir, store, mut writer) = fresh().await;
-    let mut tx = writer.begin().await.expect("begin");
-    let lease = tx
-        .insert_lease(&new_lease("web-1", BASE, 2 * BLOCK, 1_000), BLOCK)
-        .await
-        .expect("insert");
-    tx.commit().await.expect("commit");
-    assert_eq!(lease.state, LeaseState::Active);
-
-    let got = store
-        .get_lease("web-1")
-        .await
-        .expect("get")
-        .expect("exists");
-    assert_eq!(got, lease, "what was committed reads back the same");
-    let rows = writer.block_rows().await.expect("blocks");
-    assert_eq!(rows.len(), 2, "one row per block");
-    assert!(rows.iter().all(|r| r.lease_id == Some(lease.id)));
-    assert_eq!(
-        store.lease_holding(BASE + BLOCK).await.expect("holding"),
-        Some(lease.clone())
-    );
-
-    let mut tx = writer.begin().await.expect("begin");
-    tx.release(&lease, EventKind::Release, false, 2_000, Some(7))
-        .await
-        .expect("release");
-    tx.commit().await.expect("commit");
-    let got = store
-        .get_lease("web-1")
-        .await
-        .expect("get")
-        .expect("exists");
-    assert_eq!(got.state, LeaseState::Released);
-    assert_eq!(got.released_at, Some(2_000));
-    let rows = writer.block_rows().await.expect("blocks");
-    assert!(
-        rows.iter()
-            .all(|r| r.lease_id.is_none() && r.released_at == Some(2_000))
-    );
-    assert_eq!(store.lease_holding(BASE).await.expect("holding"), None);
-    let kinds: Vec<_> = store
-        .events("web-1")
-        .await
-        .expect("events")
-        .into_iter()
-        .map(|e| (e.kind, e.caller_uid))
-        .collect();
-    assert_eq!(
-        kinds,
-        vec![("create".into(), Some(0)), ("release".into(), Some(7))]
-    );
-}
-
-#[tokio::test]
-async fn schema_refuses_a_second_holder_of_a_block() {
-    let (_dir, _store, mut writer) = fresh().await;
-    let mut tx = writer.begin().await.expect("begin");
-    tx.insert_lease(&new_lease("a", BASE, BLOCK, 1), BLOCK)
-        .await
-        .expect("first holder");
-    let err = tx
-        .insert_lease(&new_lease("b", BASE, BLOCK, 1), BLOCK)
-        .await
-        .expect_err("second holder of the same block must fail");
-    assert!(matches!(err, StoreError::BlockHeld { start } if start == u64::from(BASE)));
-}
-
-#[tokio::test]
-async fn schema_refuses_two_active_leases_of_one_name() {
-    let (_dir, _store, mut writer) = fresh().await;
-    let mut tx = writer.begin().await.expect("begin");
-    tx.insert_lease(&new_lease("a", BASE, BLOCK, 1), BLOCK)
-        .await
-        .expect("first");
-    let err = tx
-        .insert_lease(&new_lease("a", BASE + BLOCK, BLOCK, 1), BLOCK)
-        .await
-        .expect_err("same active name twice");
-    assert!(matches!(err, StoreError::Unwritable { .. }), "{err:?}");
-}
-
-#[tokio::test]
-async fn rollback_on_drop_leaves_nothing() {
-    let (_dir, store, mut writer) = fresh().await;
-    {
-        let mut tx = writer.begin().await.expect("begin");
-        tx.insert_lease(&new_lease("gone", BASE, BLOCK, 1), BLOCK)
-            .await
-            .expect("insert");
-        // dropped without commit
-    }
-    assert_eq!(store.get_lease("gone").await.expect("get"), None);
-    assert!(writer.block_rows().await.expect("blocks").is_empty());
-}
-
-#[tokio::test]
-async fn list_filters_by_state_and_labels() {
-    let (_dir, store, mut writer) = fresh().await;
-    let mut tx = writer.begin().await.expect("begin");
-    let a = tx
-        .insert_lease(&new_lease("a", BASE, BLOCK, 1), BLOCK)
-        .await
-        .expect("a");
-    let mut b = new_lease("b", BASE + BLOCK, BLOCK, 1);
-    b.labels.insert("tier".into(), "db".into());
-    tx.insert_lease(&b, BLOCK).await.expect("b");
-    tx.release(&a, EventKind::Release, true, 5, None)
-        .await
-        .expect("release a");
-    tx.commit().await.expect("commit");
-
-    let names = |v: Vec<LeaseRecord>| v.into_iter().map(|l| l.name).collect::<Vec<_>>();
-    let active = store
-        .list_leases(Some(LeaseState::Active), &[])
-        .await
-        .expect("list");
-    assert_eq!(names(active), vec!["b"]);
-    let all = store.list_leases(None, &[]).await.expect("list");
-    assert_eq!(names(all), vec!["a", "b"]);
-    let labelled = store
-        .list_leases(
-            None,
-            &[("app".into(), "b".into()), ("tier".into(), "db".into())],
-        )
-        .await
-        .expect("list");
-    assert_eq!(names(labelled), vec!["b"]);
-    let none = store
-        .list_leases(None, &[("tier".into(), "web".into())])
-        .await
-        .expect("list");
-    assert!(none.is_empty());
-    // purge set the blocks' release time to 0
-    let rows = writer.block_rows().await.expect("blocks");
-    let a_row = rows.iter().find(|r| r.start == BASE).expect("a's block");
-    assert_eq!(a_row.released_at, Some(0));
-}
-
-#[tokio::test]
-async fn renew_expire_and_settle_block_size() {
-    let (_dir, _store, mut writer) = fresh().await;
-    assert_eq!(
-        writer.settle_block_size(BLOCK).await.expect("settle"),
-        BLOCK
-    );
-    assert_eq!(
-        writer.settle_block_size(1024).await.expect("settle"),
-        BLOCK,
-        "the first block size sticks"
-    );
-    let mut tx = writer.begin().await.expect("begin");
-    let mut n = new_lease("t", BASE, BLOCK, 1_000);
-    n.ttl_seconds = Some(10);
-    n.expires_at = Some(11_000);
-    let lease = tx.insert_lease(&n, BLOCK).await.expect("insert");
-    assert!(tx.expired(10_999).await.expect("expired").is_empty());
-    tx.renew(&lease, 20_000, 5_000, None).await.expect("renew");
-    assert!(tx.expired(19_999).await.expect("expired").is_empty());
-    assert_eq!(tx.expired(20_000).await.expect("expired").len(), 1);
-    tx.commit().await.expect("commit");
 }
 
 #[tokio::test]
@@ -288,10 +127,10 @@ async fn process_rows_wait_for_a_lease_commit_holding_the_write_lock() {
 }
 
 async fn synchronous(w: &mut Writer) -> i64 {
-    sqlx::query_scalar("PRAGMA synchronous")
-        .fetch_one(&mut w.conn)
-        .await
-        .expect("pragma")
+    match &mut w.inner {
+        WriterInner::Sqlite(w) => w.pragma_synchronous(),
+        WriterInner::Postgres(_) => unreachable!("an SQLite test"),
+    }
 }
 
 fn process(id: &str, lease: &LeaseRecord, at: i64) -> ProcessRecord {
@@ -463,16 +302,16 @@ fn header_size_beyond_the_file_is_damage_only_without_a_log_to_replay() {
     let mut file = page1.clone();
     file.resize(41 * 4096, 0);
     std::fs::write(&db, &file).expect("write db");
-    let refused = super::open::inspect(&db)
+    let refused = crate::sqlite::open::inspect(&db)
         .map(drop)
         .expect_err("41 of 55 pages, no log");
     assert!(refused.to_string().contains("55 pages"), "{refused}");
     std::fs::write(dir.path().join("subidd.db-wal"), [1u8; 32]).expect("write wal");
-    super::open::inspect(&db)
+    crate::sqlite::open::inspect(&db)
         .map(drop)
         .expect("the log holds the rest");
     std::fs::write(dir.path().join("subidd.db-wal"), []).expect("empty wal");
-    super::open::inspect(&db)
+    crate::sqlite::open::inspect(&db)
         .map(drop)
         .expect_err("an empty log replays nothing");
 }

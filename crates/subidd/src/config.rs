@@ -46,6 +46,7 @@ pub struct Config {
     /// The host-wide directory where running daemons register their pools.
     pub pool_registry_dir: PathBuf,
     pub pool: PoolConfig,
+    pub store: StoreConfig,
 }
 
 /// `[pool]`: unset keys are taken from the `subidd` entry of /etc/subuid, else the defaults.
@@ -96,6 +97,8 @@ struct FileConfig {
     pool_registry_dir: Option<PathBuf>,
     #[serde(default)]
     pool: PoolConfig,
+    #[serde(default)]
+    store: FileStoreConfig,
 }
 
 /// The flags that override everything else.
@@ -108,6 +111,7 @@ pub struct Flags {
     pub listen_tcp: Option<String>,
     pub token_file: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    pub store_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -275,6 +279,7 @@ impl Config {
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_POOL_REGISTRY)),
             pool,
+            store: StoreConfig::load(&file.store, flags, &env)?,
         };
         for (key, value) in [
             ("expiry_interval_ms", config.expiry_interval_ms),
@@ -408,6 +413,143 @@ fn env_list(
                 .collect()
         })
         .transpose()
+}
+
+// ---- [store]: where leases are kept ----
+
+/// `[store]`: an empty `url` keeps leases in the SQLite file of `state_dir`; a
+/// `postgresql://` URL keeps them in PostgreSQL, shared by every host pointed at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// `postgresql://user@host:port/database`; `None` for the SQLite file.
+    pub url: Option<String>,
+    /// A file holding the PostgreSQL password (instead of one in the URL).
+    pub password_file: Option<PathBuf>,
+    /// This host's name in the fleet; `None` means the contents of /etc/machine-id.
+    pub host_id: Option<String>,
+    /// Deadline of every PostgreSQL operation (a lease write answers 503 `store_unavailable`
+    /// within about this, never hangs).
+    pub timeout_ms: u64,
+    /// How often a host looks for other hosts' changes besides being notified of them.
+    pub poll_interval_ms: u64,
+    /// Most PostgreSQL connections for reads (one more writes).
+    pub max_connections: u32,
+}
+
+/// The file layer of `[store]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStoreConfig {
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    host_id: Option<String>,
+    timeout_ms: Option<u64>,
+    poll_interval_ms: Option<u64>,
+    max_connections: Option<u32>,
+}
+
+/// Where the host's id comes from when `store.host_id` is not set.
+pub const MACHINE_ID: &str = "/etc/machine-id";
+
+impl StoreConfig {
+    fn load(
+        file: &FileStoreConfig,
+        flags: &Flags,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<StoreConfig, ConfigError> {
+        let url = flags
+            .store_url
+            .clone()
+            .or_else(|| env("SUBIDD_STORE_URL"))
+            .or_else(|| file.url.clone())
+            .filter(|u| !u.trim().is_empty());
+        if let Some(url) = &url
+            && !(url.starts_with("postgresql://") || url.starts_with("postgres://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "store.url",
+                reason: "empty (the SQLite file in state_dir) or a postgresql:// URL".into(),
+            });
+        }
+        let host_id = env("SUBIDD_STORE_HOST_ID")
+            .or_else(|| file.host_id.clone())
+            .filter(|h| !h.trim().is_empty());
+        if let Some(host) = &host_id
+            && !valid_host_id(host)
+        {
+            return Err(ConfigError::Invalid {
+                key: "store.host_id",
+                reason: "1-64 characters of [A-Za-z0-9_.-]".into(),
+            });
+        }
+        let config = StoreConfig {
+            url,
+            password_file: env("SUBIDD_STORE_PASSWORD_FILE")
+                .map(PathBuf::from)
+                .or_else(|| file.password_file.clone())
+                .filter(|p| !p.as_os_str().is_empty()),
+            host_id,
+            timeout_ms: env_num(env, "SUBIDD_STORE_TIMEOUT_MS")?
+                .or(file.timeout_ms)
+                .unwrap_or(5_000),
+            poll_interval_ms: env_num(env, "SUBIDD_STORE_POLL_INTERVAL_MS")?
+                .or(file.poll_interval_ms)
+                .unwrap_or(1_000),
+            max_connections: env_num(env, "SUBIDD_STORE_MAX_CONNECTIONS")?
+                .or(file.max_connections)
+                .unwrap_or(8),
+        };
+        for (key, value, low, high) in [
+            ("store.timeout_ms", config.timeout_ms, 100, 600_000),
+            (
+                "store.poll_interval_ms",
+                config.poll_interval_ms,
+                10,
+                600_000,
+            ),
+            (
+                "store.max_connections",
+                u64::from(config.max_connections),
+                1,
+                1_000,
+            ),
+        ] {
+            if !(low..=high).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("between {low} and {high}"),
+                });
+            }
+        }
+        Ok(config)
+    }
+
+    /// This host's id: `host_id`, else /etc/machine-id.
+    pub fn resolve_host_id(&self) -> Result<String, ConfigError> {
+        if let Some(host) = &self.host_id {
+            return Ok(host.clone());
+        }
+        let text = std::fs::read_to_string(MACHINE_ID).map_err(|source| ConfigError::Read {
+            path: PathBuf::from(MACHINE_ID),
+            source,
+        })?;
+        let id = text.trim().to_string();
+        if !valid_host_id(&id) {
+            return Err(ConfigError::Invalid {
+                key: "store.host_id",
+                reason: format!("set; {MACHINE_ID} does not hold a usable id"),
+            });
+        }
+        Ok(id)
+    }
+}
+
+/// Host ids name hosts in errors, `GET /v1/pool` and the database: short and plain.
+fn valid_host_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 #[cfg(test)]
@@ -583,5 +725,53 @@ mod tests {
             assert!(err.to_string().contains(key), "{name}={value}: {err}");
         }
         assert!(load(flags, &[("SUBIDD_ALLOWED_UIDS", "1000,x")]).is_err());
+    }
+
+    #[test]
+    fn store_keys_layer_and_are_checked() {
+        let flags = Flags {
+            config: Some(PathBuf::from("/dev/null")),
+            ..Flags::default()
+        };
+        let c = load(flags.clone(), &[]).expect("defaults");
+        assert_eq!(c.store.url, None, "SQLite by default");
+        assert_eq!(
+            (c.store.timeout_ms, c.store.poll_interval_ms),
+            (5_000, 1_000)
+        );
+        let c = load(
+            flags.clone(),
+            &[
+                ("SUBIDD_STORE_URL", "postgresql://subidd@db/leases"),
+                ("SUBIDD_STORE_HOST_ID", "host-a"),
+            ],
+        )
+        .expect("env");
+        assert_eq!(
+            c.store.url.as_deref(),
+            Some("postgresql://subidd@db/leases")
+        );
+        assert_eq!(c.store.resolve_host_id().expect("host"), "host-a");
+        let c = load(
+            Flags {
+                store_url: Some("postgres://flag/db".into()),
+                ..flags.clone()
+            },
+            &[("SUBIDD_STORE_URL", "postgresql://env/db")],
+        )
+        .expect("flag");
+        assert_eq!(
+            c.store.url.as_deref(),
+            Some("postgres://flag/db"),
+            "flag beats env"
+        );
+        for (name, value, key) in [
+            ("SUBIDD_STORE_URL", "mysql://x/y", "store.url"),
+            ("SUBIDD_STORE_HOST_ID", "a b", "store.host_id"),
+            ("SUBIDD_STORE_TIMEOUT_MS", "5", "store.timeout_ms"),
+        ] {
+            let err = load(flags.clone(), &[(name, value)]).expect_err("refused");
+            assert!(err.to_string().contains(key), "{name}={value}: {err}");
+        }
     }
 }

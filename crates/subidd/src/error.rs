@@ -5,6 +5,8 @@ use axum::http::header::{HeaderValue, WWW_AUTHENTICATE};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use subid_store::StoreError;
+
+use crate::service_error::ServiceError;
 use utoipa::ToSchema;
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 
@@ -53,6 +55,12 @@ pub enum ApiError {
     CgroupsUnavailable(String),
     #[error("{0}")]
     Unavailable(&'static str),
+    #[error("{0}")]
+    StoreUnavailable(&'static str),
+    /// Not a failure: a forced release is recorded and carried out as other hosts of a fleet
+    /// stop the lease's processes (202).
+    #[error("{0}")]
+    ReleasePending(String),
     #[error("internal error; the daemon log has the details")]
     Internal(String),
 }
@@ -75,11 +83,13 @@ impl ApiError {
             | ApiError::ProcessLimit(_) => StatusCode::CONFLICT,
             ApiError::ExecutableNotFound(_) | ApiError::ExecFailed(_) => StatusCode::BAD_REQUEST,
             ApiError::PidsUnsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::ReleasePending(_) => StatusCode::ACCEPTED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::SpawnTimeout(_)
             | ApiError::CgroupsUnavailable(_)
-            | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::Unavailable(_)
+            | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -107,13 +117,15 @@ impl ApiError {
             ApiError::SpawnTimeout(_) => "spawn_timeout",
             ApiError::CgroupsUnavailable(_) => "cgroups_unavailable",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
+            ApiError::ReleasePending(_) => "release_pending",
             ApiError::Internal(_) => "internal",
         }
     }
 }
 
 /// Every code [`ApiError::code`] can return, in the order `docs/API.md` lists them.
-pub const ERROR_CODES: [&str; 21] = [
+pub const ERROR_CODES: [&str; 23] = [
     "invalid_request",
     "unauthorized",
     "forbidden",
@@ -134,6 +146,8 @@ pub const ERROR_CODES: [&str; 21] = [
     "spawn_timeout",
     "cgroups_unavailable",
     "unavailable",
+    "store_unavailable",
+    "release_pending",
     "internal",
 ];
 
@@ -161,15 +175,72 @@ pub struct ErrorCode(pub &'static str);
 
 /// What a client hears when the store failed; the log has the details.
 pub const STORE_UNAVAILABLE: &str = "the lease store cannot be used right now; retry later";
+/// What a client hears when the lease store cannot be reached.
+pub const STORE_UNREACHABLE: &str = "the lease store cannot be reached; nothing was written \
+     (leases this host knows can still be read and spawned into); retry later";
 
 impl From<&StoreError> for ApiError {
     fn from(error: &StoreError) -> ApiError {
         if error.is_full() {
             ApiError::StorageFull
+        } else if error.is_unreachable() {
+            ApiError::StoreUnavailable(STORE_UNREACHABLE)
         } else {
             ApiError::Unavailable(STORE_UNAVAILABLE)
         }
     }
+}
+
+/// The one place a service's error becomes an HTTP answer. Failures of the daemon's own (store,
+/// kernel, bugs) are logged here with their whole chain of causes; the body says little.
+impl From<ServiceError> for ApiError {
+    fn from(error: ServiceError) -> ApiError {
+        match error {
+            ServiceError::NotFound { what } => ApiError::NotFound(what),
+            ServiceError::Invalid { reason } => ApiError::InvalidRequest(reason),
+            ServiceError::Exists { lease } => ApiError::LeaseExists(lease),
+            ServiceError::Conflict { reason } => ApiError::LeaseConflict(reason),
+            // The reason names the hosts with live processes when there are other hosts.
+            ServiceError::Busy { reason, .. } => ApiError::LeaseBusy(reason),
+            ServiceError::Exhausted { reason } => ApiError::PoolExhausted(reason),
+            ServiceError::ProcessLimit { reason } => ApiError::ProcessLimit(reason),
+            pending @ ServiceError::ReleasePending { .. } => {
+                ApiError::ReleasePending(pending.to_string())
+            }
+            ServiceError::StoreFull { source }
+            | ServiceError::StoreUnavailable { source }
+            | ServiceError::Store { source } => {
+                tracing::error!(error = %chain(&*source), "store failure");
+                ApiError::from(&*source)
+            }
+            ServiceError::Kernel { what, source } => {
+                tracing::error!(%what, error = %chain(&*source), "kernel refusal");
+                ApiError::Unavailable(
+                    "the kernel refused an operation the request needs; see the daemon log",
+                )
+            }
+            ServiceError::Internal { what, source } => {
+                let cause = source.as_deref().map(|s| chain(s)).unwrap_or_default();
+                ApiError::Internal(format!("{what}: {cause}"))
+            }
+            ServiceError::ShuttingDown => ApiError::Unavailable("the daemon is shutting down"),
+        }
+    }
+}
+
+/// An error and its causes, for the log: `a: b: c`.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl From<StoreError> for ApiError {
@@ -228,6 +299,8 @@ mod tests {
             ApiError::SpawnTimeout(String::new()),
             ApiError::CgroupsUnavailable(String::new()),
             ApiError::Unavailable(""),
+            ApiError::StoreUnavailable(""),
+            ApiError::ReleasePending(String::new()),
             ApiError::Internal(String::new()),
         ];
         let codes: Vec<&str> = all.iter().map(ApiError::code).collect();

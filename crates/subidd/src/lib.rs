@@ -5,18 +5,22 @@
 
 pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod fleet;
 pub mod holds;
 pub mod lease;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod paths;
+pub mod move_in;
 pub mod pool;
 pub mod process;
 pub mod registry;
 pub mod server;
+pub mod service_error;
 pub mod systemd;
 pub mod wire;

@@ -46,6 +46,10 @@ struct Args {
     /// Log lines as text (default) or JSON (env SUBIDD_LOG_FORMAT, config log_format)
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Keep leases in this PostgreSQL database, shared by a fleet of hosts (env
+    /// SUBIDD_STORE_URL, config store.url; default: the SQLite file in the state dir)
+    #[arg(long, value_name = "URL")]
+    store_url: Option<String>,
     /// Write the man page subidd.8 into DIR and exit (for packaging)
     #[arg(long, hide = true, value_name = "DIR")]
     generate_man: Option<PathBuf>,
@@ -53,6 +57,12 @@ struct Args {
     /// (default /etc/subuid, /etc/subgid), then exit
     #[arg(long)]
     register: bool,
+    /// Copy this host's leases (the SQLite file in the state dir) into the empty PostgreSQL
+    /// store named by store.url, keeping every range and its history, so the host can join a
+    /// fleet; then exit. Stop the daemon first. Refuses a store that is not empty or was set
+    /// up for another pool.
+    #[arg(long)]
+    move_in: bool,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +102,7 @@ fn main() -> ExitCode {
         listen_tcp: args.listen_tcp,
         token_file: args.token_file,
         log_format: args.log_format,
+        store_url: args.store_url,
     };
     let config = match Config::load(&flags, |k| std::env::var(k).ok()) {
         Ok(config) => config,
@@ -103,6 +114,9 @@ fn main() -> ExitCode {
     init_logging(config.log_format);
     if args.register {
         return register(&config);
+    }
+    if args.move_in {
+        return move_in(&config);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -166,6 +180,34 @@ fn register(config: &Config) -> ExitCode {
         }
         Err(error) => {
             eprintln!("subidd: cannot register the pool: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--move-in`: 0 when every lease was copied, 1 when refused or failed (nothing copied).
+fn move_in(config: &Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("subidd: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(subidd::move_in::run(config)) {
+        Ok(done) => {
+            println!(
+                "moved in: {} active and {} released leases, {} blocks, {} events; this host's \
+                 file now belongs to the fleet store {}: start the daemon with the same store.url",
+                done.active, done.released, done.blocks, done.events, done.store_id
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("subidd: cannot move in: {error:#}");
             ExitCode::FAILURE
         }
     }

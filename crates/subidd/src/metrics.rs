@@ -135,6 +135,8 @@ struct Inner {
 pub struct Metrics {
     started: SystemTime,
     inner: Mutex<Inner>,
+    /// The lease store's back end, and whether it answered when last used.
+    store: Mutex<(&'static str, bool)>,
 }
 
 /// What is read at scrape time.
@@ -170,7 +172,18 @@ impl Metrics {
                 errors: BTreeMap::new(),
                 feed_catch_ups: 0,
             }),
+            store: Mutex::new(("sqlite", true)),
         }
+    }
+
+    /// Names the lease store's back end and whether it answers.
+    pub fn set_store(&self, backend: &'static str, up: bool) {
+        *self.store.lock().unwrap_or_else(|e| e.into_inner()) = (backend, up);
+    }
+
+    /// Whether the lease store answered when last used.
+    pub fn set_store_up(&self, up: bool) {
+        self.store.lock().unwrap_or_else(|e| e.into_inner()).1 = up;
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -250,6 +263,19 @@ impl Metrics {
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs(),
+        );
+        let (backend, up) = *self.store.lock().unwrap_or_else(|e| e.into_inner());
+        header(
+            &mut out,
+            "subidd_store_up",
+            "gauge",
+            "1 while the lease store answers, 0 while it cannot be reached (lease writes then answer 503 store_unavailable).",
+        );
+        sample(
+            &mut out,
+            "subidd_store_up",
+            &[("backend", backend)],
+            u8::from(up),
         );
         header(
             &mut out,

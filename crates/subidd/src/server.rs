@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::auth::{self, TcpPolicy, UnixPeer, UnixPolicy};
 use crate::config::Config;
-use crate::lease::LeaseService;
+use crate::lease::{LeaseService, StartOptions};
 use crate::limits::{self, Caller, ConnectionBudget, ConnectionCaps, Limiter, ServeLimits};
 use crate::paths;
 use crate::pool;
@@ -57,6 +57,8 @@ pub struct Daemon {
     unix_policy: UnixPolicy,
     tcp: Option<(TcpListener, TcpPolicy)>,
     expiry_interval: Duration,
+    /// How often a fleet member looks for other hosts' changes.
+    fleet_poll: Duration,
     pool_watch: pool::WatchConfig,
     limits: ServeLimits,
     connections: ConnectionCaps,
@@ -113,16 +115,17 @@ impl Daemon {
                 .context("registering the pool")??
         };
         tracing::info!(file = %claim.file().display(), "pool registered");
-        let database = config.database();
-        let (store, writer) = subid_store::open(&database).await.with_context(|| {
-            format!(
-                "database {} cannot be used; subidd never recreates it: restore it from a \
-                 backup or move it away",
-                database.display()
-            )
-        })?;
-        let quarantine = Duration::from_secs(config.quarantine_seconds);
-        let leases = LeaseService::start(store, writer, pool, quarantine).await?;
+        let (store, writer) = open_store(config).await?;
+        let poll = Duration::from_millis(config.store.poll_interval_ms);
+        let options = StartOptions {
+            // Other hosts of a fleet stop a lease's processes within a poll interval (or a
+            // notification) plus the kill grace and the teardown's SIGKILL wait.
+            release_wait: Duration::from_millis(config.kill_grace_ms)
+                + Duration::from_secs(10)
+                + 2 * poll,
+            ..StartOptions::new(Duration::from_secs(config.quarantine_seconds))
+        };
+        let leases = LeaseService::start_with(store, writer, pool, options).await?;
         pool::refuse_undelegated(&leases, config).await?;
         if let Ok(prefix) = std::env::var(crate::holds::TEST_FOREIGN_CGROUPS_ENV)
             && let Some(own) = &config.cgroup_parent
@@ -197,6 +200,7 @@ impl Daemon {
             },
             tcp,
             expiry_interval: Duration::from_millis(config.expiry_interval_ms),
+            fleet_poll: poll,
             pool_watch: pool::WatchConfig {
                 subuid_file: config.subuid_file.clone(),
                 subgid_file: config.subgid_file.clone(),
@@ -220,6 +224,12 @@ impl Daemon {
                 .run_expiry(self.expiry_interval),
         );
         let pool_watch = tokio::spawn(pool::watch(self.state.leases.clone(), self.pool_watch));
+        // With a fleet's store: this host keeps in step with the others (nothing otherwise).
+        let fleet = tokio::spawn(crate::fleet::run(
+            self.state.leases.clone(),
+            self.state.processes.clone(),
+            self.fleet_poll,
+        ));
         // One budget of requests in flight for both listeners; it is checked before
         // authentication, so a flood of refused callers is shed as well.
         let limiter = Limiter::new(&self.limits);
@@ -304,6 +314,7 @@ impl Daemon {
         }
         expiry.abort();
         pool_watch.abort();
+        fleet.abort();
         if let Some(watchdog) = watchdog {
             watchdog.abort();
         }
@@ -316,6 +327,50 @@ impl Daemon {
         drop(self.claim);
         result
     }
+}
+
+/// Opens the lease store `[store]` names: the SQLite file of the state directory, or a fleet's
+/// PostgreSQL database (with this host's file beside it for what is local to the host).
+async fn open_store(config: &Config) -> anyhow::Result<(subid_store::Store, subid_store::Writer)> {
+    let database = config.database();
+    let damaged = || {
+        format!(
+            "database {} cannot be used; subidd never recreates it: restore it from a \
+             backup or move it away",
+            database.display()
+        )
+    };
+    let Some(pg) = pg_config(config)? else {
+        tracing::info!(database = %database.display(), "lease store: SQLite");
+        return subid_store::open(&database).await.with_context(damaged);
+    };
+    tracing::info!(store = %pg.redacted(), host = %pg.host_id, "lease store: PostgreSQL");
+    subid_store::open_fleet(&database, &pg)
+        .await
+        .with_context(|| format!("opening the lease store {}", pg.redacted()))
+}
+
+/// How to reach the PostgreSQL store `[store]` names, if it names one.
+pub(crate) fn pg_config(config: &Config) -> anyhow::Result<Option<subid_store::PgConfig>> {
+    let Some(url) = &config.store.url else {
+        return Ok(None);
+    };
+    let password = match &config.store.password_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading store.password_file {}", path.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        ),
+        None => None,
+    };
+    Ok(Some(subid_store::PgConfig {
+        url: url.clone(),
+        password,
+        host_id: config.store.resolve_host_id()?,
+        timeout: Duration::from_millis(config.store.timeout_ms),
+        max_connections: config.store.max_connections,
+    }))
 }
 
 /// Serves `app` on a bound unix listener until `shutdown` completes; each connection's

@@ -6,10 +6,11 @@ use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use subid_core::{LeaseState, Pool, validate_labels, validate_name};
+use subid_store::LeaseFilter;
 
 use super::model::{
-    CreateBody, EmptyBody, EventList, EventView, IdmapJson, IdmapView, LeaseBody, LeaseList,
-    LeaseView, LookupView, PoolView, PoolWarningView, TTL_MAX,
+    ClaimView, CreateBody, EmptyBody, EventList, EventView, IdmapJson, IdmapView, LeaseBody,
+    LeaseHostView, LeaseList, LeaseView, LookupView, PoolView, PoolWarningView, TTL_MAX,
 };
 use super::{
     ApiResult, AppState, Caller, JsonBody, LeaseName, QueryParams, St, caller_uid, json, parse_bool,
@@ -23,6 +24,36 @@ use crate::lease::{CreateMode, LeaseSpec, ReleaseKind};
 pub async fn pool(State(state): St, query: QueryParams) -> ApiResult {
     query.check(&[], &[])?;
     let (pool, counts) = state.leases.pool_status();
+    let host = state.leases.host_id().map(str::to_string);
+    let mut claims: Vec<ClaimView> = state
+        .leases
+        .pool_claims()
+        .into_iter()
+        .map(|a| ClaimView {
+            host: host.clone(),
+            ..ClaimView::from(a)
+        })
+        .collect();
+    // Other hosts' claims (a fleet): withheld here as well.
+    for c in state.leases.fleet_claims() {
+        let conflicts = state.leases.active_leases_in(c.first, c.count).await?;
+        claims.push(ClaimView {
+            claim: if c.process {
+                format!("{} (a process on host {})", c.source, c.host)
+            } else {
+                c.source
+            },
+            first_block: c.first,
+            blocks: c.count,
+            status: if conflicts.is_empty() {
+                "withheld"
+            } else {
+                "conflict"
+            },
+            leases: conflicts,
+            host: Some(c.host),
+        });
+    }
     let view = PoolView {
         base: pool.base(),
         size: pool.range().len(),
@@ -45,28 +76,31 @@ pub async fn pool(State(state): St, query: QueryParams) -> ApiResult {
                     .map(|(block, who)| PoolWarningView::process_hold(block, who)),
             )
             .collect(),
-        claims: state
-            .leases
-            .pool_claims()
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+        claims,
+        host,
+        store: state.leases.store().backend().as_str(),
     };
     Ok(json(StatusCode::OK, &view))
 }
 
-/// The leases, filtered by state and labels.
+/// The leases, filtered by state and labels: every one at once (streamed, so the daemon's
+/// memory does not grow with their number), or with `limit`, a page and a `continue` token for
+/// the next one.
 #[utoipa::path(get, path = "/v1/leases", tag = "leases", operation_id = "list_leases",
     params(
         ("state" = Option<String>, Query, pattern = "^(active|released|all)$",
             description = "`active` (the default), `released` or `all`"),
         ("label" = Option<Vec<String>>, Query, style = Form, explode = true,
             description = "`key=value`; repeat it to ask for all of several labels"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000,
+            description = "at most this many leases; `continue` in the answer names the next page"),
+        ("continue" = Option<String>, Query,
+            description = "the `continue` of the previous page (with the same `state` and `label`)"),
     ),
     responses((status = 200, body = LeaseList), (status = 400, description = INVALID, body = ErrorBody)))]
 pub async fn list(State(state): St, query: QueryParams) -> ApiResult {
-    let single = query.check(&["state", "label"], &["label"])?;
-    let filter = match single.get("state").copied() {
+    let single = query.check(&["state", "label", "limit", "continue"], &["label"])?;
+    let filter_state = match single.get("state").copied() {
         None | Some("active") => Some(LeaseState::Active),
         Some("released") => Some(LeaseState::Released),
         Some("all") => None,
@@ -85,11 +119,183 @@ pub async fn list(State(state): St, query: QueryParams) -> ApiResult {
         };
         labels.push((key.to_string(), value.to_string()));
     }
-    let leases = state.leases.store().list_leases(filter, &labels).await?;
+    let filter = LeaseFilter {
+        state: filter_state,
+        labels,
+    };
+    let limit = match single.get("limit") {
+        None => None,
+        Some(raw) => match raw.parse::<u32>() {
+            Ok(n) if (1..=LIST_LIMIT_MAX).contains(&n) => Some(n),
+            _ => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "limit={raw:?}: expected a number from 1 to {LIST_LIMIT_MAX}"
+                )));
+            }
+        },
+    };
+    let after = match single.get("continue") {
+        None | Some(&"") => None,
+        Some(token) => Some(Continue::decode(token, &filter)?),
+    };
+    let store = state.leases.store().clone();
+    let Some(limit) = limit else {
+        return Ok(stream_leases(store, filter, after));
+    };
+    // One more than asked says whether another page follows.
+    let mut page = store
+        .list_leases_page(
+            &filter,
+            after.as_ref().map(|c| (c.name.as_str(), c.id)),
+            limit + 1,
+        )
+        .await?;
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
+    let next = match page.last() {
+        Some(last) if more => Some(Continue::encode(&last.name, last.id, &filter)),
+        _ => None,
+    };
     let view = LeaseList {
-        leases: leases.iter().map(LeaseView::from).collect(),
+        leases: page.iter().map(LeaseView::from).collect(),
+        next,
     };
     Ok(json(StatusCode::OK, &view))
+}
+
+/// The largest `limit` of a lease list.
+pub const LIST_LIMIT_MAX: u32 = 10_000;
+/// Leases read from the store per page of a streamed list.
+const STREAM_PAGE: u32 = 500;
+
+/// `{"leases":[...]}` of every matching lease, read and sent a page at a time. A store failure
+/// half-way ends the body early, so the client sees a cut-off document, never a short list.
+fn stream_leases(
+    store: subid_store::Store,
+    filter: LeaseFilter,
+    after: Option<Continue>,
+) -> Response {
+    struct Walk {
+        store: subid_store::Store,
+        filter: LeaseFilter,
+        after: Option<(String, i64)>,
+        first: bool,
+        done: bool,
+    }
+    let walk = Walk {
+        store,
+        filter,
+        after: after.map(|c| (c.name, c.id)),
+        first: true,
+        done: false,
+    };
+    let body = futures_util::stream::unfold(walk, |mut walk| async move {
+        if walk.done {
+            return None;
+        }
+        let page = walk
+            .store
+            .list_leases_page(
+                &walk.filter,
+                walk.after.as_ref().map(|(n, i)| (n.as_str(), *i)),
+                STREAM_PAGE,
+            )
+            .await;
+        let page = match page {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::error!(%error, "a streamed lease list failed half-way; cutting it off");
+                walk.done = true;
+                return Some((Err(std::io::Error::other(error)), walk));
+            }
+        };
+        let mut chunk = Vec::with_capacity(page.len() * 512 + 16);
+        if walk.first {
+            chunk.extend_from_slice(b"{\"leases\":[");
+        }
+        for (i, lease) in page.iter().enumerate() {
+            if !walk.first || i > 0 {
+                chunk.push(b',');
+            }
+            // Plain data always serialises.
+            if serde_json::to_writer(&mut chunk, &LeaseView::from(lease)).is_err() {
+                walk.done = true;
+                return Some((Err(std::io::Error::other("cannot render a lease")), walk));
+            }
+        }
+        walk.first = false;
+        if page.len() < STREAM_PAGE as usize {
+            chunk.extend_from_slice(b"]}");
+            walk.done = true;
+        }
+        walk.after = page.last().map(|l| (l.name.clone(), l.id));
+        Some((Ok(axum::body::Bytes::from(chunk)), walk))
+    });
+    let mut response = axum::body::Body::from_stream(body).into_response();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Where a paged list goes on: after this (name, id), for these filters.
+struct Continue {
+    name: String,
+    id: i64,
+}
+
+impl Continue {
+    /// `v1.<id>.<filters' hash>.<name in hex>`: opaque to clients, and tied to the filters so
+    /// that a token is not used for another list by mistake.
+    fn encode(name: &str, id: i64, filter: &LeaseFilter) -> String {
+        let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("v1.{id}.{:016x}.{hex}", filter_hash(filter))
+    }
+
+    fn decode(token: &str, filter: &LeaseFilter) -> Result<Continue, ApiError> {
+        let bad = || {
+            ApiError::InvalidRequest(
+                "continue: not a token of this list; pass the `continue` of the previous page \
+                 unchanged"
+                    .into(),
+            )
+        };
+        let mut parts = token.splitn(4, '.');
+        let (Some("v1"), Some(id), Some(hash), Some(hex)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let id: i64 = id.parse().map_err(|_| bad())?;
+        if u64::from_str_radix(hash, 16).map_err(|_| bad())? != filter_hash(filter) {
+            return Err(ApiError::InvalidRequest(
+                "continue: the token belongs to a list with other state or label parameters".into(),
+            ));
+        }
+        if hex.len() % 2 != 0 || hex.len() > 2 * 128 {
+            return Err(bad());
+        }
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| bad())?;
+        let name = String::from_utf8(bytes).map_err(|_| bad())?;
+        Ok(Continue { name, id })
+    }
+}
+
+/// FNV-1a of the filters, labels in a fixed order.
+fn filter_hash(filter: &LeaseFilter) -> u64 {
+    let mut labels = filter.labels.clone();
+    labels.sort();
+    let mut text = filter.state.map_or("all", |s| s.as_str()).to_string();
+    for (k, v) in labels {
+        text.push_str(&format!("\u{0}{k}={v}"));
+    }
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Error descriptions shared by the operations of this file.
@@ -117,6 +323,25 @@ pub async fn get_one(
     if let Some((current, denied)) = state.processes.pids_usage(&lease) {
         view.limits.pids_current = Some(current);
         view.limits.pids_denied = Some(denied);
+    }
+    // A fleet: where the lease has processes (left out while the store is out of reach and
+    // the lease comes from this host's own copy).
+    if state.leases.host_id().is_some() && lease.state == LeaseState::Active {
+        match state.leases.store().lease_hosts(lease.id).await {
+            Ok(hosts) => {
+                view.hosts = Some(
+                    hosts
+                        .into_iter()
+                        .map(|h| LeaseHostView {
+                            host: h.host,
+                            live: h.live,
+                        })
+                        .collect(),
+                );
+            }
+            Err(error) if error.is_unreachable() => {}
+            Err(error) => return Err(error.into()),
+        }
     }
     Ok(json(StatusCode::OK, &view))
 }
@@ -229,7 +454,9 @@ pub async fn renew(
     ),
     responses((status = 204, description = "released"), (status = 400, description = INVALID, body = ErrorBody),
         (status = 404, description = "not_found: no active lease of that name", body = ErrorBody),
-        (status = 409, description = "lease_busy: it has live processes and `force` was not given", body = ErrorBody),
+        (status = 202, description = "release_pending (a fleet, `force`): the release is recorded and completes once the hosts named stop the lease's processes", body = ErrorBody),
+        (status = 409, description = "lease_busy: it has live processes (on this host, or on the hosts named) and `force` was not given", body = ErrorBody),
+        (status = 503, description = "store_unavailable: the lease store cannot be reached; nothing was done", body = ErrorBody),
         (status = 507, description = FULL, body = ErrorBody)))]
 pub async fn delete(
     State(state): St,
@@ -243,9 +470,14 @@ pub async fn delete(
         None => Ok(false),
     };
     let (purge, force) = (flag("purge")?, flag("force")?);
+    let kind = if force {
+        ReleaseKind::ForcedDelete
+    } else {
+        ReleaseKind::Delete
+    };
     state
         .processes
-        .release(name, purge, force, caller_uid(caller), ReleaseKind::Delete)
+        .release(name, purge, force, caller_uid(caller), kind)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

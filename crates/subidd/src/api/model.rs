@@ -122,6 +122,23 @@ pub struct LeaseView {
     /// The kernel's `uid_map` line for this lease (`0 <uid_base> <size>`), without newline.
     pub uid_map: String,
     pub gid_map: String,
+    /// A fleet only: when a forced release (or expiry) of this active lease was asked for that
+    /// waits for hosts to stop its processes (see `hosts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_requested_at: Option<String>,
+    /// A fleet only (`GET /v1/leases/{name}`): the hosts where the lease has a namespace,
+    /// cgroup or processes, and whether they have live processes of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<LeaseHostView>>,
+}
+
+/// `hosts[]` of a lease in a fleet.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaseHostView {
+    /// The host's `store.host_id`.
+    pub host: String,
+    /// It has live processes of the lease (a plain `DELETE` is refused while any host has).
+    pub live: bool,
 }
 
 /// A namespace a lease's processes may share (`namespaces`).
@@ -198,6 +215,8 @@ impl From<&LeaseRecord> for LeaseView {
             },
             uid_map: map_line(lease.uid_base, lease.size),
             gid_map: map_line(lease.gid_base, lease.size),
+            release_requested_at: lease.release_requested_at.map(rfc3339),
+            hosts: None,
         }
     }
 }
@@ -210,7 +229,12 @@ pub fn map_line(base: u32, size: u32) -> String {
 /// `GET /v1/leases` answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LeaseList {
+    /// In order of name, then creation.
     pub leases: Vec<LeaseView>,
+    /// With `limit`, when more leases may follow: pass it as `continue` for the next page.
+    /// Opaque; valid with the same `state` and `label` parameters.
+    #[serde(rename = "continue", skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// `GET /v1/pool` answer.
@@ -230,8 +254,14 @@ pub struct PoolView {
     /// Active leases whose ids another id owner claims (found by the pool re-check), and blocks
     /// withheld because a live process holds their ids.
     pub warnings: Vec<PoolWarningView>,
-    /// Every claim of another id owner on ids of the pool, and what it means.
+    /// Every claim of another id owner on ids of the pool, and what it means; with a fleet's
+    /// store also those other hosts found (with their `host`), which are withheld here too.
     pub claims: Vec<ClaimView>,
+    /// A fleet only: this host's `store.host_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Where leases are kept: `sqlite` or `postgresql`.
+    pub store: &'static str,
 }
 
 /// `GET /v1/pool` `claims[]`.
@@ -247,6 +277,10 @@ pub struct ClaimView {
     pub status: &'static str,
     /// The leases concerned (`hands_on`, `conflict`).
     pub leases: Vec<String>,
+    /// A fleet only: the host whose checks found it (its /etc/subuid, /etc/subgid, users, or
+    /// processes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 impl From<crate::lease::AppliedClaim> for ClaimView {
@@ -263,6 +297,7 @@ impl From<crate::lease::AppliedClaim> for ClaimView {
             blocks: a.blocks.1,
             status,
             leases,
+            host: None,
         }
     }
 }

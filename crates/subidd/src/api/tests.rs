@@ -195,7 +195,7 @@ async fn concurrent_creates_commit_together_and_never_overlap() {
     for task in tasks {
         match task.await.expect("join") {
             Ok(created) => bases.push(created.lease.uid_base),
-            Err(ApiError::PoolExhausted(_)) => exhausted += 1,
+            Err(crate::service_error::ServiceError::Exhausted { .. }) => exhausted += 1,
             Err(other) => panic!("unexpected {other:?}"),
         }
     }
@@ -406,7 +406,7 @@ async fn events_stream_delivers_live_events() {
 async fn a_lagging_event_stream_catches_up_from_the_database() {
     let burst = crate::events::LIVE_BUFFER + 100;
     let blocks = u32::try_from(burst).expect("small") + 8;
-    let (_dir, app, _) = app(blocks, Duration::from_secs(60)).await;
+    let (_dir, app, leases) = app(blocks, Duration::from_secs(60)).await;
     let request = Request::builder()
         .uri("/v1/events")
         .body(Body::empty())
@@ -443,6 +443,13 @@ async fn a_lagging_event_stream_catches_up_from_the_database() {
         assert_eq!(task.await.expect("task").0, StatusCode::CREATED);
     }
     let mut last = first["id"].as_i64().expect("id");
+    // The publisher runs on a task of its own: let it publish the whole burst before reading.
+    let published = last + i64::try_from(burst).expect("small");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while leases.feed().last_id() < published {
+        assert!(std::time::Instant::now() < deadline, "burst not published");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for _ in 0..burst {
         let event = next_line().await;
         let id = event["id"].as_i64().expect("id");

@@ -160,6 +160,20 @@ impl ProcessService {
 
     /// Reads the attachments a previous daemon recorded, for the active leases (by name ->
     /// id); the records of other names go.
+    /// The names of the leases with attachment records (their directories under
+    /// `<runtime_dir>/attached`).
+    pub(super) fn attached_names(&self) -> Vec<String> {
+        let dir = self.inner.config.runtime_dir.join("attached");
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub(super) fn load_attachments(&self, active: &BTreeMap<String, i64>) {
         let dir = self.inner.config.runtime_dir.join("attached");
         let Ok(entries) = std::fs::read_dir(&dir) else {

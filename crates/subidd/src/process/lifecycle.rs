@@ -11,10 +11,11 @@ use subid_store::LeaseRecord;
 use subid_sys::{members, userns};
 
 use super::namespaces::ns_spec;
-use super::{ProcessService, SIGKILL, SIGTERM, lock_map};
+use super::{ProcessService, SIGKILL, SIGTERM, cache_lease, lock_map};
 use crate::error::ApiError;
 use crate::lease::{Caller, CreateMode, Created, LeaseSpec, ReleaseKind, is_expired, now_ms};
 use crate::logs::{STREAMS, log_path};
+use crate::service_error::ServiceError;
 
 /// How long removing a released lease's logs may wait for the keeper.
 const LOGS_REMOVAL: Duration = Duration::from_secs(10);
@@ -64,7 +65,7 @@ impl ProcessService {
         }
         if done.lease.state == subid_core::LeaseState::Active {
             // Its first spawn, which often follows at once, need not read it back.
-            lock_map(&self.inner.lease_cache).insert(name, done.lease.clone());
+            cache_lease(&self.inner.lease_cache, name, done.lease.clone());
         }
         Ok(done)
     }
@@ -119,7 +120,7 @@ impl ProcessService {
             .leases
             .release(name.clone(), purge, caller, kind)
             .await;
-        if matches!(result, Err(ApiError::StorageFull)) && self.use_reserve().await {
+        if matches!(result, Err(ServiceError::StoreFull { .. })) && self.use_reserve().await {
             // The disk was full: the reserve's space lets the release through.
             result = self
                 .inner
@@ -129,37 +130,88 @@ impl ProcessService {
         }
         self.forget_lease(&name);
         if result.is_ok() {
-            // The process rows went with the lease; so do their logs (on the blocking pool: a
-            // lease may have thousands, and each unlink touches the disk).
-            let logs = lock_map(&self.inner.logs).clone();
-            let log_dir = self.inner.config.log_dir.clone();
-            let ids: Vec<String> = logs_of.into_iter().map(|p| p.id).collect();
-            let removed = tokio::task::spawn_blocking(move || {
-                let deadline = Instant::now() + LOGS_REMOVAL;
-                match logs {
-                    Some(logs) => logs
-                        .remove_files(&ids, deadline)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    None => {
-                        for id in &ids {
-                            for stream in STREAMS {
-                                let _ = std::fs::remove_file(log_path(&log_dir, id, stream));
-                            }
-                        }
-                        Ok(())
-                    }
-                }
-            })
-            .await;
-            if let Ok(Err(error)) = removed {
-                tracing::warn!(lease = %name, %error, "cannot remove every log of the released lease");
-            }
+            // The process rows went with the lease; so do their logs.
+            self.remove_logs(&name, logs_of).await;
             self.keep_reserve().await;
         }
         drop(guard);
         self.forget_lock(&name, lock);
-        result
+        result.map_err(ApiError::from)
+    }
+
+    /// Removes the log files of a released lease's processes (on the blocking pool: a lease may
+    /// have thousands, and each unlink touches the disk).
+    async fn remove_logs(&self, name: &str, processes: Vec<subid_store::ProcessRecord>) {
+        let logs = lock_map(&self.inner.logs).clone();
+        let log_dir = self.inner.config.log_dir.clone();
+        let ids: Vec<String> = processes.into_iter().map(|p| p.id).collect();
+        let removed = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + LOGS_REMOVAL;
+            match logs {
+                Some(logs) => logs
+                    .remove_files(&ids, deadline)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                None => {
+                    for id in &ids {
+                        for stream in STREAMS {
+                            let _ = std::fs::remove_file(log_path(&log_dir, id, stream));
+                        }
+                    }
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        if let Ok(Err(error)) = removed {
+            tracing::warn!(lease = %name, %error, "cannot remove every log of the released lease");
+        }
+    }
+
+    /// Whether any process of the lease lives on this host (for a fleet's task). A lease another
+    /// request holds counts as live: the answer is asked again on the next turn.
+    async fn any_live(&self, lease: &LeaseRecord) -> bool {
+        let lock = self.lease_lock(&lease.name);
+        let Ok(guard) = self.exclusive(&lock, &lease.name).await else {
+            return true;
+        };
+        let cgroups = Arc::new(Mutex::new(self.take_lease_cgroups(lease)));
+        let live = !self.live_processes(lease, &cgroups).await.is_empty();
+        self.restore_cgroups(lease, &cgroups);
+        drop(guard);
+        self.forget_lock(&lease.name, lock);
+        live
+    }
+
+    /// Stops this host's processes of a lease that is released, or being released, on another
+    /// host of a fleet, and removes its pins, cgroups and logs. A newer active lease of the same
+    /// name owns the name's pin and cgroup: then only this lease's logs go.
+    async fn stop_here(&self, lease: &LeaseRecord) -> Result<(), ServiceError> {
+        let lock = self.lease_lock(&lease.name);
+        let guard = self.exclusive(&lock, &lease.name).await.map_err(busy)?;
+        self.forget_lease(&lease.name);
+        let newer = match self.inner.leases.store().get_lease(&lease.name).await {
+            Ok(Some(now)) => now.id != lease.id && now.state == subid_core::LeaseState::Active,
+            Ok(None) => false,
+            Err(error) => return Err(ServiceError::from(error)),
+        };
+        let stopped = if newer {
+            Ok(())
+        } else {
+            self.teardown(lease, true).await
+        };
+        let logs = self
+            .inner
+            .leases
+            .store()
+            .lease_processes(lease.id)
+            .await
+            .unwrap_or_default();
+        drop(guard);
+        self.forget_lock(&lease.name, lock);
+        stopped.map_err(busy)?;
+        self.remove_logs(&lease.name, logs).await;
+        Ok(())
     }
 
     /// Makes the release reserve again where there is room (see `subid_sys::reserve`).
@@ -439,4 +491,28 @@ fn pid_list(pids: &[i32]) -> String {
         shown.push("...".into());
     }
     shown.join(", ")
+}
+
+/// A lease another request holds, or whose processes outlived the teardown, as the fleet's task
+/// sees it; anything else the teardown met is the daemon's own failure.
+fn busy(error: ApiError) -> ServiceError {
+    match error {
+        ApiError::LeaseBusy(reason) => ServiceError::Busy {
+            reason,
+            hosts: Vec::new(),
+        },
+        other => ServiceError::internal(other.to_string()),
+    }
+}
+
+/// What a fleet's task needs from this host's processes (see `crate::fleet`), built on the
+/// teardown a forced release uses.
+impl crate::fleet::LocalProcesses for ProcessService {
+    async fn local_live(&self, lease: &LeaseRecord) -> bool {
+        self.any_live(lease).await
+    }
+
+    async fn stop_local(&self, lease: &LeaseRecord) -> Result<(), ServiceError> {
+        self.stop_here(lease).await
+    }
 }

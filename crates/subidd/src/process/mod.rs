@@ -267,7 +267,7 @@ impl ProcessService {
         self.forget_lease(&name);
         let renewed = self.inner.leases.renew(name.clone(), caller).await;
         self.forget_lease(&name);
-        renewed
+        Ok(renewed?)
     }
 
     /// The active, unexpired lease of that name.
@@ -285,7 +285,7 @@ impl ProcessService {
             Some(lease)
                 if lease.state == subid_core::LeaseState::Active && !is_expired(&lease, now) =>
             {
-                lock_map(&self.inner.lease_cache).insert(name.to_string(), lease.clone());
+                cache_lease(&self.inner.lease_cache, name.to_string(), lease.clone());
                 Ok(lease)
             }
             _ => Err(ApiError::NotFound(format!("no active lease {name}"))),
@@ -366,6 +366,19 @@ fn internal(what: &str, error: std::io::Error) -> ApiError {
 
 const SIGTERM: i32 = nix::sys::signal::Signal::SIGTERM as i32;
 const SIGKILL: i32 = nix::sys::signal::Signal::SIGKILL as i32;
+
+/// Most leases kept in the cache of active leases: with many leases, memory must not grow with
+/// their number (a cache that is full starts again empty; a miss costs one read).
+const LEASE_CACHE_MAX: usize = 4096;
+
+fn cache_lease(cache: &Mutex<HashMap<String, LeaseRecord>>, name: String, lease: LeaseRecord) {
+    let mut cache = lock_map(cache);
+    if cache.len() >= LEASE_CACHE_MAX && !cache.contains_key(&name) {
+        cache.clear();
+        cache.shrink_to(LEASE_CACHE_MAX);
+    }
+    cache.insert(name, lease);
+}
 
 fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

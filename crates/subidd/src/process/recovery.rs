@@ -97,15 +97,17 @@ impl ProcessService {
                 tracing::warn!(%error, "cannot reach or start the log keeper; spawns will try again");
             }
         }
-        let active: std::collections::BTreeMap<String, i64> = service
-            .inner
-            .leases
-            .store()
-            .list_leases(Some(subid_core::LeaseState::Active), &[])
-            .await?
-            .into_iter()
-            .map(|l| (l.name, l.id))
-            .collect();
+        // Only the leases with attachments are looked up: with many leases, a start must not
+        // read every lease record.
+        let mut active = std::collections::BTreeMap::new();
+        let names = service.active_names().await?;
+        for name in service.attached_names() {
+            if names.contains(&name)
+                && let Some(lease) = service.inner.leases.store().get_lease(&name).await?
+            {
+                active.insert(name, lease.id);
+            }
+        }
         service.load_attachments(&active);
         service.sweep_stale_cgroups().await?;
         service.sweep_stale_pins().await?;
@@ -119,10 +121,9 @@ impl ProcessService {
             .inner
             .leases
             .store()
-            .list_leases(Some(subid_core::LeaseState::Active), &[])
+            .active_names()
             .await?
             .into_iter()
-            .map(|l| l.name)
             .collect())
     }
 

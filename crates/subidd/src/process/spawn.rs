@@ -95,6 +95,9 @@ impl ProcessService {
             rlimits.entry(RlimitName::Nofile).or_insert([soft, hard]);
         }
         let ns_spec = ns_spec(&lease)?;
+        // With a fleet's store, the store hears of the lease's first process on this host
+        // before it starts (refused for a lease on its way out); nothing with SQLite.
+        self.inner.leases.spawning(&lease).await?;
         // Every process of the lease is born in its cgroups.
         let cgroup = self.spawn_cgroup(&lease)?;
         // Its stdout and stderr are pipes to the log keeper, which writes and bounds the files
@@ -211,7 +214,7 @@ impl ProcessService {
                 reaper.wait_timeout(std::time::Duration::from_secs(5))
             })
             .await;
-            return Err(error);
+            return Err(error.into());
         }
         // Recorded: the logs are the process's now, and go with its lease.
         unrecorded.recorded();

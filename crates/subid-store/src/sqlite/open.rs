@@ -17,7 +17,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Connection};
 
-use crate::{BUSY_TIMEOUT, MIGRATOR, Store, StoreError, Writer};
+use super::{BUSY_TIMEOUT, MIGRATOR, SqliteReader, SqliteWriter};
+use crate::StoreError;
 
 /// subidd's `PRAGMA application_id`: the bytes "subd".
 pub const APPLICATION_ID: i32 = 0x7375_6264;
@@ -38,13 +39,13 @@ pub(crate) enum Found {
     Unreadable,
 }
 
-/// Opens (creating when absent) the database at `path`, applies migrations, and returns the read
-/// pool and the writer. An existing file that is not a subidd database, is empty, corrupt, or
+/// Opens (creating when absent) the database at `path`, applies migrations, and returns the
+/// reads and the writer. An existing file that is not a subidd database, is empty, corrupt, or
 /// cannot be written is refused with an error naming the file; it is never recreated.
-pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: path.to_path_buf(),
-        source,
+pub(crate) async fn open(path: &Path) -> Result<(SqliteReader, SqliteWriter), StoreError> {
+    let open_err = |source: sqlx::Error| StoreError::Open {
+        target: path.display().to_string(),
+        source: source.into(),
     };
     check_writable(path)?;
     match inspect(path)? {
@@ -65,8 +66,8 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
         .run(&mut conn)
         .await
         .map_err(|source| StoreError::Migrate {
-            path: path.to_path_buf(),
-            source,
+            target: path.display().to_string(),
+            source: source.into(),
         })?;
     // A database from before the application id was recognised above: stamp it, so that the
     // next start knows it by its header alone.
@@ -85,31 +86,30 @@ pub async fn open(path: &Path) -> Result<(Store, Writer), StoreError> {
             .await
             .map_err(StoreError::write)?;
     }
+    conn.close().await.map_err(open_err)?;
+    // Read connections keep a small page cache each (SQLite's default is 2 MiB): a list of
+    // every lease walks the whole table, and the daemon's memory must not grow with it.
     let readers = SqlitePoolOptions::new()
         .max_connections(4)
         .min_connections(1)
-        .connect_with(options.clone().read_only(true).create_if_missing(false))
+        .connect_with(
+            options
+                .read_only(true)
+                .create_if_missing(false)
+                .pragma("cache_size", "-512"),
+        )
         .await
         .map_err(open_err)?;
-    Ok((
-        Store {
-            readers,
-            path: path.to_path_buf(),
-        },
-        Writer {
-            conn,
-            options: options.create_if_missing(false),
-            path: path.to_path_buf(),
-        },
-    ))
+    let writer = SqliteWriter::open(path)?;
+    Ok((SqliteReader::new(readers, path), writer))
 }
 
 /// How every connection of the lease writer opens the file (never creating it: [`create`] does).
 fn options(path: &Path) -> Result<SqliteConnectOptions, StoreError> {
     Ok(SqliteConnectOptions::from_str("sqlite://")
         .map_err(|source| StoreError::Open {
-            path: path.to_path_buf(),
-            source,
+            target: path.display().to_string(),
+            source: source.into(),
         })?
         .filename(path)
         .create_if_missing(false)
@@ -212,9 +212,9 @@ pub(crate) fn inspect(path: &Path) -> Result<Found, StoreError> {
 /// anything: with no write-ahead log beside it, the file is opened `immutable` (no `-shm`,
 /// no lock); with one, read-only, so that SQLite replays the log into what it reads.
 async fn recognise_unstamped(path: &Path) -> Result<(), StoreError> {
-    let open_err = |source| StoreError::Open {
-        path: path.to_path_buf(),
-        source,
+    let open_err = |source: sqlx::Error| StoreError::Open {
+        target: path.display().to_string(),
+        source: source.into(),
     };
     let wal_pending = std::fs::metadata(beside(path, "-wal")).is_ok_and(|m| m.len() > 0);
     let options = SqliteConnectOptions::new()
@@ -301,9 +301,9 @@ async fn create(path: &Path) -> Result<(), StoreError> {
             Err(e) => return Err(io_err("removing", &leftover, e)),
         }
     }
-    let open_err = |source| StoreError::Open {
-        path: staging.clone(),
-        source,
+    let open_err = |source: sqlx::Error| StoreError::Open {
+        target: staging.display().to_string(),
+        source: source.into(),
     };
     let mut conn = SqliteConnection::connect_with(&options(&staging)?.create_if_missing(true))
         .await
@@ -316,8 +316,8 @@ async fn create(path: &Path) -> Result<(), StoreError> {
         .run(&mut conn)
         .await
         .map_err(|source| StoreError::Migrate {
-            path: staging.clone(),
-            source,
+            target: staging.display().to_string(),
+            source: source.into(),
         })?;
     // Everything into the main file: it is renamed alone.
     sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -393,6 +393,7 @@ fn check_writable(path: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::open;
 
     async fn sqlite(path: &Path, sql: &str) {
         let mut conn = SqliteConnectOptions::new()
