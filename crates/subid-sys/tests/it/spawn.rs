@@ -376,7 +376,10 @@ fn the_creator_keeps_its_capabilities_effective() {
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn a_tenant_that_stops_spawning_children_cannot_hold_the_caller() {
     let mut lease = Lease::new(0x7109_0000);
-    let stopper = "import os, signal\nme = os.getpid()\nwhile True:\n    for d in os.listdir('/proc'):\n        if d.isdigit() and int(d) != me:\n            try:\n                os.kill(int(d), signal.SIGSTOP)\n            except OSError:\n                pass\n";
+    // kill(-1, SIGSTOP): every process the stopper may signal, one system call per round, so
+    // that it catches a spawning child in the short time between its joining the namespace and
+    // its exec.
+    let stopper = "import os, signal\nwhile True:\n    try:\n        os.kill(-1, signal.SIGSTOP)\n    except OSError:\n        pass\n";
     lease
         .spawn(&Command::new(
             "/usr/bin/python3",
