@@ -11,7 +11,7 @@ use serde_json::Value;
 use subidd_tests::pg::PgCluster;
 use subidd_tests::{Client, Daemon};
 
-use crate::util::{assert_error, assert_status};
+use crate::util::{EventStream, assert_error, assert_status};
 
 /// The fleets' pools: away from the default pool other tests' daemons use on this host, and
 /// one slot of 1024 blocks per test, so that the processes of one test (which hold ids of its
@@ -253,6 +253,35 @@ async fn a_name_is_the_same_lease_on_every_host_and_sticky_fleet_wide() {
             "lease.created web-1"
         ]
     );
+}
+
+/// A live event stream on one host carries what another host commits, without a commit of its
+/// own host to wake it (the fleet's task reads other hosts' changes on their notification or
+/// its poll, and wakes the publisher).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(subidd_postgres), ignore = "PostgreSQL is not installed")]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn a_live_event_stream_carries_other_hosts_commits() {
+    // Slot 9: no other test's; these daemons start no process.
+    let fleet = Fleet::start(PgCluster::shared().expect("cluster"), 9, 8, "");
+    let a = fleet.client(0);
+    let first = a
+        .put("/v1/leases/early", None)
+        .await
+        .expect("PUT early on a");
+    assert_status(&first, StatusCode::CREATED, "PUT early on a");
+    let mut live = EventStream::open(&fleet.daemons[1].socket, "?since=0").await;
+    let seen = live.next().await.expect("the backlog");
+    assert_eq!(seen["lease"], "early", "{seen}");
+    let later = a
+        .put("/v1/leases/later", None)
+        .await
+        .expect("PUT later on a");
+    assert_status(&later, StatusCode::CREATED, "PUT later on a");
+    // `next` waits at most 10 s: far beyond one poll interval (200 ms here).
+    let event = live.next().await.expect("the live event");
+    assert_eq!(event["type"], "lease.created", "{event}");
+    assert_eq!(event["lease"], "later", "{event}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,12 +1,16 @@
 //! Shared helpers of the end-to-end tests: pool configs, error and range assertions, and what
-//! /proc says of a process.
+//! /proc says of a process, and the live event stream read line by line.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hyper::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use subidd_tests::{Client, Daemon, Reply};
 
@@ -272,4 +276,67 @@ pub fn processes_in_range(base: u64, size: u64) -> BTreeSet<i32> {
         }
     }
     found
+}
+
+/// A `GET /v1/events` response read line by line as it arrives.
+pub struct EventStream {
+    body: Incoming,
+    buffer: Vec<u8>,
+}
+
+impl EventStream {
+    pub async fn open(socket: &Path, query: &str) -> EventStream {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .expect("connect");
+        let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let request = Request::builder()
+            .uri(format!("/v1/events{query}"))
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = sender.send_request(request).await.expect("send");
+        assert_eq!(response.status(), StatusCode::OK, "GET /v1/events{query}");
+        assert_eq!(
+            response
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some("application/x-ndjson")
+        );
+        EventStream {
+            body: response.into_body(),
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next event, or `None` when the stream ended; panics when nothing comes in 10 s.
+    pub async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                return Some(serde_json::from_slice(&line).expect("a JSON line"));
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(10), self.body.frame())
+                .await
+                .expect("an event or the end of the stream within 10 s");
+            match frame {
+                None => {
+                    assert!(self.buffer.is_empty(), "stream ended mid-line");
+                    return None;
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => panic!("event stream broke: {e}"),
+            }
+        }
+    }
 }

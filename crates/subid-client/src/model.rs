@@ -128,7 +128,8 @@ pub struct CgroupInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolWarning {
     pub code: String,
-    pub lease: String,
+    /// The lease concerned; none for ids a process holds outside any lease.
+    pub lease: Option<String>,
     pub claim: String,
     pub message: String,
 }

@@ -189,3 +189,21 @@ fn a_silent_daemon_times_out() {
     assert!(e.is_unreachable());
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+/// The pool as a daemon answers it while a process outside every lease holds ids of the pool
+/// (`lease` is null) and another owner claims blocks: both read.
+#[test]
+fn pool_warnings_without_a_lease_are_read() {
+    let pool = r#"{"base":1879048192,"size":268304384,"end":2147352576,"block":65536,
+"source":"default","quarantine_seconds":60,"blocks":{"total":4094,"active":1,"quarantined":0,
+"withheld":1,"free":4092},"cgroup":null,"warnings":[{"code":"ids_held_by_process","lease":null,
+"claim":"process 17525 (python3) holds uid 2141978624","message":"withheld"},
+{"code":"claimed","lease":"web","claim":"/etc/subuid line 3","message":"claimed"}],
+"claims":[],"store":"sqlite"}"#;
+    let server = serve(vec![answer("200 OK", pool)]);
+    let client = blocking::Client::new(&server.socket).unwrap();
+    let pool = client.pool().unwrap();
+    assert_eq!(pool.warnings.len(), 2);
+    assert_eq!(pool.warnings[0].lease, None);
+    assert_eq!(pool.warnings[1].lease.as_deref(), Some("web"));
+}

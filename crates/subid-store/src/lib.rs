@@ -28,10 +28,10 @@ pub use copy::{MoveReport, move_in};
 pub use error::{BackendError, Kind, StoreError};
 pub use pg::{CHANNEL, PgConfig};
 pub use process_writer::ProcessWriter;
-pub use sqlite::APPLICATION_ID;
 pub use record::{
     BlockRow, EventKind, EventRecord, LeaseRecord, NewLease, ProcessRecord, ProcessState,
 };
+pub use sqlite::APPLICATION_ID;
 
 /// Which back end holds the leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

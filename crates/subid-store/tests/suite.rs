@@ -470,7 +470,14 @@ async fn leases_outside_the_pool_are_found(mut u: Under) {
 
 async fn a_group_of_leases_goes_in_together(mut u: Under) {
     let news: Vec<NewLease> = (0..3u32)
-        .map(|i| new_lease(&format!("g{i}"), BASE + 2 * i * BLOCK, 2 * BLOCK, 100 + i64::from(i)))
+        .map(|i| {
+            new_lease(
+                &format!("g{i}"),
+                BASE + 2 * i * BLOCK,
+                2 * BLOCK,
+                100 + i64::from(i),
+            )
+        })
         .collect();
     let mut tx = u.writer.begin().await.expect("begin");
     let records = tx.insert_leases(&news, BLOCK).await.expect("insert");
@@ -478,7 +485,12 @@ async fn a_group_of_leases_goes_in_together(mut u: Under) {
     assert_eq!(records.len(), 3);
     for (record, new) in records.iter().zip(&news) {
         assert_eq!(record.name, new.name);
-        let stored = u.store.get_lease(&new.name).await.expect("get").expect("there");
+        let stored = u
+            .store
+            .get_lease(&new.name)
+            .await
+            .expect("get")
+            .expect("there");
         assert_eq!(&stored, record, "each record reads back with its id");
     }
     assert_eq!(u.writer.block_rows().await.expect("blocks").len(), 6);
@@ -497,8 +509,15 @@ async fn a_group_of_leases_goes_in_together(mut u: Under) {
         new_lease("h1", BASE + 2 * BLOCK, BLOCK, 200),
     ];
     let mut tx = u.writer.begin().await.expect("begin");
-    let err = tx.insert_leases(&clash, BLOCK).await.expect_err("a held block");
+    let err = tx
+        .insert_leases(&clash, BLOCK)
+        .await
+        .expect_err("a held block");
     assert!(matches!(err, StoreError::BlockHeld { .. }), "{err:?}");
     drop(tx);
-    assert_eq!(u.store.get_lease("h0").await.expect("get"), None, "nothing went in");
+    assert_eq!(
+        u.store.get_lease("h0").await.expect("get"),
+        None,
+        "nothing went in"
+    );
 }

@@ -216,12 +216,12 @@ pub fn render(event: &EventRecord) -> Bytes {
     if let Some(at) = details.get_mut("expires_at")
         && let Some(ms) = at.as_i64()
     {
-        *at = serde_json::Value::String(crate::api::rfc3339(ms));
+        *at = serde_json::Value::String(crate::wire::rfc3339(ms));
     }
     let line = Line {
         id: event.id,
         kind: event_type(&event.kind),
-        at: crate::api::rfc3339(event.at),
+        at: crate::wire::rfc3339(event.at),
         lease: &event.lease_name,
         caller_uid: event.caller_uid,
         details,

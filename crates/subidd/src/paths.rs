@@ -27,13 +27,17 @@ pub enum PathError {
         message: String,
     },
     #[error(
-        "token_file {} is {problem}: anyone who can read it can use the TCP API, which starts \
-         processes as root inside leases. Fix: chown root:root {}; chmod 0600 {}",
+        "{what} {} is {problem}: {why}. Fix: chown root:root {}; chmod 0600 {}",
         path.display(),
         path.display(),
         path.display()
     )]
-    TokenExposed { path: PathBuf, problem: String },
+    SecretExposed {
+        what: &'static str,
+        path: PathBuf,
+        problem: String,
+        why: &'static str,
+    },
 }
 
 /// Refuses `dir` unless it and every parent of it are owned by root and not writable by group
@@ -123,13 +127,31 @@ pub(crate) fn check_dir_owned_by(
 /// Refuses a token file that is not root's alone: owned by another uid, or with any permission
 /// for group or others.
 pub fn check_token_file(path: &Path) -> Result<(), PathError> {
-    check_token_owned_by(path, 0)
+    check_secret_owned_by(path, 0, TOKEN)
 }
 
-/// [`check_token_file`] with `owner` in place of root.
-fn check_token_owned_by(path: &Path, owner: u32) -> Result<(), PathError> {
+/// Refuses a fleet store's password file that is not root's alone, as [`check_token_file`].
+pub fn check_password_file(path: &Path) -> Result<(), PathError> {
+    check_secret_owned_by(path, 0, PASSWORD)
+}
+
+/// A file whose contents let its reader act as the daemon: its setting, and why it matters.
+type Secret = (&'static str, &'static str);
+
+const TOKEN: Secret = (
+    "token_file",
+    "anyone who can read it can use the TCP API, which starts processes as root inside leases",
+);
+
+const PASSWORD: Secret = (
+    "store.password_file",
+    "anyone who can read it can change and release every lease of every host of the fleet",
+);
+
+/// Refuses `path` unless `owner` owns it and it grants nothing to group or others.
+fn check_secret_owned_by(path: &Path, owner: u32, (what, why): Secret) -> Result<(), PathError> {
     let meta = std::fs::metadata(path).map_err(|source| PathError::Inspect {
-        what: "token_file",
+        what,
         path: path.to_path_buf(),
         source,
     })?;
@@ -141,9 +163,11 @@ fn check_token_owned_by(path: &Path, owner: u32) -> Result<(), PathError> {
     } else {
         return Ok(());
     };
-    Err(PathError::TokenExposed {
+    Err(PathError::SecretExposed {
+        what,
         path: path.to_path_buf(),
         problem,
+        why,
     })
 }
 
@@ -242,7 +266,7 @@ mod tests {
         let me = me(&token);
         for mode in [0o644, 0o640, 0o604, 0o660] {
             chmod(&token, mode);
-            let err = check_token_owned_by(&token, me).expect_err("open to others");
+            let err = check_secret_owned_by(&token, me, TOKEN).expect_err("open to others");
             let text = err.to_string();
             assert!(
                 text.contains(&format!("chmod 0600 {}", token.display()))
@@ -251,8 +275,17 @@ mod tests {
             );
         }
         chmod(&token, 0o600);
-        check_token_owned_by(&token, me).expect("the owner's alone");
-        let err = check_token_owned_by(&token, me.wrapping_add(1)).expect_err("not the owner's");
+        check_secret_owned_by(&token, me, TOKEN).expect("the owner's alone");
+        let err =
+            check_secret_owned_by(&token, me.wrapping_add(1), TOKEN).expect_err("not the owner's");
         assert!(err.to_string().contains(&format!("uid {me}")), "{err}");
+        // A fleet store's password file is held to the same rule, and says what it guards.
+        chmod(&token, 0o640);
+        let err = check_secret_owned_by(&token, me, PASSWORD).expect_err("open to the group");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("store.password_file") && text.contains("every lease of every host"),
+            "{text}"
+        );
     }
 }

@@ -356,12 +356,13 @@ pub(crate) fn pg_config(config: &Config) -> anyhow::Result<Option<subid_store::P
         return Ok(None);
     };
     let password = match &config.store.password_file {
-        Some(path) => Some(
+        Some(path) => Some({
+            paths::check_password_file(path)?;
             std::fs::read_to_string(path)
                 .with_context(|| format!("reading store.password_file {}", path.display()))?
                 .trim_end_matches(['\r', '\n'])
-                .to_string(),
-        ),
+                .to_string()
+        }),
         None => None,
     };
     Ok(Some(subid_store::PgConfig {

@@ -1,6 +1,6 @@
 //! Small facts of the wire that the API layer and the layers below it share, kept here so that
 //! nothing below `api/` reaches up into it: the API's version and booleans as people type them in
-//! a query.
+//! a query, and times as RFC 3339.
 
 use crate::error::ApiError;
 
@@ -16,4 +16,11 @@ pub fn parse_bool(key: &str, value: &str) -> Result<bool, ApiError> {
             "{key}={other:?}: expected true or false"
         ))),
     }
+}
+
+/// Unix milliseconds as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
 }

@@ -18,7 +18,6 @@ pub(crate) use open::open;
 pub(crate) use read::{STALE_CAPPED, SqliteReader};
 pub(crate) use write::{SqliteTx, SqliteWriter};
 
-
 /// The migrations under the workspace's `migrations/`, embedded in the binary.
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 

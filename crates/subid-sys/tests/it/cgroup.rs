@@ -14,6 +14,11 @@ use subid_sys::{ChildStep, Command, Errno, PidFd, SysError};
 
 use crate::support::{Lease, mounted, sh, wait_for_lines};
 
+/// Held (shared) by every test that starts a v1 spawner, whose pidfd of this process lives in
+/// this process's descriptor table as long as the spawner does; taken alone by the test that
+/// counts those descriptors.
+static SPAWNERS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// A parent cgroup for one test, removed (with anything left in it) on drop.
 struct TestParent(CgroupParent);
 
@@ -296,6 +301,7 @@ fn no_pids_controller_is_refused_with_its_reason() {
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn clone_into_cgroup_on_the_real_cgroup2_hierarchy() {
+    let _spawners = SPAWNERS.read().unwrap_or_else(|e| e.into_inner());
     let h = unified_hierarchy();
     let parent = TestParent::new(&h, "v2");
     if !h.pids {
@@ -329,6 +335,7 @@ fn clone_into_cgroup_on_the_real_cgroup2_hierarchy() {
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn lease_spawner_clones_joins_inside_the_cgroup() {
+    let _spawners = SPAWNERS.read().unwrap_or_else(|e| e.into_inner());
     let h = pids_hierarchy();
     let parent = TestParent::new(&h, "spawner");
     let cg = LeaseCgroup::create(&parent.0, "l", Some(10)).unwrap();
@@ -394,6 +401,7 @@ fn lease_spawner_clones_joins_inside_the_cgroup() {
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn a_join_into_a_full_lease_is_refused_when_forked_inside() {
+    let _spawners = SPAWNERS.read().unwrap_or_else(|e| e.into_inner());
     let h = pids_hierarchy();
     let parent = TestParent::new(&h, "full");
     let cg = LeaseCgroup::create(&parent.0, "l", Some(3)).unwrap();
@@ -467,6 +475,7 @@ fn spawn_in(lease: &mut Lease, cgs: &mut LeaseCgroups, mut cmd: Command) -> i32 
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn pids_max_is_the_whole_budget_and_spares_other_leases() {
+    let _spawners = SPAWNERS.read().unwrap_or_else(|e| e.into_inner());
     let parents = TestParents::new("budget");
     let mut a = LeaseCgroups::open_or_create(&parents.0, "a", Some(25)).unwrap();
     let mut b = LeaseCgroups::open_or_create(&parents.0, "b", Some(25)).unwrap();
@@ -523,6 +532,7 @@ fn pids_max_is_the_whole_budget_and_spares_other_leases() {
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn first_spawn_join_and_grandchild_are_the_leases_members() {
+    let _spawners = SPAWNERS.read().unwrap_or_else(|e| e.into_inner());
     let parents = TestParents::new("members");
     let mut cgs = LeaseCgroups::open_or_create(&parents.0, "l", None).unwrap();
     assert_eq!(cgs.pids_usage(), None, "no cap, no usage");
@@ -556,6 +566,7 @@ fn first_spawn_join_and_grandchild_are_the_leases_members() {
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn failed_spawns_leave_nothing_in_the_lease_cgroups() {
+    let _spawners = SPAWNERS.read().unwrap_or_else(|e| e.into_inner());
     let parents = TestParents::new("fail");
     let mut cgs = LeaseCgroups::open_or_create(&parents.0, "l", Some(10)).unwrap();
     let mut lease = Lease::new(0x7104_0000);
@@ -592,6 +603,7 @@ fn failed_spawns_leave_nothing_in_the_lease_cgroups() {
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn teardown_kills_nested_namespaces_and_fork_racers() {
+    let _spawners = SPAWNERS.read().unwrap_or_else(|e| e.into_inner());
     let parents = TestParents::new("escape");
     let mut cgs = LeaseCgroups::open_or_create(&parents.0, "l", None).unwrap();
     let mut lease = Lease::new(0x7105_0000);
@@ -622,8 +634,8 @@ fn teardown_kills_nested_namespaces_and_fork_racers() {
         .unwrap();
 }
 
-/// The descriptors of this process that are pidfds of this process itself (other tests running
-/// beside this one open pidfds of their children, never of us).
+/// The descriptors of this process that are pidfds of this process itself (only v1 spawners open
+/// them: see [`SPAWNERS`]).
 fn own_pidfds() -> Vec<i32> {
     let me = std::process::id().to_string();
     fs::read_dir("/proc/self/fd")
@@ -649,6 +661,8 @@ fn own_pidfds() -> Vec<i32> {
     ignore = "needs a v1 pids hierarchy (the spawner)"
 )]
 fn a_killed_spawner_leaves_no_descriptor_behind() {
+    // Alone: the spawners of the other tests hold pidfds of this process too.
+    let _alone = SPAWNERS.write().unwrap_or_else(|e| e.into_inner());
     let h = pids_hierarchy();
     let parent = TestParent::new(&h, "spawnerfd");
     let cg = LeaseCgroup::create(&parent.0, "l", None).unwrap();

@@ -1,11 +1,13 @@
 //! Handlers for the pool, leases, their id maps, history, and reverse lookup.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use axum::Extension;
 use axum::extract::State;
 use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use subid_core::{LeaseState, Pool, validate_labels, validate_name};
+use subid_core::{LeaseState, NamespaceKind, Pool, validate_labels, validate_name};
 use subid_store::LeaseFilter;
 
 use super::model::{
@@ -647,21 +649,23 @@ pub(super) fn spec(
             "ttl_seconds {ttl} must be between 1 and {TTL_MAX}"
         )));
     }
-    let rlimits = rlimits.unwrap_or_default();
-    for (name, limits) in &rlimits {
-        super::processes::check_rlimit(name, *limits)?;
-    }
-    let mut namespaces = namespaces.unwrap_or_default();
-    namespaces.sort();
-    namespaces.dedup();
-    if let Some(bad) = namespaces
+    let rlimits = rlimits
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, limits)| Ok((super::processes::check_rlimit(&name, limits)?, limits)))
+        .collect::<Result<BTreeMap<_, _>, ApiError>>()?;
+    let namespaces = namespaces
+        .unwrap_or_default()
         .iter()
-        .find(|n| !matches!(n.as_str(), "mnt" | "uts" | "ipc" | "net"))
-    {
-        return Err(ApiError::InvalidRequest(format!(
-            "namespace {bad:?} is not one of mnt, uts, ipc, net (the user namespace is always there)"
-        )));
-    }
+        .map(|name| {
+            NamespaceKind::parse(name).map_err(|_| {
+                ApiError::InvalidRequest(format!(
+                    "namespace {name:?} is not one of mnt, uts, ipc, net (the user namespace is \
+                     always there)"
+                ))
+            })
+        })
+        .collect::<Result<BTreeSet<_>, ApiError>>()?;
     Ok(LeaseSpec {
         size: Some(size.unwrap_or(pool.block())),
         labels,

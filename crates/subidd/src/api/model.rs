@@ -1,12 +1,13 @@
 //! The JSON shapes of the v1 API: request bodies (unknown fields refused) and answers.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use subid_core::{IdRange, PoolCounts, lease_map, render_map, render_subid_line};
 use subid_store::{EventRecord, LeaseRecord};
 use utoipa::ToSchema;
+
+pub use crate::wire::rfc3339;
 
 /// `POST /v1/leases/{name}/renew` body: none, or an empty object.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -515,10 +516,4 @@ impl From<&EventRecord> for EventView {
             caller_uid: e.caller_uid,
         }
     }
-}
-
-/// Unix milliseconds as RFC 3339 UTC with milliseconds.
-pub fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(t).to_string()
 }

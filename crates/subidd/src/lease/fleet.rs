@@ -249,7 +249,11 @@ impl LeaseService {
         }
         let (reply, rx) = oneshot::channel();
         self.send(Command::CatchUp { reply }).await?;
-        rx.await.map_err(|_| ServiceError::ShuttingDown)?
+        rx.await.map_err(|_| ServiceError::ShuttingDown)??;
+        // Other hosts' commits added events to the fleet's feed: the publisher reads them now,
+        // not at this host's next own commit.
+        self.inner.published.notify_one();
+        Ok(())
     }
 
     /// After this host stopped and cleaned up what it had of `lease` (released, or on its way

@@ -9,12 +9,12 @@ mod claims;
 mod fleet;
 mod writer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use subid_core::{Allocator, Pool, PoolCounts};
+use subid_core::{Allocator, NamespaceKind, Pool, PoolCounts, RlimitName};
 use subid_store::{
     Backend, LeaseRecord, PoolMeta, ProcessRecord, ProcessState, ProcessWriter, Store, StoreError,
     Writer,
@@ -37,14 +37,35 @@ pub struct LeaseSpec {
     pub size: Option<u32>,
     pub labels: BTreeMap<String, String>,
     pub ttl_seconds: Option<u32>,
-    /// Default rlimits of the lease's processes, name -> [soft, hard] (checked by the API).
-    pub rlimits: BTreeMap<String, [u64; 2]>,
-    /// Extra namespaces, sorted and without repeats (checked by the API).
-    pub namespaces: Vec<String>,
+    /// Default rlimits of the lease's processes, [soft, hard] (soft <= hard, checked by the API).
+    pub rlimits: BTreeMap<RlimitName, [u64; 2]>,
+    /// Extra namespaces besides the user namespace.
+    pub namespaces: BTreeSet<NamespaceKind>,
     /// The cgroup cap (`pids.max`).
     pub pids_max: Option<u64>,
     /// The owner cap (the namespace creator's RLIMIT_NPROC).
     pub max_processes: Option<u64>,
+}
+
+impl LeaseSpec {
+    /// The rlimits as the store keeps them: by name.
+    pub(crate) fn stored_rlimits(&self) -> BTreeMap<String, [u64; 2]> {
+        self.rlimits
+            .iter()
+            .map(|(name, limits)| (name.as_str().to_string(), *limits))
+            .collect()
+    }
+
+    /// The namespaces as the store keeps them: names, sorted by name.
+    pub(crate) fn stored_namespaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .namespaces
+            .iter()
+            .map(|n| n.as_str().to_string())
+            .collect();
+        names.sort();
+        names
+    }
 }
 
 /// How a create request treats an existing lease of the same name.

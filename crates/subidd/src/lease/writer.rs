@@ -729,8 +729,8 @@ async fn create(
         let same = existing.size == size
             && existing.labels == spec.labels
             && existing.ttl_seconds == ttl_seconds
-            && existing.rlimits == spec.rlimits
-            && existing.namespaces == spec.namespaces
+            && existing.rlimits == spec.stored_rlimits()
+            && existing.namespaces == spec.stored_namespaces()
             && existing.pids_max == spec.pids_max
             && existing.max_processes == spec.max_processes;
         if same {
@@ -814,8 +814,8 @@ async fn create(
         created_at: now,
         expires_at: ttl_seconds.map(|t| now.saturating_add(i64::from(t) * 1000)),
         created_by: caller,
-        rlimits: spec.rlimits.clone(),
-        namespaces: spec.namespaces.clone(),
+        rlimits: spec.stored_rlimits(),
+        namespaces: spec.stored_namespaces(),
         pids_max: spec.pids_max,
         max_processes: spec.max_processes,
     };
