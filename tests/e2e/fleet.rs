@@ -151,20 +151,25 @@ async fn concurrent_clients_on_three_hosts_get_distinct_leases() {
         })
         .collect();
     assert_eq!(stored, acked);
-    // Each host sees the whole fleet's leases.
+    // Each host sees the whole fleet's leases once it has read the others' last commits (on
+    // their notification, or its next poll: 200 ms here; waited for up to 10 s).
     for host in 0..3 {
-        let pool = fleet
-            .client(host)
-            .get("/v1/pool")
-            .await
-            .expect("pool")
-            .json();
-        assert_eq!(pool["store"], "postgresql");
-        assert_eq!(
-            pool["blocks"]["active"].as_u64(),
-            Some((3 * CLIENTS * EACH) as u64),
-            "host {host}: {pool}"
-        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pool = fleet
+                .client(host)
+                .get("/v1/pool")
+                .await
+                .expect("pool")
+                .json();
+            assert_eq!(pool["store"], "postgresql");
+            let active = pool["blocks"]["active"].as_u64();
+            if active == Some((3 * CLIENTS * EACH) as u64) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "host {host}: {pool}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
