@@ -3,9 +3,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
@@ -13,72 +11,26 @@ use serde_json::Value;
 const BASE: u64 = 1_879_048_192;
 const BLOCK: u64 = 65_536;
 
-/// A running `subidd` with its own temp dir; killed on drop.
-struct Daemon {
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    child: Child,
+/// A running `subidd` on temp paths, started by the tests' shared harness: on drop it is
+/// killed and its namespace pins, log keeper and lease cgroups go with it, also when a test
+/// fails.
+struct Daemon(subidd_tests::Daemon);
+
+impl std::ops::Deref for Daemon {
+    type Target = subidd_tests::Daemon;
+
+    fn deref(&self) -> &subidd_tests::Daemon {
+        &self.0
+    }
 }
 
 impl Daemon {
     fn start() -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = |name: &str| dir.path().join(name);
-        // Empty subuid/subgid files keep the host's own from deciding the test's pool.
-        std::fs::write(path("subuid"), "").expect("write subuid");
-        std::fs::write(path("subgid"), "").expect("write subgid");
-        let config = path("subidd.toml");
-        // A pool registry of its own: the tests run daemons with the same pool at once.
-        let text = format!(
-            "state_dir = {:?}\nruntime_dir = {:?}\nsubuid_file = {:?}\nsubgid_file = {:?}\n\
-             pool_registry_dir = {:?}\n",
-            path("state"),
-            path("run"),
-            path("subuid"),
-            path("subgid"),
-            path("pools"),
-        );
-        std::fs::write(&config, text).expect("write config");
-        let log = std::fs::File::create(path("subidd.log")).expect("create log");
-        let child = Command::new(subidd_bin())
-            .arg("--config")
-            .arg(&config)
-            .env_remove("SUBIDD_CONFIG")
-            .env("SUBIDD_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn subidd");
-        let mut daemon = Daemon {
-            socket: path("run").join("subidd.sock"),
-            dir,
-            child,
-        };
-        daemon.wait_ready();
-        daemon
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("subidd exited early with {status}: {}", self.log());
-            }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "subidd did not start in 30s: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Daemon(subidd_tests::Daemon::start("").expect("start subidd"))
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("subidd.log")).unwrap_or_default()
+        self.0.log_text()
     }
 
     /// Runs `subidctl --socket <ours> ARGS`.
@@ -87,32 +39,6 @@ impl Daemon {
         all.extend_from_slice(args);
         ctl(&all)
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `target/<profile>/subidd`, beside this test's `target/<profile>/deps/` (or `$SUBIDD_BIN`).
-fn subidd_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("SUBIDD_BIN") {
-        return PathBuf::from(bin);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary has a target/<profile> parent")
-        .join("subidd");
-    assert!(
-        bin.exists(),
-        "{} not found: run `cargo build -p subidd --bin subidd` first",
-        bin.display()
-    );
-    bin
 }
 
 /// What one `subidctl` run did.
