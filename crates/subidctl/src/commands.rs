@@ -152,11 +152,18 @@ struct Output {
 impl Output {
     /// The answer's JSON, pretty, or the human rendering of it.
     fn print(&self, reply: &Reply, human: impl FnOnce(&Value) -> String) -> anyhow::Result<()> {
-        let value = reply.json()?;
+        self.print_value(&reply.json()?, human)
+    }
+
+    fn print_value(
+        &self,
+        value: &Value,
+        human: impl FnOnce(&Value) -> String,
+    ) -> anyhow::Result<()> {
         let text = if self.json {
             format!("{}\n", serde_json::to_string_pretty(&value)?)
         } else {
-            human(&value)
+            human(value)
         };
         write_raw(&mut std::io::stdout(), text.as_bytes())
     }
@@ -169,6 +176,9 @@ fn write_raw(w: &mut impl Write, bytes: &[u8]) -> anyhow::Result<()> {
         other => other.context("write output"),
     }
 }
+
+/// Leases asked for per page by `lease ls`.
+const LIST_PAGE: usize = 1000;
 
 async fn lease(client: &Client, out: Output, cmd: LeaseCommand) -> anyhow::Result<()> {
     match cmd {
@@ -187,10 +197,27 @@ async fn lease(client: &Client, out: Output, cmd: LeaseCommand) -> anyhow::Resul
         LeaseCommand::Ls { state, labels } => {
             let mut pairs = vec![("state", value_name(&state))];
             pairs.extend(labels.iter().map(|(k, v)| ("label", format!("{k}={v}"))));
-            let reply = client
-                .call(Method::GET, &with_query("/v1/leases", &pairs), None)
-                .await?;
-            out.print(&reply, |v| {
+            pairs.push(("limit", LIST_PAGE.to_string()));
+            // Page by page (each answer bounded), following the daemon's continue tokens.
+            let mut leases = Vec::new();
+            let mut next: Option<String> = None;
+            loop {
+                let mut query = pairs.clone();
+                if let Some(token) = next.take() {
+                    query.push(("continue", token));
+                }
+                let page = client
+                    .call(Method::GET, &with_query("/v1/leases", &query), None)
+                    .await?
+                    .json()?;
+                leases.extend(array(&page["leases"]).iter().cloned());
+                match page["continue"].as_str() {
+                    Some(token) if !token.is_empty() => next = Some(token.to_string()),
+                    _ => break,
+                }
+            }
+            let all = serde_json::json!({ "leases": leases });
+            out.print_value(&all, |v| {
                 let rows: Vec<Vec<String>> = array(&v["leases"])
                     .iter()
                     .map(|l| {

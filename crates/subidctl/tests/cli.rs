@@ -743,3 +743,40 @@ fn events_print_the_history_and_pool_register_points_at_subidd() {
         "{register:?}"
     );
 }
+
+/// `lease ls` follows the daemon's pages (1000 leases each) to the end: every lease is listed
+/// once, in order, in both forms.
+#[test]
+fn lease_ls_follows_every_page() {
+    const LEASES: usize = 1003;
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        for i in 0..LEASES {
+            let reply = client
+                .put(&format!("/v1/leases/p-{i:04}"), None)
+                .await
+                .expect("PUT");
+            assert_eq!(reply.status.as_u16(), 201, "{}", reply.text());
+        }
+    });
+    let listed = daemon.ctl(&["--json", "lease", "ls"]).ok().json();
+    let names: Vec<String> = listed["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .map(|l| l["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let expected: Vec<String> = (0..LEASES).map(|i| format!("p-{i:04}")).collect();
+    assert_eq!(names, expected);
+    let table = daemon.ctl(&["lease", "ls"]).ok();
+    assert_eq!(
+        table.stdout.lines().count(),
+        LEASES + 1,
+        "a header and one row each"
+    );
+}
