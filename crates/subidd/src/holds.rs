@@ -8,6 +8,7 @@
 //! processes only) before every create, and the pool re-check rescans every process.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use subid_core::Pool;
@@ -22,32 +23,59 @@ pub const TEST_FOREIGN_CGROUPS_ENV: &str = "SUBIDD_TEST_FOREIGN_CGROUPS";
 /// The id scanner, shared by the lease service and the pool re-check.
 #[derive(Debug, Clone, Default)]
 pub struct HoldScan {
-    scanner: Arc<Mutex<IdScanner>>,
+    scanner: Arc<Mutex<Scanned>>,
+    /// Tickets: each call takes one on arrival, and each scan one as it starts.
+    tickets: Arc<AtomicU64>,
     /// Tests only: holders in cgroups below `.0` but not below `.1` (this daemon's parent) are
     /// other test daemons' lease processes, and not counted.
     foreign: Arc<Mutex<Option<(String, String)>>>,
 }
 
+/// The scanner and what its last scan found.
+#[derive(Debug, Default)]
+struct Scanned {
+    scanner: IdScanner,
+    /// Every call whose ticket is below this arrived before the last scan began: that scan's
+    /// answer is as new as one of its own would be.
+    covers_below: u64,
+    /// The pool and the blocks the last scan found held.
+    last: Option<(Pool, BTreeMap<u32, String>)>,
+}
+
 impl HoldScan {
     /// Scans `/proc` (every process when `full`, else only processes not seen before) and returns
     /// the pool blocks a live process holds ids of, each with who holds them. Runs on the
-    /// blocking pool.
+    /// blocking pool. Calls that wait while another scan runs take the answer of the next scan
+    /// that begins after they arrived: many creates at once cost a few scans, not one each.
     pub async fn holds(&self, pool: Pool, full: bool) -> std::io::Result<BTreeMap<u32, String>> {
+        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
         let scanner = Arc::clone(&self.scanner);
+        let tickets = Arc::clone(&self.tickets);
         let foreign = self
             .foreign
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         tokio::task::spawn_blocking(move || {
-            let mut scanner = scanner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = scanner.lock().unwrap_or_else(|e| e.into_inner());
+            if !full
+                && ticket < state.covers_below
+                && let Some((scanned_pool, held)) = &state.last
+                && *scanned_pool == pool
+            {
+                return Ok(held.clone());
+            }
+            let starts = tickets.fetch_add(1, Ordering::SeqCst);
             let scanned = if full {
-                scanner.rescan()
+                state.scanner.rescan()
             } else {
-                scanner.refresh()
+                state.scanner.refresh()
             };
             scanned.map_err(std::io::Error::other)?;
-            Ok(blocks_held(&scanner, &pool, foreign.as_ref()))
+            let held = blocks_held(&state.scanner, &pool, foreign.as_ref());
+            state.covers_below = starts;
+            state.last = Some((pool, held.clone()));
+            Ok(held)
         })
         .await
         .map_err(std::io::Error::other)?
