@@ -680,6 +680,14 @@ async fn only_a_cgroup_inside_the_lease_can_be_attached_and_it_holds_the_lease()
         "not_in_lease",
         "a host process",
     );
+    // The host's init: outside the lease, whether or not this host lets its namespace be read.
+    let reply = post(json!({"pid": 1, "id": "c1"})).await;
+    assert_error(
+        &reply,
+        StatusCode::CONFLICT,
+        "not_in_lease",
+        "the host's init",
+    );
     let reply = post(json!({"pid": 1, "id": "../x"})).await;
     assert_error(
         &reply,

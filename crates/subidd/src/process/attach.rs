@@ -13,7 +13,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use subid_store::LeaseRecord;
 use subid_sys::cgroup::{CgroupVersion, Hierarchy, LeaseCgroup};
-use subid_sys::{PidFd, SysError, userns};
+use subid_sys::{Errno, PidFd, SysError, userns};
 
 use super::{ProcessService, lock_map};
 use crate::error::ApiError;
@@ -281,7 +281,17 @@ fn inspect(
             "ns/user",
             nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
         )
-        .map_err(|e| ApiError::Internal(format!("/proc/{pid}/ns/user: {e}")))?;
+        .map_err(|e| match e.errno() {
+            Some(Errno::ENOENT | Errno::ESRCH) => gone(),
+            // Another process's namespace that even root may not inspect (a protected init, a
+            // process of another pid namespace's owner): it cannot be shown to be the lease's.
+            Some(Errno::EACCES | Errno::EPERM) => ApiError::NotInLease(format!(
+                "the user namespace of process {pid} cannot be read ({e}), so it cannot be \
+                 shown to run in lease {}",
+                lease.name
+            )),
+            _ => ApiError::Internal(format!("/proc/{pid}/ns/user: {e}")),
+        })?;
     let joined = userns::is_pinned(pin)
         && userns::open_pinned(pin)
             .and_then(|fd| userns::ns_inode(&fd))
