@@ -16,6 +16,7 @@ pub mod floor;
 pub mod idmount;
 pub mod idscan;
 pub mod logkeep;
+pub mod malloc;
 pub mod members;
 pub mod peer;
 pub mod pidfd;

@@ -72,6 +72,9 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(subid_sys::logkeep::KEEPER_FLAG.as_ref()) {
         return subid_sys::logkeep::keeper_main(std::env::args_os().skip(1));
     }
+    // While this is the only thread: few malloc arenas, so that memory freed by one worker
+    // thread serves the others (see subid_sys::malloc).
+    subid_sys::malloc::limit_arenas(2);
     // First, while this is the only thread and nothing is open: take what systemd passed
     // (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*) out of the environment, so nothing inherits it.
     let handoff = match Handoff::take() {
