@@ -219,11 +219,18 @@ impl From<ServiceError> for ApiError {
                     "the kernel refused an operation the request needs; see the daemon log",
                 )
             }
-            ServiceError::Internal { what, source } => {
-                let cause = source.as_deref().map(|s| chain(s)).unwrap_or_default();
-                ApiError::Internal(format!("{what}: {cause}"))
-            }
+            ServiceError::Internal { what, source } => match source.as_deref() {
+                Some(cause) => ApiError::Internal(format!("{what}: {}", chain(cause))),
+                None => ApiError::Internal(what),
+            },
             ServiceError::ShuttingDown => ApiError::Unavailable("the daemon is shutting down"),
+            ServiceError::NotInLease { reason } => ApiError::NotInLease(reason),
+            ServiceError::ProcessExited { reason } => ApiError::ProcessExited(reason),
+            ServiceError::ExecFailed { reason } => ApiError::ExecFailed(reason),
+            ServiceError::SpawnTimeout { reason } => ApiError::SpawnTimeout(reason),
+            ServiceError::CgroupsUnavailable { reason } => ApiError::CgroupsUnavailable(reason),
+            ServiceError::PidsUnsupported { reason } => ApiError::PidsUnsupported(reason),
+            ServiceError::Unavailable { reason } => ApiError::Unavailable(reason),
         }
     }
 }

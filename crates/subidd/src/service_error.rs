@@ -76,6 +76,29 @@ pub enum ServiceError {
     /// The daemon is stopping; the request was not carried out.
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// A process named by the request is not one of the lease's.
+    #[error("{reason}")]
+    NotInLease { reason: String },
+    /// The process has exited; it can no longer be signalled.
+    #[error("{reason}")]
+    ProcessExited { reason: String },
+    /// A process was created but could not be set up, or its program not executed, for a
+    /// reason in the request (the program, its permissions, the working directory).
+    #[error("{reason}")]
+    ExecFailed { reason: String },
+    /// A new process did not reach its program within the spawn deadline and was killed.
+    #[error("{reason}")]
+    SpawnTimeout { reason: String },
+    /// No cgroup can hold the lease's processes on this host.
+    #[error("{reason}")]
+    CgroupsUnavailable { reason: String },
+    /// The lease asks for a process cap this host's cgroups cannot enforce.
+    #[error("{reason}")]
+    PidsUnsupported { reason: String },
+    /// A bound of the host or the daemon was reached (the kernel's process limit, the log
+    /// keeper's capacity); nothing was done, and a retry later may work.
+    #[error("{reason}")]
+    Unavailable { reason: &'static str },
 }
 
 impl ServiceError {
@@ -89,6 +112,26 @@ impl ServiceError {
         } else {
             ServiceError::Store { source }
         }
+    }
+
+    /// A lease busy with live processes (this host's), or held by another request.
+    pub fn busy(reason: impl Into<String>) -> ServiceError {
+        ServiceError::Busy {
+            reason: reason.into(),
+            hosts: Vec::new(),
+        }
+    }
+
+    /// A request the service cannot carry out as asked.
+    pub fn invalid(reason: impl Into<String>) -> ServiceError {
+        ServiceError::Invalid {
+            reason: reason.into(),
+        }
+    }
+
+    /// Something asked for that does not exist.
+    pub fn not_found(what: impl Into<String>) -> ServiceError {
+        ServiceError::NotFound { what: what.into() }
     }
 
     /// A broken invariant with no underlying error.

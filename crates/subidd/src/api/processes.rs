@@ -165,7 +165,17 @@ pub async fn spawn(
         ));
     };
     let spec = spawn_spec(body)?;
-    let mut record = state.processes.spawn(name, spec).await?;
+    let started = std::time::Instant::now();
+    let spawned = state
+        .processes
+        .spawn(name, spec)
+        .await
+        .map_err(ApiError::from);
+    state.leases.metrics().observe_spawn(
+        started.elapsed(),
+        spawned.as_ref().err().map(ApiError::code),
+    );
+    let mut record = spawned?;
     if wait {
         record = state.processes.wait(&record.id, timeout).await?;
     }

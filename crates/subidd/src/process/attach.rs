@@ -16,7 +16,7 @@ use subid_sys::cgroup::{CgroupVersion, Hierarchy, LeaseCgroup};
 use subid_sys::{Errno, PidFd, SysError, userns};
 
 use super::{ProcessService, lock_map};
-use crate::error::ApiError;
+use crate::service_error::ServiceError;
 
 /// A cgroup attached to a lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,11 +48,11 @@ impl ProcessService {
         name: &str,
         id: &str,
         pid: i32,
-    ) -> Result<AttachmentState, ApiError> {
+    ) -> Result<AttachmentState, ServiceError> {
         subid_core::validate_name(id)
-            .map_err(|e| ApiError::InvalidRequest(format!("attachment id: {e}")))?;
+            .map_err(|e| ServiceError::invalid(format!("attachment id: {e}")))?;
         if pid <= 0 {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(ServiceError::invalid(format!(
                 "pid {pid} is not a process id"
             )));
         }
@@ -66,8 +66,8 @@ impl ProcessService {
         let id_owned = id.to_string();
         let lease_for_check = lease.clone();
         let attachment = tokio::task::spawn_blocking(move || {
-            let host = host.ok_or_else(|| {
-                ApiError::CgroupsUnavailable("the cgroup layout could not be read".into())
+            let host = host.ok_or_else(|| ServiceError::CgroupsUnavailable {
+                reason: "the cgroup layout could not be read".into(),
             })?;
             inspect(
                 &host,
@@ -79,15 +79,15 @@ impl ProcessService {
             )
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("attach task: {e}")))??;
+        .map_err(|e| ServiceError::internal(format!("attach task: {e}")))??;
         let file = self.attachment_file(name, id);
         let text = serde_json::to_vec_pretty(&attachment)
-            .map_err(|e| ApiError::Internal(format!("attachment record: {e}")))?;
+            .map_err(|e| ServiceError::internal(format!("attachment record: {e}")))?;
         let written = file
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
             .and_then(|()| write_atomically(&file, &text));
-        written.map_err(|e| ApiError::Internal(format!("write {}: {e}", file.display())))?;
+        written.map_err(|e| ServiceError::internal(format!("write {}: {e}", file.display())))?;
         tracing::info!(lease = %name, id, pid, cgroup = %attachment.cgroup.display(), "cgroup attached to the lease");
         lock_map(&self.inner.attached)
             .entry(lease.id)
@@ -97,13 +97,13 @@ impl ProcessService {
     }
 
     /// Forgets an attachment; `not_found` when the lease has none of that id.
-    pub async fn detach(&self, name: &str, id: &str) -> Result<(), ApiError> {
+    pub async fn detach(&self, name: &str, id: &str) -> Result<(), ServiceError> {
         let lease = self.active_lease(name).await?;
         let removed = lock_map(&self.inner.attached)
             .get_mut(&lease.id)
             .and_then(|a| a.remove(id));
         if removed.is_none() {
-            return Err(ApiError::NotFound(format!(
+            return Err(ServiceError::not_found(format!(
                 "lease {name} has no attachment {id}"
             )));
         }
@@ -260,21 +260,21 @@ fn inspect(
     pid: i32,
     id: &str,
     lease_parent: Option<&Path>,
-) -> Result<Attachment, ApiError> {
-    let gone = || ApiError::InvalidRequest(format!("no process {pid}"));
+) -> Result<Attachment, ServiceError> {
+    let gone = || ServiceError::invalid(format!("no process {pid}"));
     let pidfd = PidFd::open(pid).map_err(|_| gone())?;
     let proc = pidfd.proc_dir().map_err(|e| match e {
         SysError::ProcessGone { .. } => gone(),
-        other => ApiError::Internal(format!("/proc/{pid}: {other}")),
+        other => ServiceError::internal(format!("/proc/{pid}: {other}")),
     })?;
-    let not_in_lease = || {
-        ApiError::NotInLease(format!(
+    let not_in_lease = || ServiceError::NotInLease {
+        reason: format!(
             "process {pid} runs neither in the user namespace of lease {} (or one nested in it) \
              nor in one that maps only its ids {}..{}",
             lease.name,
             lease.uid_base,
             u64::from(lease.uid_base) + u64::from(lease.size)
-        ))
+        ),
     };
     let ns = proc
         .open(
@@ -285,12 +285,14 @@ fn inspect(
             Some(Errno::ENOENT | Errno::ESRCH) => gone(),
             // Another process's namespace that even root may not inspect (a protected init, a
             // process of another pid namespace's owner): it cannot be shown to be the lease's.
-            Some(Errno::EACCES | Errno::EPERM) => ApiError::NotInLease(format!(
-                "the user namespace of process {pid} cannot be read ({e}), so it cannot be \
+            Some(Errno::EACCES | Errno::EPERM) => ServiceError::NotInLease {
+                reason: format!(
+                    "the user namespace of process {pid} cannot be read ({e}), so it cannot be \
                  shown to run in lease {}",
-                lease.name
-            )),
-            _ => ApiError::Internal(format!("/proc/{pid}/ns/user: {e}")),
+                    lease.name
+                ),
+            },
+            _ => ServiceError::internal(format!("/proc/{pid}/ns/user: {e}")),
         })?;
     let joined = userns::is_pinned(pin)
         && userns::open_pinned(pin)
@@ -315,7 +317,7 @@ fn inspect(
     }
     let text = proc
         .read_to_string("cgroup")
-        .map_err(|e| ApiError::Internal(format!("/proc/{pid}/cgroup: {e}")))?;
+        .map_err(|e| ServiceError::internal(format!("/proc/{pid}/cgroup: {e}")))?;
     // The tracking hierarchy first (where the kernel can kill a whole cgroup at once), else the
     // v1 pids hierarchy; a process in a hierarchy's root cgroup has no cgroup of its own there.
     let own = [host.tracking(), host.pids()]
@@ -326,19 +328,19 @@ fn inspect(
             (path != h.root).then(|| (h.clone(), path))
         });
     let Some((hierarchy, cgroup)) = own else {
-        return Err(ApiError::InvalidRequest(format!(
+        return Err(ServiceError::invalid(format!(
             "process {pid} sits in no cgroup of its own: nothing to attach"
         )));
     };
     let cg = LeaseCgroup::at(&hierarchy, &cgroup)
-        .map_err(|e| ApiError::InvalidRequest(format!("the cgroup of process {pid}: {e}")))?;
+        .map_err(|e| ServiceError::invalid(format!("the cgroup of process {pid}: {e}")))?;
     // Never a cgroup that holds the daemon, or the leases' parent: a forced release kills it.
     let daemon_inside = cg
         .contains_pid(i32::try_from(std::process::id()).unwrap_or(0))
         .unwrap_or(true);
     let holds_leases = lease_parent.is_some_and(|p| p.starts_with(cg.path()));
     if daemon_inside || holds_leases {
-        return Err(ApiError::InvalidRequest(format!(
+        return Err(ServiceError::invalid(format!(
             "the cgroup of process {pid} ({}) holds the daemon or other leases; attach the \
              container's own cgroup",
             cgroup.display()

@@ -9,7 +9,7 @@ use subid_sys::SysError;
 use subid_sys::cgroup::{CgroupHost, CgroupParents, CgroupSummary, LeaseCgroups, SpawnCgroup};
 
 use super::{ProcessService, lock_map};
-use crate::error::ApiError;
+use crate::service_error::ServiceError;
 
 impl ProcessService {
     /// Prepares the parents of lease cgroups; a host where none can be made is reported here and
@@ -32,7 +32,7 @@ impl ProcessService {
     }
 
     /// The parents, with the pids one prepared when `pids` (a lease asks for `pids_max`).
-    pub(super) fn cgroup_parents(&self, pids: bool) -> Result<Arc<CgroupParents>, ApiError> {
+    pub(super) fn cgroup_parents(&self, pids: bool) -> Result<Arc<CgroupParents>, ServiceError> {
         let mut parents = lock_map(&self.inner.cgroup_parents);
         let current = parents
             .get_or_insert_with(|| {
@@ -42,11 +42,11 @@ impl ProcessService {
                 )
             })
             .clone();
-        let current = current.map_err(|reason| {
-            ApiError::CgroupsUnavailable(format!(
+        let current = current.map_err(|reason| ServiceError::CgroupsUnavailable {
+            reason: format!(
                 "processes cannot be held in a cgroup of their lease on this host ({reason}); \
                  the daemon needs a writable cgroup2 hierarchy or a v1 hierarchy with pids"
-            ))
+            ),
         })?;
         if !pids || current.can_cap().is_ok() {
             return Ok(current);
@@ -74,7 +74,7 @@ impl ProcessService {
     }
 
     /// Refuses, before anything is made, a cap this host cannot honour.
-    pub(super) fn check_cap(&self, pids_max: Option<u64>) -> Result<(), ApiError> {
+    pub(super) fn check_cap(&self, pids_max: Option<u64>) -> Result<(), ServiceError> {
         if pids_max.is_some() {
             self.cgroup_parents(true)?
                 .can_cap()
@@ -85,7 +85,7 @@ impl ProcessService {
 
     /// The handle the lease's next spawn goes through; its cgroups are made (or opened, after a
     /// restart or a reboot) when the daemon does not hold them yet, with the lease's cap.
-    pub(super) fn spawn_cgroup(&self, lease: &LeaseRecord) -> Result<SpawnCgroup, ApiError> {
+    pub(super) fn spawn_cgroup(&self, lease: &LeaseRecord) -> Result<SpawnCgroup, ServiceError> {
         let parents = self.cgroup_parents(lease.pids_max.is_some())?;
         let mut cgroups = lock_map(&self.inner.cgroups);
         if let Some(cgs) = cgroups.get(&lease.id)
@@ -97,7 +97,7 @@ impl ProcessService {
         }
         let cgs = held_or_made(&mut cgroups, &parents, lease)?;
         cgs.spawn_handle()
-            .map_err(|e| ApiError::Internal(format!("cgroup handle of {}: {e}", lease.name)))
+            .map_err(|e| ServiceError::internal(format!("cgroup handle of {}: {e}", lease.name)))
     }
 
     /// The lease's cgroups for a teardown: those the daemon holds, or those a previous daemon
@@ -137,7 +137,7 @@ fn held_or_made<'a>(
     cgroups: &'a mut std::collections::HashMap<i64, LeaseCgroups>,
     parents: &CgroupParents,
     lease: &LeaseRecord,
-) -> Result<&'a mut LeaseCgroups, ApiError> {
+) -> Result<&'a mut LeaseCgroups, ServiceError> {
     match cgroups.entry(lease.id) {
         std::collections::hash_map::Entry::Occupied(held) => Ok(held.into_mut()),
         std::collections::hash_map::Entry::Vacant(slot) => {
@@ -148,16 +148,18 @@ fn held_or_made<'a>(
     }
 }
 
-fn unsupported(reason: String) -> ApiError {
-    ApiError::PidsUnsupported(format!(
-        "pids_max cannot be honoured on this host: {reason}; use max_processes (the owner cap) \
+fn unsupported(reason: String) -> ServiceError {
+    ServiceError::PidsUnsupported {
+        reason: format!(
+            "pids_max cannot be honoured on this host: {reason}; use max_processes (the owner cap) \
          instead"
-    ))
+        ),
+    }
 }
 
-fn cgroup_error(lease: &str, error: SysError) -> ApiError {
+fn cgroup_error(lease: &str, error: SysError) -> ServiceError {
     match error {
         SysError::Unsupported { reason, .. } => unsupported(reason),
-        other => ApiError::Internal(format!("cgroups of {lease}: {other}")),
+        other => ServiceError::internal(format!("cgroups of {lease}: {other}")),
     }
 }

@@ -12,7 +12,6 @@ use subid_sys::{members, userns};
 
 use super::namespaces::ns_spec;
 use super::{ProcessService, SIGKILL, SIGTERM, cache_lease, lock_map};
-use crate::error::ApiError;
 use crate::lease::{Caller, CreateMode, Created, LeaseSpec, ReleaseKind, is_expired, now_ms};
 use crate::logs::{STREAMS, log_path};
 use crate::service_error::ServiceError;
@@ -32,7 +31,7 @@ impl ProcessService {
         spec: LeaseSpec,
         mode: CreateMode,
         caller: Caller,
-    ) -> Result<Created, ApiError> {
+    ) -> Result<Created, ServiceError> {
         let lock = self.lease_lock(&name);
         let _guard = self.exclusive(&lock, &name).await?;
         // Refuse before anything is made: a lease never runs without the cap it asked for.
@@ -53,9 +52,9 @@ impl ProcessService {
                 Err(e) => Err(e),
                 Ok(spec) => tokio::task::spawn_blocking(move || userns::create_pinned(&spec, &pin))
                     .await
-                    .map_err(|e| ApiError::Internal(format!("namespace thread: {e}")))
+                    .map_err(|e| ServiceError::internal(format!("namespace thread: {e}")))
                     .and_then(|r| {
-                        r.map_err(|e| ApiError::Internal(format!("creating namespaces: {e}")))
+                        r.map_err(|e| ServiceError::internal(format!("creating namespaces: {e}")))
                     }),
             };
             if let Err(error) = made {
@@ -95,7 +94,7 @@ impl ProcessService {
         force: bool,
         caller: Caller,
         kind: ReleaseKind,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ServiceError> {
         let lock = self.lease_lock(&name);
         let guard = self.exclusive(&lock, &name).await?;
         self.forget_lease(&name);
@@ -136,7 +135,7 @@ impl ProcessService {
         }
         drop(guard);
         self.forget_lock(&name, lock);
-        result.map_err(ApiError::from)
+        result
     }
 
     /// Removes the log files of a released lease's processes (on the blocking pool: a lease may
@@ -188,7 +187,7 @@ impl ProcessService {
     /// name owns the name's pin and cgroup: then only this lease's logs go.
     async fn stop_here(&self, lease: &LeaseRecord) -> Result<(), ServiceError> {
         let lock = self.lease_lock(&lease.name);
-        let guard = self.exclusive(&lock, &lease.name).await.map_err(busy)?;
+        let guard = self.exclusive(&lock, &lease.name).await?;
         self.forget_lease(&lease.name);
         let newer = match self.inner.leases.store().get_lease(&lease.name).await {
             Ok(Some(now)) => now.id != lease.id && now.state == subid_core::LeaseState::Active,
@@ -209,7 +208,7 @@ impl ProcessService {
             .unwrap_or_default();
         drop(guard);
         self.forget_lock(&lease.name, lock);
-        stopped.map_err(busy)?;
+        stopped?;
         self.remove_logs(&lease.name, logs).await;
         Ok(())
     }
@@ -245,14 +244,14 @@ impl ProcessService {
     /// Refused (`lease_busy`) while any process of the lease lives and not `force`; fails
     /// (`lease_busy`, naming what is left) when processes survive the kill's deadline, and then
     /// everything stays as it is.
-    async fn teardown(&self, lease: &LeaseRecord, force: bool) -> Result<(), ApiError> {
+    async fn teardown(&self, lease: &LeaseRecord, force: bool) -> Result<(), ServiceError> {
         let cgroups = self.take_lease_cgroups(lease);
         let cgroups = Arc::new(Mutex::new(cgroups));
         let busy = self.live_processes(lease, &cgroups).await;
         if !busy.is_empty() {
             if !force {
                 self.restore_cgroups(lease, &cgroups);
-                return Err(ApiError::LeaseBusy(format!(
+                return Err(ServiceError::busy(format!(
                     "lease {} has {} live process(es) (pids {}); stop them or delete with \
                      ?force=true",
                     lease.name,
@@ -268,7 +267,7 @@ impl ProcessService {
             let left = self.kill_all(lease, &cgroups).await;
             if !left.is_empty() {
                 self.restore_cgroups(lease, &cgroups);
-                return Err(ApiError::LeaseBusy(format!(
+                return Err(ServiceError::busy(format!(
                     "{} process(es) of lease {} survived SIGKILL for {} s (pids {}); the lease \
                      and its range stay as they are: retry",
                     left.len(),
@@ -291,12 +290,14 @@ impl ProcessService {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
                     tracing::error!(lease = %lease.name, %error, "cannot remove the lease's cgroups");
-                    return Err(ApiError::Internal(format!(
+                    return Err(ServiceError::internal(format!(
                         "cgroups of {} cannot be removed: {error}",
                         lease.name
                     )));
                 }
-                Err(error) => return Err(ApiError::Internal(format!("cgroup removal: {error}"))),
+                Err(error) => {
+                    return Err(ServiceError::internal(format!("cgroup removal: {error}")));
+                }
             }
         }
         Ok(())
@@ -491,18 +492,6 @@ fn pid_list(pids: &[i32]) -> String {
         shown.push("...".into());
     }
     shown.join(", ")
-}
-
-/// A lease another request holds, or whose processes outlived the teardown, as the fleet's task
-/// sees it; anything else the teardown met is the daemon's own failure.
-fn busy(error: ApiError) -> ServiceError {
-    match error {
-        ApiError::LeaseBusy(reason) => ServiceError::Busy {
-            reason,
-            hosts: Vec::new(),
-        },
-        other => ServiceError::internal(other.to_string()),
-    }
 }
 
 /// What a fleet's task needs from this host's processes (see `crate::fleet`), built on the

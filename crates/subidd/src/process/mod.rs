@@ -40,9 +40,9 @@ use subid_sys::cgroup::{CgroupHost, CgroupParents, LeaseCgroups};
 use subid_sys::{LeaseNs, PidFd, SysError};
 use tokio::sync::{RwLock, watch};
 
-use crate::error::ApiError;
 use crate::lease::{Caller, LeaseService, is_expired, now_ms};
 use crate::logs::{Logs, LogsConfig, log_path};
+use crate::service_error::ServiceError;
 
 /// What to start; checked by the API layer (ids against the lease's size here).
 #[derive(Debug, Clone)]
@@ -145,7 +145,7 @@ impl ProcessService {
     }
 
     /// Sends a signal to a running process of this daemon.
-    pub async fn signal(&self, id: &str, signal: i32) -> Result<(), ApiError> {
+    pub async fn signal(&self, id: &str, signal: i32) -> Result<(), ServiceError> {
         let pidfd = lock_map(&self.inner.live)
             .get(id)
             .filter(|l| l.done.borrow().is_none())
@@ -153,24 +153,24 @@ impl ProcessService {
         match pidfd {
             Some(pidfd) => match pidfd.send_signal(signal) {
                 Ok(()) => Ok(()),
-                Err(SysError::ProcessGone { .. }) => {
-                    Err(ApiError::ProcessExited(format!("process {id} has exited")))
-                }
-                Err(error) => Err(ApiError::Internal(format!(
+                Err(SysError::ProcessGone { .. }) => Err(ServiceError::ProcessExited {
+                    reason: format!("process {id} has exited"),
+                }),
+                Err(error) => Err(ServiceError::internal(format!(
                     "signal {signal} to {id}: {error}"
                 ))),
             },
             None => match self.get(id).await {
-                Ok(_) => Err(ApiError::ProcessExited(format!(
-                    "process {id} is not running"
-                ))),
+                Ok(_) => Err(ServiceError::ProcessExited {
+                    reason: format!("process {id} is not running"),
+                }),
                 Err(e) => Err(e),
             },
         }
     }
 
     /// Waits until the process ends or `timeout` passes, then returns its record.
-    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<ProcessRecord, ApiError> {
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<ProcessRecord, ServiceError> {
         let done = lock_map(&self.inner.live).get(id).map(|l| l.done.clone());
         if let Some(mut done) = done
             && let Ok(Ok(finished)) =
@@ -184,7 +184,7 @@ impl ProcessService {
 
     /// The record of a process. A process whose exit is known but not yet written to the
     /// database (the disk refused it) is answered from memory, so nobody reads back `running`.
-    pub async fn get(&self, id: &str) -> Result<ProcessRecord, ApiError> {
+    pub async fn get(&self, id: &str) -> Result<ProcessRecord, ServiceError> {
         let finished = lock_map(&self.inner.live)
             .get(id)
             .and_then(|l| l.done.borrow().clone());
@@ -196,11 +196,11 @@ impl ProcessService {
             .store()
             .get_process(id)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no process {id}")))
+            .ok_or_else(|| ServiceError::not_found(format!("no process {id}")))
     }
 
     /// The processes of the active lease `name`.
-    pub async fn list(&self, name: &str) -> Result<Vec<ProcessRecord>, ApiError> {
+    pub async fn list(&self, name: &str) -> Result<Vec<ProcessRecord>, ServiceError> {
         let lease = self.active_lease(name).await?;
         let mut rows = self.inner.leases.store().lease_processes(lease.id).await?;
         let live = lock_map(&self.inner.live);
@@ -219,7 +219,7 @@ impl ProcessService {
 
     /// What a process wrote to `stream` (its last `log_max_bytes`): the keeper first writes out
     /// what the process's pipes hold, so everything written before this call is there.
-    pub async fn read_log(&self, id: &str, stream: &str) -> Result<Vec<u8>, ApiError> {
+    pub async fn read_log(&self, id: &str, stream: &str) -> Result<Vec<u8>, ServiceError> {
         let path = self.log_path(id, stream);
         let max = self.inner.config.log_max_bytes;
         let logs = lock_map(&self.inner.logs).clone();
@@ -234,12 +234,12 @@ impl ProcessService {
             read_log_tail(&path, max).map_err(|e| internal(&format!("read {}", path.display()), e))
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("log read task failed: {e}")))?
+        .map_err(|e| ServiceError::internal(format!("log read task failed: {e}")))?
     }
 
     /// The log keeper's glue, started now unless it runs (this blocks for the keeper's start:
     /// call it from the blocking pool).
-    fn logs(&self) -> Result<Arc<Logs>, ApiError> {
+    fn logs(&self) -> Result<Arc<Logs>, ServiceError> {
         let mut logs = lock_map(&self.inner.logs);
         if let Some(held) = logs.as_ref() {
             return Ok(Arc::clone(held));
@@ -252,7 +252,7 @@ impl ProcessService {
         );
         logs_config.program = config.keeper_program.clone();
         let started = Logs::start_with(logs_config)
-            .map_err(|e| ApiError::Internal(format!("log keeper: {e}")))?;
+            .map_err(|e| ServiceError::internal(format!("log keeper: {e}")))?;
         let started = Arc::new(started);
         *logs = Some(Arc::clone(&started));
         Ok(started)
@@ -261,20 +261,20 @@ impl ProcessService {
     /// Pushes the expiry of a lease with a ttl; under the lease's lock, so an expiry that is
     /// tearing the lease down finishes first (and the renewal then finds it released) or starts
     /// after (and finds it renewed).
-    pub async fn renew(&self, name: String, caller: Caller) -> Result<LeaseRecord, ApiError> {
+    pub async fn renew(&self, name: String, caller: Caller) -> Result<LeaseRecord, ServiceError> {
         let lock = self.lease_lock(&name);
         let _guard = self.exclusive(&lock, &name).await?;
         self.forget_lease(&name);
         let renewed = self.inner.leases.renew(name.clone(), caller).await;
         self.forget_lease(&name);
-        Ok(renewed?)
+        renewed
     }
 
     /// The active, unexpired lease of that name.
     ///
     /// Active leases are cached (a spawn then needs no database read): every path that changes
     /// a lease (create, renew, release, expiry) goes through [`ProcessService::forget_lease`].
-    async fn active_lease(&self, name: &str) -> Result<LeaseRecord, ApiError> {
+    async fn active_lease(&self, name: &str) -> Result<LeaseRecord, ServiceError> {
         let now = now_ms();
         if let Some(lease) = lock_map(&self.inner.lease_cache).get(name)
             && !is_expired(lease, now)
@@ -288,7 +288,7 @@ impl ProcessService {
                 cache_lease(&self.inner.lease_cache, name.to_string(), lease.clone());
                 Ok(lease)
             }
-            _ => Err(ApiError::NotFound(format!("no active lease {name}"))),
+            _ => Err(ServiceError::not_found(format!("no active lease {name}"))),
         }
     }
 
@@ -310,7 +310,7 @@ impl ProcessService {
         &self,
         lock: &Arc<RwLock<()>>,
         name: &str,
-    ) -> Result<tokio::sync::OwnedRwLockWriteGuard<()>, ApiError> {
+    ) -> Result<tokio::sync::OwnedRwLockWriteGuard<()>, ServiceError> {
         tokio::time::timeout(
             lock_wait(&self.inner.config),
             Arc::clone(lock).write_owned(),
@@ -330,8 +330,8 @@ impl ProcessService {
 }
 
 /// Another request has held the lease for longer than any spawn or teardown may take.
-fn busy_elsewhere(name: &str) -> ApiError {
-    ApiError::LeaseBusy(format!(
+fn busy_elsewhere(name: &str) -> ServiceError {
+    ServiceError::busy(format!(
         "lease {name} is being changed by another request (a spawn or a teardown) that has not \
          finished; retry"
     ))
@@ -360,8 +360,8 @@ fn read_log_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(tail)
 }
 
-fn internal(what: &str, error: std::io::Error) -> ApiError {
-    ApiError::Internal(format!("{what}: {error}"))
+fn internal(what: &str, error: std::io::Error) -> ServiceError {
+    ServiceError::internal(format!("{what}: {error}"))
 }
 
 const SIGTERM: i32 = nix::sys::signal::Signal::SIGTERM as i32;

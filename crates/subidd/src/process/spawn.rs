@@ -3,7 +3,6 @@
 //! clone, record the process before answering, and hand it to its supervisor.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use subid_core::RlimitName;
 use subid_store::{ProcessRecord, ProcessState};
@@ -13,9 +12,9 @@ use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard};
 
 use super::namespaces::ns_spec;
 use super::{ProcessService, SIGKILL, SpawnSpec, busy_elsewhere, lock_map, lock_wait};
-use crate::error::ApiError;
 use crate::lease::{ProcessOp, now_ms};
 use crate::logs::{Logs, LogsError};
+use crate::service_error::ServiceError;
 
 /// A held per-lease lock: shared for joining spawns, exclusive for everything else. The guards
 /// are held only for their `Drop`, which releases the lock.
@@ -27,28 +26,25 @@ enum LeaseGuard {
 
 impl ProcessService {
     /// Starts a process in the lease's namespace and records it before answering.
-    pub async fn spawn(&self, name: String, spec: SpawnSpec) -> Result<ProcessRecord, ApiError> {
+    pub async fn spawn(
+        &self,
+        name: String,
+        spec: SpawnSpec,
+    ) -> Result<ProcessRecord, ServiceError> {
         let this = self.clone();
-        let started = Instant::now();
         // Detached from the request: if the client disconnects, the spawn still finishes and is
         // recorded (or is undone), never left half-way.
-        let result = tokio::spawn(async move { this.spawn_detached(name, spec).await })
+        tokio::spawn(async move { this.spawn_detached(name, spec).await })
             .await
-            .map_err(|e| ApiError::Internal(format!("spawn task failed: {e}")))
-            .and_then(|r| r);
-        let failure = result.as_ref().err().map(ApiError::code);
-        self.inner
-            .leases
-            .metrics()
-            .observe_spawn(started.elapsed(), failure);
-        result
+            .map_err(|e| ServiceError::internal(format!("spawn task failed: {e}")))
+            .and_then(|r| r)
     }
 
     async fn spawn_detached(
         &self,
         name: String,
         spec: SpawnSpec,
-    ) -> Result<ProcessRecord, ApiError> {
+    ) -> Result<ProcessRecord, ServiceError> {
         let lock = self.lease_lock(&name);
         let wait = lock_wait(&self.inner.config);
         // Joining spawns share the lease; making its namespace (the first spawn) and tearing it
@@ -74,7 +70,7 @@ impl ProcessService {
             .chain(spec.groups.iter().map(|g| ("groups entry", *g)))
         {
             if id >= lease.size {
-                return Err(ApiError::InvalidRequest(format!(
+                return Err(ServiceError::invalid(format!(
                     "{what} {id} is outside lease {name}, which maps ids 0..{}",
                     lease.size
                 )));
@@ -84,8 +80,9 @@ impl ProcessService {
         // know is refused by name.
         let mut rlimits = std::collections::BTreeMap::new();
         for (rname, limits) in &lease.rlimits {
-            let known = RlimitName::parse(rname)
-                .map_err(|e| ApiError::Internal(format!("lease {name}: stored rlimits: {e}")))?;
+            let known = RlimitName::parse(rname).map_err(|e| {
+                ServiceError::internal(format!("lease {name}: stored rlimits: {e}"))
+            })?;
             rlimits.insert(known, *limits);
         }
         rlimits.extend(spec.rlimits.clone());
@@ -110,16 +107,16 @@ impl ProcessService {
                 let this = self.clone();
                 tokio::task::spawn_blocking(move || this.logs())
                     .await
-                    .map_err(|e| ApiError::Internal(format!("log keeper task: {e}")))??
+                    .map_err(|e| ServiceError::internal(format!("log keeper task: {e}")))??
             }
         };
         let id = Logs::new_id();
         let (stdout, stderr) = logs.attach(&id).map_err(|e| match e {
-            LogsError::Full { .. } => ApiError::Unavailable(
-                "the log keeper holds the logs of as many processes as it can; retry when some \
-                 have exited",
-            ),
-            other => ApiError::Internal(format!("logs of a new process: {other}")),
+            LogsError::Full { .. } => ServiceError::Unavailable {
+                reason: "the log keeper holds the logs of as many processes as it can; retry \
+                         when some have exited",
+            },
+            other => ServiceError::internal(format!("logs of a new process: {other}")),
         })?;
         // Until the process is recorded, its logs go again with any failure.
         let unrecorded = Unrecorded {
@@ -168,7 +165,7 @@ impl ProcessService {
         } else {
             tokio::task::spawn_blocking(run)
                 .await
-                .map_err(|e| ApiError::Internal(format!("spawn thread failed: {e}")))?
+                .map_err(|e| ServiceError::internal(format!("spawn thread failed: {e}")))?
         };
         let pidfd = Arc::new(result.map_err(|e| spawn_error(&spec, capped, e))?);
         if created {
@@ -214,7 +211,7 @@ impl ProcessService {
                 reaper.wait_timeout(std::time::Duration::from_secs(5))
             })
             .await;
-            return Err(error.into());
+            return Err(error);
         }
         // Recorded: the logs are the process's now, and go with its lease.
         unrecorded.recorded();
@@ -227,27 +224,31 @@ impl ProcessService {
 
 /// Maps a spawn failure to what the client should hear. `capped`: the lease or the request set
 /// a process cap (pids_max, max_processes, an nproc rlimit).
-fn spawn_error(spec: &SpawnSpec, capped: bool, error: SysError) -> ApiError {
+fn spawn_error(spec: &SpawnSpec, capped: bool, error: SysError) -> ServiceError {
     if error.errno() == Some(Errno::EAGAIN) {
         // fork, clone or execve (RLIMIT_NPROC) refused: the lease's cap, or a system limit.
         if capped {
-            return ApiError::ProcessLimit(
-                "the kernel refused a new process: the lease is at its process cap (pids_max, \
-                 max_processes or the nproc rlimit); retry when some of its processes exit"
+            return ServiceError::ProcessLimit {
+                reason: "the kernel refused a new process: the lease is at its process cap \
+                         (pids_max, max_processes or the nproc rlimit); retry when some of its \
+                         processes exit"
                     .into(),
-            );
+            };
         }
-        return ApiError::Unavailable(
-            "the kernel refused a new process: the lease is at its process cap (pids_max or \
-             max_processes) or a system limit was reached; retry when some of its processes exit",
-        );
+        return ServiceError::Unavailable {
+            reason: "the kernel refused a new process: the lease is at its process cap \
+                     (pids_max or max_processes) or a system limit was reached; retry when some \
+                     of its processes exit",
+        };
     }
     match &error {
-        SysError::SpawnTimeout { waited_ms, .. } => ApiError::SpawnTimeout(format!(
-            "{} did not start within {waited_ms} ms (something in the lease stopped or stalled \
-             it) and was killed; nothing was started",
-            spec.program.display()
-        )),
+        SysError::SpawnTimeout { waited_ms, .. } => ServiceError::SpawnTimeout {
+            reason: format!(
+                "{} did not start within {waited_ms} ms (something in the lease stopped or \
+                 stalled it) and was killed; nothing was started",
+                spec.program.display()
+            ),
+        },
         SysError::ChildSetup { step, source, .. } => {
             let client_fault = matches!(
                 source,
@@ -269,12 +270,14 @@ fn spawn_error(spec: &SpawnSpec, capped: bool, error: SysError) -> ApiError {
                     ChildStep::Chdir => format!("cannot enter cwd {}", spec.cwd.display()),
                     other => format!("process setup failed at {}", other.as_str()),
                 };
-                return ApiError::ExecFailed(format!("{what}: {source}"));
+                return ServiceError::ExecFailed {
+                    reason: format!("{what}: {source}"),
+                };
             }
-            ApiError::Internal(format!("spawn: {error}"))
+            ServiceError::internal(format!("spawn: {error}"))
         }
-        SysError::InvalidInput { reason, .. } => ApiError::InvalidRequest(reason.clone()),
-        _ => ApiError::Internal(format!("spawn: {error}")),
+        SysError::InvalidInput { reason, .. } => ServiceError::invalid(reason.clone()),
+        _ => ServiceError::internal(format!("spawn: {error}")),
     }
 }
 
