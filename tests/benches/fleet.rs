@@ -10,12 +10,11 @@
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
-use hyper::{Method, StatusCode};
+use anyhow::{Context, ensure};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use subidd_tests::pg::PgCluster;
-use subidd_tests::{Client, Daemon, LatencyStats, latency_stats, rss_kib};
+use subidd_tests::{Daemon, LatencyStats, latency_stats, rss_kib};
 
 /// Ids per block (and lease).
 const BLOCK: u32 = 4096;
@@ -65,8 +64,8 @@ async fn run(cluster: &PgCluster) -> anyhow::Result<String> {
         one.restart()?;
     }
     let client = one.client();
-    let http = ping_floor(&client).await?;
-    let single = latency_stats(sequential(&client, "seq", SEQ).await?);
+    let http = latency_stats(subidd_tests::ping_samples(&client, FLOOR_TRIPS).await?);
+    let single = latency_stats(subidd_tests::sequential_puts(&client, "seq", SEQ).await?);
     if std::env::var_os("SUBIDD_BENCH_LOG").is_some() {
         eprintln!("{}", one.log_text());
     }
@@ -89,7 +88,7 @@ async fn run(cluster: &PgCluster) -> anyhow::Result<String> {
         for c in 0..CLIENTS {
             let client = daemon.client();
             tasks.push(tokio::spawn(async move {
-                sequential(&client, &format!("h{h}c{c}"), EACH).await
+                subidd_tests::sequential_puts(&client, &format!("h{h}c{c}"), EACH).await
             }));
         }
     }
@@ -219,33 +218,4 @@ async fn pg_floors(url: &str) -> anyhow::Result<(LatencyStats, LatencyStats)> {
         trips.push(t.elapsed());
     }
     Ok((latency_stats(commits), latency_stats(trips)))
-}
-
-/// HTTP round trip over the daemon's socket on one kept-alive connection.
-async fn ping_floor(client: &Client) -> anyhow::Result<LatencyStats> {
-    let mut conn = client.connect().await?;
-    let mut samples = Vec::with_capacity(FLOOR_TRIPS);
-    for _ in 0..FLOOR_TRIPS {
-        let t = Instant::now();
-        let r = conn.request(Method::GET, "/_ping", None).await?;
-        samples.push(t.elapsed());
-        ensure!(r.status == StatusCode::OK, "ping: {}", r.status);
-    }
-    Ok(latency_stats(samples))
-}
-
-/// One client creating `n` leases one after another on a kept-alive connection.
-async fn sequential(client: &Client, prefix: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let mut conn = client.connect().await?;
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let path = format!("/v1/leases/{prefix}-{i}");
-        let t = Instant::now();
-        let r = conn.request(Method::PUT, &path, None).await?;
-        samples.push(t.elapsed());
-        if r.status != StatusCode::CREATED {
-            bail!("{path}: {} {}", r.status, r.text());
-        }
-    }
-    Ok(samples)
 }

@@ -9,8 +9,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
-use hyper::{Method, StatusCode};
+use anyhow::{Context, ensure};
 use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 use subidd_tests::{Client, Daemon, rss_kib};
@@ -52,17 +51,17 @@ async fn run() -> anyhow::Result<String> {
     let client = daemon.client();
     // Floors, on the same disk as the daemon's database, in this run.
     let commit = commit_floor(&daemon.path("floor.db")).await?;
-    let rtt = ping_floor(&client).await?;
+    let rtt = stats(subidd_tests::ping_samples(&client, FLOOR_PINGS).await?);
 
     // 1 client, empty pool.
-    let empty = sequential(&client, "empty", EMPTY_SEQ).await?;
+    let empty = subidd_tests::sequential_puts(&client, "empty", EMPTY_SEQ).await?;
     // 64 clients.
     let started = Instant::now();
     let concurrent = concurrent(&client, CLIENTS, CONCURRENT_TOTAL).await?;
     let elapsed = started.elapsed();
     let rate = CONCURRENT_TOTAL as f64 / elapsed.as_secs_f64();
     // 1 client with 4,000 active.
-    let full = sequential(&client, "full", FULL_SEQ).await?;
+    let full = subidd_tests::sequential_puts(&client, "full", FULL_SEQ).await?;
     let pool = client.get("/v1/pool").await?.json();
     let active = pool["blocks"]["active"].as_u64().unwrap_or(0);
     ensure!(
@@ -185,35 +184,6 @@ async fn commit_floor(path: &Path) -> anyhow::Result<Stats> {
     Ok(stats(samples))
 }
 
-/// HTTP round trip over the daemon's socket on one kept-alive connection.
-async fn ping_floor(client: &Client) -> anyhow::Result<Stats> {
-    let mut conn = client.connect().await?;
-    let mut samples = Vec::with_capacity(FLOOR_PINGS);
-    for _ in 0..FLOOR_PINGS {
-        let t = Instant::now();
-        let r = conn.request(Method::GET, "/_ping", None).await?;
-        samples.push(t.elapsed());
-        ensure!(r.status == StatusCode::OK, "ping: {}", r.status);
-    }
-    Ok(stats(samples))
-}
-
-/// One client creating `n` leases one after another on a kept-alive connection.
-async fn sequential(client: &Client, prefix: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let mut conn = client.connect().await?;
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let path = format!("/v1/leases/{prefix}-{i}");
-        let t = Instant::now();
-        let r = conn.request(Method::PUT, &path, None).await?;
-        samples.push(t.elapsed());
-        if r.status != StatusCode::CREATED {
-            bail!("{path}: {} {}", r.status, r.text());
-        }
-    }
-    Ok(samples)
-}
-
 /// `clients` clients, each on its own kept-alive connection, creating `total` leases together.
 async fn concurrent(
     client: &Client,
@@ -228,7 +198,7 @@ async fn concurrent(
         let client = Arc::clone(&client);
         let n = per + usize::from(c < extra);
         tasks.push(tokio::spawn(async move {
-            sequential(&client, &format!("c{c}"), n).await
+            subidd_tests::sequential_puts(&client, &format!("c{c}"), n).await
         }));
     }
     let mut all = Vec::with_capacity(total);

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
-use hyper::{Method, StatusCode};
+use anyhow::{Context, ensure};
+use hyper::StatusCode;
 use subidd_tests::pg::PgCluster;
 use subidd_tests::{Client, Daemon, LatencyStats, latency_stats, rss_kib};
 
@@ -93,12 +93,12 @@ async fn run(backend: &'static str, url: Option<String>, leases: usize) -> anyho
     let run_dir = tempfile::tempdir_in("/dev/shm").context("tmpfs run dir")?;
     let mut daemon = Daemon::start_with_run_dir(&config(url.as_deref(), leases), run_dir.path())?;
     let client = daemon.client();
-    let empty = latency_stats(sequential(&client, "empty", SEQ).await?);
+    let empty = latency_stats(subidd_tests::sequential_puts(&client, "empty", SEQ).await?);
     eprintln!("{backend}: filling {leases} leases");
     let started = Instant::now();
     concurrent(&client, FILLERS, leases).await?;
     let fill_rate = leases as f64 / started.elapsed().as_secs_f64();
-    let full = latency_stats(sequential(&client, "full", SEQ).await?);
+    let full = latency_stats(subidd_tests::sequential_puts(&client, "full", SEQ).await?);
     let pid = daemon.pid().context("pid")?;
     let rss_filled_mib = rss_kib(pid)? as f64 / 1024.0;
     // Every lease at once, streamed.
@@ -135,7 +135,8 @@ async fn run(backend: &'static str, url: Option<String>, leases: usize) -> anyho
     let start = t.elapsed();
     let pid = daemon.pid().context("pid")?;
     let rss_started_mib = rss_kib(pid)? as f64 / 1024.0;
-    let after_restart = latency_stats(sequential(&client, "restarted", SEQ).await?);
+    let after_restart =
+        latency_stats(subidd_tests::sequential_puts(&client, "restarted", SEQ).await?);
     let pool = client.get("/v1/pool").await?.json();
     let active = pool["blocks"]["active"].as_u64().unwrap_or(0) as usize;
     ensure!(active == leases + 3 * SEQ, "pool says {active} active");
@@ -272,22 +273,6 @@ fn report(rows: &[Row], leases: usize) -> String {
     out
 }
 
-/// One client creating `n` leases one after another on a kept-alive connection.
-async fn sequential(client: &Client, prefix: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let mut conn = client.connect().await?;
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let path = format!("/v1/leases/{prefix}-{i}");
-        let t = Instant::now();
-        let r = conn.request(Method::PUT, &path, None).await?;
-        samples.push(t.elapsed());
-        if r.status != StatusCode::CREATED {
-            bail!("{path}: {} {}", r.status, r.text());
-        }
-    }
-    Ok(samples)
-}
-
 /// `clients` clients creating `total` leases together.
 async fn concurrent(client: &Client, clients: usize, total: usize) -> anyhow::Result<()> {
     let client = Arc::new(client.clone());
@@ -296,7 +281,9 @@ async fn concurrent(client: &Client, clients: usize, total: usize) -> anyhow::Re
         let client = Arc::clone(&client);
         let n = total / clients + usize::from(c < total % clients);
         tasks.push(tokio::spawn(async move {
-            sequential(&client, &format!("fill{c}"), n).await.map(drop)
+            subidd_tests::sequential_puts(&client, &format!("fill{c}"), n)
+                .await
+                .map(drop)
         }));
     }
     for task in tasks {

@@ -657,6 +657,41 @@ pub struct LatencyStats {
     pub p99: std::time::Duration,
 }
 
+/// `n` `GET /_ping` on one kept-alive connection, each timed: the HTTP round trip the
+/// benchmarks compare against.
+pub async fn ping_samples(client: &Client, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut conn = client.connect().await?;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = conn.request(Method::GET, "/_ping", None).await?;
+        samples.push(t.elapsed());
+        anyhow::ensure!(r.status == StatusCode::OK, "ping: {}", r.status);
+    }
+    Ok(samples)
+}
+
+/// One client creating leases `{prefix}-0` .. `{prefix}-{n-1}` one after another on a
+/// kept-alive connection, each `PUT` timed.
+pub async fn sequential_puts(
+    client: &Client,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut conn = client.connect().await?;
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let path = format!("/v1/leases/{prefix}-{i}");
+        let t = Instant::now();
+        let r = conn.request(Method::PUT, &path, None).await?;
+        samples.push(t.elapsed());
+        if r.status != StatusCode::CREATED {
+            bail!("{path}: {} {}", r.status, r.text());
+        }
+    }
+    Ok(samples)
+}
+
 /// Nearest-rank percentiles of `samples`.
 pub fn latency_stats(mut samples: Vec<std::time::Duration>) -> LatencyStats {
     samples.sort_unstable();
