@@ -282,6 +282,40 @@ async fn run() -> anyhow::Result<String> {
     ensure!(r.status == StatusCode::CREATED, "PUT capped: {}", r.text());
     spawn_and_wait(&mut bench.conn, "capped").await?;
 
+    // `SUBIDD_SPAWN_QUICK=N`: only the join's rows and their limit, N turns, printed (for
+    // trying a change to the spawn path in a minute).
+    if let Some(n) = std::env::var("SUBIDD_SPAWN_QUICK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let rows = [Row::Setns, Row::Ping, Row::LibJoin, Row::ApiJoin];
+        let t = bench.turns(&rows, n).await?;
+        let mut out = String::new();
+        for (row, s) in rows.iter().zip(&t) {
+            out.push_str(&format!(
+                "{:>8.0} us p50 {:>8.0} us p99  {}\n",
+                us(s.p50),
+                us(s.p99),
+                row.label()
+            ));
+        }
+        out.push_str(&format!(
+            "API join / (setns floor + ping) = {:.2}\n",
+            us(t[3].p50) / us(t[0].p50 + t[1].p50)
+        ));
+        for lease in ["join", "capped"] {
+            let _ = client
+                .delete(&format!("/v1/leases/{lease}?force=true"))
+                .await?;
+        }
+        drop(bench);
+        for pin in [&floor_pin, &lib_pin] {
+            userns::unpin(pin)?;
+        }
+        daemon.stop()?;
+        print!("{out}");
+        std::process::exit(0);
+    }
     let table = bench.turns(&ROWS, SAMPLES).await?;
     // Without the warm-up turn's.
     let join_post = stats(bench.join_post.split_off(1));

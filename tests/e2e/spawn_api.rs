@@ -497,23 +497,91 @@ async fn log_files_keep_their_last_bytes_and_never_block() {
     assert!(out.ends_with("1999\n"), "the newest output is kept");
 }
 
+/// A waiting spawn watches a short process to its end in place and records it started and
+/// ended in one commit; one that outlives that linger (10 ms) goes to its supervisor. Both
+/// read back alike afterwards: the record, the refusal to signal, the logs and both events.
+/// A wait that times out answers the live state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 async fn spawn_can_wait_in_one_request() {
     let daemon = Daemon::start("").expect("start");
     let client = daemon.client();
     lease(&client, "w").await;
+    for (script, word, code) in [
+        ("echo quick; exit 3", "quick", 3),
+        ("sleep 0.3; echo slow; exit 5", "slow", 5),
+    ] {
+        let body = json!({"argv": ["/bin/sh", "-c", script]}).to_string();
+        let reply = client
+            .post("/v1/leases/w/processes?wait=true", Some(&body))
+            .await
+            .expect("spawn");
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+        let done = reply.json();
+        assert_eq!(
+            (done["state"].as_str(), done["exit_code"].as_i64()),
+            (Some("exited"), Some(code)),
+            "{script}: {done}"
+        );
+        let id = done["id"].as_str().expect("id").to_string();
+        let got = client
+            .get(&format!("/v1/processes/{id}"))
+            .await
+            .expect("get")
+            .json();
+        assert_eq!(
+            (got["state"].as_str(), got["exit_code"].as_i64()),
+            (Some("exited"), Some(code)),
+            "{script}: read back {got}"
+        );
+        assert!(got["ended_at"].is_string(), "{got}");
+        let signalled = client
+            .post(
+                &format!("/v1/processes/{id}/signal"),
+                Some(r#"{"signal":"TERM"}"#),
+            )
+            .await
+            .expect("signal");
+        assert_error(
+            &signalled,
+            StatusCode::CONFLICT,
+            "process_exited",
+            "signal after exit",
+        );
+        let out = logs(&client, &id, "stdout").await;
+        assert_eq!(out, format!("{word}\n"), "{script}: its output is kept");
+        let listed = client
+            .get("/v1/leases/w/processes")
+            .await
+            .expect("list")
+            .json();
+        let row = listed["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .find(|p| p["id"] == id.as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not listed: {listed}"));
+        assert_eq!(row["state"], "exited", "{row}");
+        // The feed has its start and its end, in that order.
+        let events = client
+            .get("/v1/events?since=0&follow=false")
+            .await
+            .expect("events")
+            .text();
+        let kinds: Vec<String> = events
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .filter(|e| e["details"]["process"] == id.as_str())
+            .map(|e| e["type"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["process.started", "process.exited"],
+            "{script}: {events}"
+        );
+    }
     let body = json!({"argv": ["/bin/sh", "-c", "exit 4"]}).to_string();
-    let reply = client
-        .post("/v1/leases/w/processes?wait=true", Some(&body))
-        .await
-        .expect("spawn");
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    let done = reply.json();
-    assert_eq!(
-        (done["state"].as_str(), done["exit_code"].as_i64()),
-        (Some("exited"), Some(4))
-    );
     let stuck = json!({"argv": ["sleep", "30"]}).to_string();
     let reply = client
         .post(

@@ -51,6 +51,35 @@ const MIRROR: &str = "INSERT INTO lease (id, name, uid_base, gid_base, size, sta
 const FINISH: &str = "UPDATE process SET state = ?1, exit_code = ?2, signal = ?3, ended_at = ?4 \
      WHERE id = ?5 AND state = 'running'";
 
+/// How a process ended, as [`ProcessWriter::insert_ended`] records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessEnd {
+    pub state: ProcessState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub ended_at: i64,
+}
+
+/// Runs [`INSERT`] for `p` (its argv already encoded) on `conn`.
+fn run_insert(conn: &Connection, p: &ProcessRecord, argv: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(INSERT)?.execute(params![
+        p.id,
+        p.lease_id,
+        p.lease_name,
+        i64::from(p.pid),
+        i64::try_from(p.start_ticks).unwrap_or(i64::MAX),
+        p.boot_id,
+        i64::from(p.host_uid),
+        i64::from(p.host_gid),
+        argv,
+        p.state.as_str(),
+        p.exit_code.map(i64::from),
+        p.signal.map(i64::from),
+        p.started_at,
+        p.ended_at,
+    ])
+}
+
 /// Writes process rows synchronously (see the module docs). Shared by every thread that spawns
 /// or reaps; one statement at a time.
 #[derive(Debug)]
@@ -94,25 +123,35 @@ impl ProcessWriter {
         let argv = serde_json::to_string(&p.argv).map_err(StoreError::encode)?;
         let conn = self.conn(wait)?;
         let _mode = Mode::set(wait);
-        let result = conn.prepare_cached(INSERT).and_then(|mut stmt| {
-            stmt.execute(params![
-                p.id,
-                p.lease_id,
-                p.lease_name,
-                i64::from(p.pid),
-                i64::try_from(p.start_ticks).unwrap_or(i64::MAX),
-                p.boot_id,
-                i64::from(p.host_uid),
-                i64::from(p.host_gid),
-                argv,
-                p.state.as_str(),
-                p.exit_code.map(i64::from),
-                p.signal.map(i64::from),
-                p.started_at,
-                p.ended_at,
-            ])
-        });
+        let result = run_insert(&conn, p, &argv);
         settle(&conn, result)
+    }
+
+    /// Records a process that started and has already ended, in one transaction: the row as
+    /// [`ProcessWriter::insert`] writes it, then its end as [`ProcessWriter::finish`] does (so
+    /// the feed gets both events), for the cost of one commit. `started.state` is `Running`.
+    pub fn insert_ended(
+        &self,
+        started: &ProcessRecord,
+        end: &ProcessEnd,
+        wait: bool,
+    ) -> Result<(), StoreError> {
+        let argv = serde_json::to_string(&started.argv).map_err(StoreError::encode)?;
+        let mut conn = self.conn(wait)?;
+        let _mode = Mode::set(wait);
+        let result = (|| {
+            let tx = conn.transaction()?;
+            run_insert(&tx, started, &argv)?;
+            tx.prepare_cached(FINISH)?.execute(params![
+                end.state.as_str(),
+                end.exit_code.map(i64::from),
+                end.signal.map(i64::from),
+                end.ended_at,
+                started.id,
+            ])?;
+            tx.commit()
+        })();
+        settle(&conn, result.map(|()| 0))
     }
 
     /// Records how a running process ended (`Exited` or `Lost`). A process already ended is

@@ -88,6 +88,58 @@ async fn process_rows_go_through_their_own_connection_and_leases_stay_full() {
     assert_eq!(normal, 1, "NORMAL for process rows");
 }
 
+#[tokio::test]
+async fn a_process_that_ended_already_is_recorded_started_and_ended_in_one_commit() {
+    let (dir, store, mut writer) = fresh().await;
+    let rows = ProcessWriter::open(&dir.path().join("subidd.db")).expect("process writer");
+    let mut tx = writer.begin().await.expect("begin");
+    let lease = tx
+        .insert_lease(&new_lease("short", BASE, BLOCK, 1_000), BLOCK)
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    let before = writer.last_event_id().await.expect("last id");
+    let end = ProcessEnd {
+        state: ProcessState::Exited,
+        exit_code: None,
+        signal: Some(9),
+        ended_at: 1_600,
+    };
+    rows.insert_ended(&process("quick", &lease, 1_500), &end, false)
+        .expect("insert ended");
+    let got = store
+        .get_process("quick")
+        .await
+        .expect("get")
+        .expect("there");
+    assert_eq!(
+        (
+            got.state,
+            got.exit_code,
+            got.signal,
+            got.started_at,
+            got.ended_at
+        ),
+        (ProcessState::Exited, None, Some(9), 1_500, Some(1_600))
+    );
+    let events = store.events_after(before, 100).await.expect("feed");
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["process_start", "process_exit"], "both, in order");
+    // All or nothing: a row that cannot be written leaves no start behind either.
+    let mut orphan = process("orphan", &lease, 1_700);
+    orphan.lease_id = 999;
+    let err = rows
+        .insert_ended(&orphan, &end, true)
+        .expect_err("no lease 999");
+    assert!(matches!(err, StoreError::Unwritable { .. }), "{err:?}");
+    assert_eq!(store.get_process("orphan").await.expect("get"), None);
+    assert_eq!(
+        store.events_after(before, 100).await.expect("feed").len(),
+        2,
+        "no event of the refused row"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_rows_wait_for_a_lease_commit_holding_the_write_lock() {
     let (dir, _store, mut writer) = fresh().await;

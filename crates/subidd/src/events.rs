@@ -12,7 +12,8 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use subid_store::{EventRecord, Store};
@@ -26,6 +27,9 @@ pub const LIVE_BUFFER: usize = 1024;
 pub const PAGE: u32 = 500;
 /// Most concurrent `GET /v1/events` streams.
 pub const MAX_STREAMS: usize = 64;
+/// How late the events of process rows may be published (counted in `/metrics`) while no
+/// stream follows the feed: see [`EventFeed::publish_soon`].
+pub const PUBLISH_LATER: Duration = Duration::from_millis(500);
 
 /// One published event: its id, lease and rendered NDJSON line.
 #[derive(Debug)]
@@ -46,6 +50,8 @@ struct FeedInner {
     tx: broadcast::Sender<Arc<FeedEvent>>,
     /// The newest id published.
     last: AtomicI64,
+    /// Events were committed that no poke has announced (see [`EventFeed::publish_soon`]).
+    later: AtomicBool,
     streams: Arc<Semaphore>,
     closed: watch::Sender<bool>,
 }
@@ -58,6 +64,7 @@ impl EventFeed {
         EventFeed {
             inner: Arc::new(FeedInner {
                 tx,
+                later: AtomicBool::new(false),
                 last: AtomicI64::new(last),
                 streams: Arc::new(Semaphore::new(MAX_STREAMS)),
                 closed,
@@ -68,6 +75,19 @@ impl EventFeed {
     /// The newest id published so far.
     pub fn last_id(&self) -> i64 {
         self.inner.last.load(Ordering::Acquire)
+    }
+
+    /// After a commit that only the live streams and the metrics need to hear of soon (a
+    /// process row, written on the spawn path): the publisher is poked at once while a stream
+    /// is open, and otherwise finds it within [`PUBLISH_LATER`], so that no other thread is
+    /// woken (and no read of the events runs) while a spawn is answered. A stream opened
+    /// meanwhile reads the rows from the database.
+    pub fn publish_soon(&self, poke: &Notify) {
+        if self.streams() > 0 {
+            poke.notify_one();
+        } else {
+            self.inner.later.store(true, Ordering::Release);
+        }
     }
 
     /// Clients following the feed now.
@@ -141,7 +161,16 @@ impl Publisher {
     /// the task is dropped.
     pub async fn run(mut self) {
         loop {
-            self.poke.notified().await;
+            tokio::select! {
+                () = self.poke.notified() => {}
+                () = tokio::time::sleep(PUBLISH_LATER) => {
+                    if !self.feed.inner.later.load(Ordering::Acquire) {
+                        continue;
+                    }
+                }
+            }
+            // Whatever was left for later is read now too.
+            self.feed.inner.later.store(false, Ordering::Release);
             self.publish_new().await;
         }
     }

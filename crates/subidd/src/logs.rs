@@ -18,7 +18,6 @@
 //! listed, it is stopped, a new one gets them. Every wait on the keeper has a deadline.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -739,9 +738,9 @@ fn is_id(s: &str) -> bool {
 /// A process id: 16 random hex digits.
 fn new_id() -> String {
     let mut bytes = [0u8; 8];
-    let filled = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .is_ok();
+    // One getrandom(2) (urandom's pool, never blocking after boot) rather than open, read and
+    // close of /dev/urandom on every spawn.
+    let filled = getrandom::fill(&mut bytes).is_ok();
     if !filled {
         // Time and a counter still make ids unique within this daemon.
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -11,7 +11,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use subid_core::RlimitName;
-use subid_store::ProcessRecord;
+use subid_store::{ProcessRecord, ProcessState};
 use utoipa::{IntoParams, ToSchema};
 
 use super::model::rfc3339;
@@ -166,17 +166,21 @@ pub async fn spawn(
     };
     let spec = spawn_spec(body)?;
     let started = std::time::Instant::now();
+    // A waiting caller lets the spawn watch a short process to its end in place.
+    let linger = if wait { timeout } else { Duration::ZERO };
     let spawned = state
         .processes
-        .spawn(name, spec)
+        .spawn(name, spec, linger)
         .await
         .map_err(ApiError::from);
+    // The spawn's own time: without what it spent waiting for the process's exit.
+    let lingered = spawned.as_ref().map_or(Duration::ZERO, |s| s.lingered);
     state.leases.metrics().observe_spawn(
-        started.elapsed(),
+        started.elapsed().saturating_sub(lingered),
         spawned.as_ref().err().map(ApiError::code),
     );
-    let mut record = spawned?;
-    if wait {
+    let mut record = spawned?.record;
+    if wait && record.state == ProcessState::Running {
         record = state.processes.wait(&record.id, timeout).await?;
     }
     Ok(json(StatusCode::CREATED, &ProcessView::from(&record)))

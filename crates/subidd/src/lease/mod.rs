@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use subid_core::{Allocator, NamespaceKind, Pool, PoolCounts, RlimitName};
 use subid_store::{
-    Backend, LeaseRecord, PoolMeta, ProcessRecord, ProcessState, ProcessWriter, Store, StoreError,
+    Backend, LeaseRecord, PoolMeta, ProcessEnd, ProcessRecord, ProcessWriter, Store, StoreError,
     Writer,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -102,13 +102,14 @@ pub enum ReleaseKind {
 /// A change to the process table (see [`LeaseService::record_process`]).
 #[derive(Debug, Clone)]
 pub enum ProcessOp {
+    /// A process now running.
     Insert(ProcessRecord),
-    Finish {
-        id: String,
-        state: ProcessState,
-        exit_code: Option<i32>,
-        signal: Option<i32>,
-        ended_at: i64,
+    /// How a running process ended.
+    Finish { id: String, end: ProcessEnd },
+    /// A process that started and has ended already: both in one commit.
+    InsertEnded {
+        started: ProcessRecord,
+        end: ProcessEnd,
     },
 }
 
@@ -424,10 +425,19 @@ impl LeaseService {
             other => other,
         };
         if result.is_ok() {
-            // The rows' triggers added events; the publisher reads them back on its own task.
-            self.inner.published.notify_one();
+            // The rows' triggers added events; the publisher reads them back on its own task,
+            // soon (not on the spawn's path unless a stream follows the feed).
+            self.inner.feed.publish_soon(&self.inner.published);
         }
         result.map_err(ServiceError::from)
+    }
+
+    /// [`LeaseService::record_process`] from a thread that may block (it waits for the write
+    /// lock if the lease writer holds it).
+    pub fn record_process_blocking(&self, op: &ProcessOp) -> Result<(), ServiceError> {
+        write_row(&self.inner.rows, op, true)?;
+        self.inner.feed.publish_soon(&self.inner.published);
+        Ok(())
     }
 
     /// Answers once the writer task has taken the ping and finished the group it came with: a
@@ -516,13 +526,10 @@ pub enum StartError {
 fn write_row(rows: &ProcessWriter, op: &ProcessOp, wait: bool) -> Result<(), StoreError> {
     match op {
         ProcessOp::Insert(record) => rows.insert(record, wait),
-        ProcessOp::Finish {
-            id,
-            state,
-            exit_code,
-            signal,
-            ended_at,
-        } => rows.finish(id, *state, *exit_code, *signal, *ended_at, wait),
+        ProcessOp::Finish { id, end } => {
+            rows.finish(id, end.state, end.exit_code, end.signal, end.ended_at, wait)
+        }
+        ProcessOp::InsertEnded { started, end } => rows.insert_ended(started, end, wait),
     }
 }
 

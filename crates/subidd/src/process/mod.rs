@@ -24,6 +24,7 @@ mod namespaces;
 
 pub use attach::{Attachment, AttachmentState};
 pub use namespaces::NamespacePins;
+pub use spawn::{LINGER_MAX, Spawned};
 mod recovery;
 mod spawn;
 mod supervise;

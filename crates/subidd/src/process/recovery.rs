@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use subid_store::{ProcessRecord, ProcessState};
+use subid_store::{ProcessEnd, ProcessRecord, ProcessState};
 use subid_sys::cgroup::{CgroupHost, LeaseCgroup};
 use subid_sys::{PidFd, SysError, members, userns};
 
@@ -75,10 +75,12 @@ impl ProcessService {
                         .leases
                         .record_process(&ProcessOp::Finish {
                             id: row.id.clone(),
-                            state: ProcessState::Lost,
-                            exit_code: None,
-                            signal: None,
-                            ended_at: now_ms(),
+                            end: ProcessEnd {
+                                state: ProcessState::Lost,
+                                exit_code: None,
+                                signal: None,
+                                ended_at: now_ms(),
+                            },
                         })
                         .await?;
                 }

@@ -1,8 +1,10 @@
 //! The spawn path: take the lease (shared for a join, alone for a first spawn), check the
 //! request against it, build the command (log files, rlimits, the lease's cgroups, the deadline),
-//! clone, record the process before answering, and hand it to its supervisor.
+//! clone, record the process before answering, and hand it to its supervisor (or, for a caller
+//! that waits and a process that exits within the linger, record it ended at once).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use subid_core::RlimitName;
 use subid_store::{ProcessRecord, ProcessState};
@@ -11,6 +13,7 @@ use subid_sys::{ChildStep, Errno, SysError, members, userns};
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard};
 
 use super::namespaces::ns_spec;
+use super::supervise::{end_of, ended};
 use super::{ProcessService, SIGKILL, SpawnSpec, busy_elsewhere, lock_map, lock_wait};
 use crate::lease::{ProcessOp, now_ms};
 use crate::logs::{Logs, LogsError};
@@ -24,27 +27,58 @@ enum LeaseGuard {
     Exclusive(OwnedRwLockWriteGuard<()>),
 }
 
+/// How long a spawn whose caller waits for the exit (`POST ...?wait=true`) watches the new
+/// process in place before it records it as running and hands it to its supervisor.
+pub const LINGER_MAX: Duration = Duration::from_millis(10);
+
+/// A started process, as [`ProcessService::spawn`] answers.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its record: `running`, or already ended when it exited within the linger.
+    pub record: ProcessRecord,
+    /// The time spent waiting in place for its exit (part of the spawn's duration that was the
+    /// process's own run).
+    pub lingered: Duration,
+}
+
 impl ProcessService {
     /// Starts a process in the lease's namespace and records it before answering.
+    ///
+    /// `linger` (at most [`LINGER_MAX`]) is for a caller that will wait for the exit anyway: the
+    /// spawn watches the process that long on the thread that started it, and one that has
+    /// exited by then is recorded started and ended in one commit and answered ended, with no
+    /// supervisor, reactor or second row in between (most of an API join's cost over the
+    /// kernel's, docs/BENCHMARKS.md). One still running is recorded and supervised as usual. The
+    /// process is in its lease's cgroup from birth, so an unrecorded moment leaves nothing
+    /// outside the lease's teardown.
     pub async fn spawn(
         &self,
         name: String,
         spec: SpawnSpec,
-    ) -> Result<ProcessRecord, ServiceError> {
+        linger: Duration,
+    ) -> Result<Spawned, ServiceError> {
+        let linger = linger.min(LINGER_MAX);
+        if multi_threaded() {
+            // In the request's own task: from the clone on, the spawn never awaits (it blocks
+            // in place), so a client that goes away cannot leave it half-way, and the answer
+            // is written by the thread that saw the process start (and end).
+            return self.spawn_here(name, spec, linger).await;
+        }
+        // Elsewhere the blocking part is awaited on the blocking pool: detached from the
+        // request, so that it still finishes and is recorded (or is undone).
         let this = self.clone();
-        // Detached from the request: if the client disconnects, the spawn still finishes and is
-        // recorded (or is undone), never left half-way.
-        tokio::spawn(async move { this.spawn_detached(name, spec).await })
+        tokio::spawn(async move { this.spawn_here(name, spec, linger).await })
             .await
             .map_err(|e| ServiceError::internal(format!("spawn task failed: {e}")))
             .and_then(|r| r)
     }
 
-    async fn spawn_detached(
+    async fn spawn_here(
         &self,
         name: String,
         spec: SpawnSpec,
-    ) -> Result<ProcessRecord, ServiceError> {
+        linger: Duration,
+    ) -> Result<Spawned, ServiceError> {
         let lock = self.lease_lock(&name);
         let wait = lock_wait(&self.inner.config);
         // Joining spawns share the lease; making its namespace (the first spawn) and tearing it
@@ -147,27 +181,96 @@ impl ProcessService {
         if created && ns_spec.extra.mnt {
             self.private_ns_dir(&name)?;
         }
+        // The record, but for what only the started process can tell.
+        let template = ProcessRecord {
+            id: id.clone(),
+            lease_id: lease.id,
+            lease_name: lease.name.clone(),
+            pid: 0,
+            start_ticks: 0,
+            boot_id: self.inner.boot_id.clone(),
+            host_uid: lease.uid_base.saturating_add(spec.user),
+            host_gid: lease.gid_base.saturating_add(spec.group),
+            argv: spec.argv.clone(),
+            state: ProcessState::Running,
+            exit_code: None,
+            signal: None,
+            started_at: 0,
+            ended_at: None,
+        };
         let spawn_pin = pin.clone();
-        let run = move || match &existing {
-            Some(ns) => command.spawn(Namespace::Join(ns)),
-            None => command.spawn(Namespace::Create {
-                spec: &ns_spec,
-                pin: &spawn_pin,
-            }),
+        let leases = self.inner.leases.clone();
+        // Clone, handshake, linger and the row, all on one thread that may block: nothing after
+        // the clone awaits, so neither a client that goes away nor a hop to another thread comes
+        // between a started process and its record.
+        let run = move || -> Result<Started, Failure> {
+            let pidfd = match &existing {
+                Some(ns) => command.spawn(Namespace::Join(ns)),
+                None => command.spawn(Namespace::Create {
+                    spec: &ns_spec,
+                    pin: &spawn_pin,
+                }),
+            }
+            .map_err(Failure::Spawn)?;
+            let record = ProcessRecord {
+                pid: pidfd.pid(),
+                // Read while the process is alive (or a zombie).
+                start_ticks: pidfd
+                    .proc_dir()
+                    .and_then(|dir| members::start_ticks(&dir))
+                    .unwrap_or(0),
+                started_at: now_ms(),
+                ..template
+            };
+            let lingered_from = Instant::now();
+            // Reaped here if it exits within the linger; a failed poll only ends the linger.
+            let end = if linger.is_zero() {
+                None
+            } else {
+                pidfd
+                    .wait_timeout(linger)
+                    .ok()
+                    .flatten()
+                    .map(|s| end_of(Some(s)))
+            };
+            let lingered = lingered_from.elapsed();
+            let op = match &end {
+                // It ran and exited within the linger: started and ended in one commit.
+                Some(end) => ProcessOp::InsertEnded {
+                    started: record.clone(),
+                    end: end.clone(),
+                },
+                None => ProcessOp::Insert(record.clone()),
+            };
+            if let Err(error) = leases.record_process_blocking(&op) {
+                // Not recorded means not started: take it back (it cannot be stopped: SIGKILL).
+                if end.is_none() {
+                    let _ = pidfd.send_signal(SIGKILL);
+                    let _ = pidfd.wait_timeout(Duration::from_secs(5));
+                }
+                return Err(Failure::Record(error));
+            }
+            Ok(Started {
+                pidfd,
+                record,
+                end,
+                lingered,
+            })
         };
         // The clone-to-exec handshake blocks for about a millisecond (at most the spawn's
-        // deadline): on the multi-threaded runtime it runs in place (no hop to another thread),
-        // elsewhere on the blocking pool.
-        let result = if tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread
-        {
+        // deadline), the linger for at most its own: on the multi-threaded runtime this runs in
+        // place, elsewhere on the blocking pool.
+        let result = if multi_threaded() {
             tokio::task::block_in_place(run)
         } else {
             tokio::task::spawn_blocking(run)
                 .await
                 .map_err(|e| ServiceError::internal(format!("spawn thread failed: {e}")))?
         };
-        let pidfd = Arc::new(result.map_err(|e| spawn_error(&spec, capped, e))?);
+        let started = result.map_err(|failure| match failure {
+            Failure::Spawn(e) => spawn_error(&spec, capped, e),
+            Failure::Record(e) => e,
+        })?;
         if created {
             match subid_sys::LeaseNs::open(&pin) {
                 Ok(ns) => {
@@ -176,50 +279,52 @@ impl ProcessService {
                 Err(error) => tracing::warn!(lease = %name, %error, "cannot reopen the new pin"),
             }
         }
-        let start_ticks = pidfd
-            .proc_dir()
-            .and_then(|dir| members::start_ticks(&dir))
-            .unwrap_or(0);
-        let record = ProcessRecord {
-            id: id.clone(),
-            lease_id: lease.id,
-            lease_name: lease.name.clone(),
-            pid: pidfd.pid(),
-            start_ticks,
-            boot_id: self.inner.boot_id.clone(),
-            host_uid: lease.uid_base.saturating_add(spec.user),
-            host_gid: lease.gid_base.saturating_add(spec.group),
-            argv: spec.argv.clone(),
-            state: ProcessState::Running,
-            exit_code: None,
-            signal: None,
-            started_at: now_ms(),
-            ended_at: None,
-        };
-        // Written on this thread when nothing holds the write lock: a hand-off to another
-        // thread costs more than the write (see `LeaseService::record_process`).
-        if let Err(error) = self
-            .inner
-            .leases
-            .record_process(&ProcessOp::Insert(record.clone()))
-            .await
-        {
-            // Not recorded means not started: take it back (it cannot be stopped: SIGKILL).
-            let _ = pidfd.send_signal(SIGKILL);
-            let reaper = Arc::clone(&pidfd);
-            let _ = tokio::task::spawn_blocking(move || {
-                reaper.wait_timeout(std::time::Duration::from_secs(5))
-            })
-            .await;
-            return Err(error);
-        }
         // Recorded: the logs are the process's now, and go with its lease.
         unrecorded.recorded();
+        let Started {
+            pidfd,
+            record,
+            end,
+            lingered,
+        } = started;
+        if let Some(end) = end {
+            tracing::info!(id = %id, pid = record.pid, lease = %name, host_uid = record.host_uid, exit_code = ?end.exit_code, signal = ?end.signal, "process started and exited");
+            // The keeper goes on copying while writers remain (a background child).
+            logs.forget(&id);
+            drop(guard);
+            return Ok(Spawned {
+                record: ended(record, &end),
+                lingered,
+            });
+        }
         tracing::info!(id = %id, pid = record.pid, lease = %name, host_uid = record.host_uid, "process started");
-        self.supervise(record.clone(), pidfd, true);
+        self.supervise(record.clone(), Arc::new(pidfd), true);
         drop(guard);
-        Ok(record)
+        Ok(Spawned { record, lingered })
     }
+}
+
+/// What the blocking part of a spawn hands back: the recorded process, and how it ended when
+/// it did within the linger (then it is reaped).
+struct Started {
+    pidfd: subid_sys::PidFd,
+    record: ProcessRecord,
+    end: Option<subid_store::ProcessEnd>,
+    lingered: Duration,
+}
+
+/// Why the blocking part of a spawn failed.
+enum Failure {
+    /// Nothing started.
+    Spawn(SysError),
+    /// It started but could not be recorded, and was killed.
+    Record(ServiceError),
+}
+
+/// Whether this runs on tokio's multi-threaded runtime (the daemon's), where a task may block
+/// in place.
+fn multi_threaded() -> bool {
+    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
 }
 
 /// Maps a spawn failure to what the client should hear. `capped`: the lease or the request set

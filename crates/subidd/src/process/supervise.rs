@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use subid_store::{ProcessRecord, ProcessState};
+use subid_store::{ProcessEnd, ProcessRecord, ProcessState};
 use subid_sys::{ExitStatus, PidFd};
 use tokio::sync::watch;
 
@@ -32,27 +32,12 @@ impl ProcessService {
         );
         let this = self.clone();
         tokio::spawn(async move {
-            let status = wait_exit(&pidfd, own_child).await;
-            let (exit_code, signal) = match status {
-                Some(ExitStatus::Exited(code)) => (Some(code), None),
-                Some(ExitStatus::Signaled { signal, .. }) => (None, Some(signal)),
-                None => (None, None),
-            };
-            let ended_at = now_ms();
+            let end = end_of(wait_exit(&pidfd, own_child).await);
             // Known now: waiters and readers get it from memory until it is on disk.
-            let _ = done_tx.send(Some(ProcessRecord {
-                state: ProcessState::Exited,
-                exit_code,
-                signal,
-                ended_at: Some(ended_at),
-                ..record
-            }));
+            let _ = done_tx.send(Some(ended(record, &end)));
             let op = ProcessOp::Finish {
                 id: id.clone(),
-                state: ProcessState::Exited,
-                exit_code,
-                signal,
-                ended_at,
+                end,
             };
             let mut pause = Duration::from_millis(200);
             let mut attempt = 0u32;
@@ -74,6 +59,33 @@ impl ProcessService {
                 logs.forget(&id);
             }
         });
+    }
+}
+
+/// How a process ended, from its status (`None`: an adopted process, whose status cannot be
+/// known), as of now.
+pub(super) fn end_of(status: Option<ExitStatus>) -> ProcessEnd {
+    let (exit_code, signal) = match status {
+        Some(ExitStatus::Exited(code)) => (Some(code), None),
+        Some(ExitStatus::Signaled { signal, .. }) => (None, Some(signal)),
+        None => (None, None),
+    };
+    ProcessEnd {
+        state: ProcessState::Exited,
+        exit_code,
+        signal,
+        ended_at: now_ms(),
+    }
+}
+
+/// The record of a process after `end`.
+pub(super) fn ended(record: ProcessRecord, end: &ProcessEnd) -> ProcessRecord {
+    ProcessRecord {
+        state: end.state,
+        exit_code: end.exit_code,
+        signal: end.signal,
+        ended_at: Some(end.ended_at),
+        ..record
     }
 }
 

@@ -102,9 +102,11 @@ async fn an_expiry_that_finds_its_lease_renewed_leaves_its_processes_alone() {
                 rlimits: Default::default(),
                 umask: 0o022,
             },
+            std::time::Duration::ZERO,
         )
         .await
-        .expect("spawn");
+        .expect("spawn")
+        .record;
 
     // The expiry pass read the lease as expired; by the time its release runs, the lease has
     // been renewed (here: it never was due). Nothing may be torn down.
