@@ -27,7 +27,7 @@ use subid_core::LeaseState;
 pub use copy::{MoveReport, move_in};
 pub use error::{BackendError, Kind, StoreError};
 pub use pg::{CHANNEL, PgConfig};
-pub use process_writer::{ProcessEnd, ProcessWriter};
+pub use process_writer::{PendingRow, ProcessEnd, ProcessWriter};
 pub use record::{
     BlockRow, EventKind, EventRecord, LeaseRecord, NewLease, ProcessRecord, ProcessState,
 };

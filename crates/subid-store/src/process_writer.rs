@@ -51,13 +51,41 @@ const MIRROR: &str = "INSERT INTO lease (id, name, uid_base, gid_base, size, sta
 const FINISH: &str = "UPDATE process SET state = ?1, exit_code = ?2, signal = ?3, ended_at = ?4 \
      WHERE id = ?5 AND state = 'running'";
 
-/// How a process ended, as [`ProcessWriter::insert_ended`] records it.
+/// How a process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessEnd {
     pub state: ProcessState,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub ended_at: i64,
+}
+
+/// A process row written but not committed (see [`ProcessWriter::begin_insert`]).
+#[derive(Debug)]
+pub struct PendingRow<'a> {
+    conn: Option<MutexGuard<'a, Connection>>,
+}
+
+impl PendingRow<'_> {
+    /// Commits the row.
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        let Some(conn) = self.conn.take() else {
+            return Ok(());
+        };
+        let _mode = Mode::set(true);
+        let result = conn.execute_batch("COMMIT").map(|()| 0);
+        settle(&conn, result)
+    }
+}
+
+impl Drop for PendingRow<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && !conn.is_autocommit()
+        {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+    }
 }
 
 /// Runs [`INSERT`] for `p` (its argv already encoded) on `conn`.
@@ -127,31 +155,21 @@ impl ProcessWriter {
         settle(&conn, result)
     }
 
-    /// Records a process that started and has already ended, in one transaction: the row as
-    /// [`ProcessWriter::insert`] writes it, then its end as [`ProcessWriter::finish`] does (so
-    /// the feed gets both events), for the cost of one commit. `started.state` is `Running`.
-    pub fn insert_ended(
-        &self,
-        started: &ProcessRecord,
-        end: &ProcessEnd,
-        wait: bool,
-    ) -> Result<(), StoreError> {
-        let argv = serde_json::to_string(&started.argv).map_err(StoreError::encode)?;
-        let mut conn = self.conn(wait)?;
-        let _mode = Mode::set(wait);
-        let result = (|| {
-            let tx = conn.transaction()?;
-            run_insert(&tx, started, &argv)?;
-            tx.prepare_cached(FINISH)?.execute(params![
-                end.state.as_str(),
-                end.exit_code.map(i64::from),
-                end.signal.map(i64::from),
-                end.ended_at,
-                started.id,
-            ])?;
-            tx.commit()
-        })();
-        settle(&conn, result.map(|()| 0))
+    /// Writes the row of a process that has just been cloned but may not exec, in a
+    /// transaction left open: [`PendingRow::commit`] once it has exec'd, and a dropped
+    /// `PendingRow` rolls back (it never ran). The spawn path writes it while the child sets
+    /// itself up, so the commit after the exec is all that is left of it. Waits for the write
+    /// lock (call from a thread that may block); holds this connection and SQLite's write lock
+    /// until committed or dropped, so keep that short.
+    pub fn begin_insert(&self, p: &ProcessRecord) -> Result<PendingRow<'_>, StoreError> {
+        let argv = serde_json::to_string(&p.argv).map_err(StoreError::encode)?;
+        let conn = self.conn(true)?;
+        let _mode = Mode::set(true);
+        let result = conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .and_then(|()| run_insert(&conn, p, &argv));
+        settle(&conn, result)?;
+        Ok(PendingRow { conn: Some(conn) })
     }
 
     /// Records how a running process ended (`Exited` or `Lost`). A process already ended is

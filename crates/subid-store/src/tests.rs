@@ -89,55 +89,55 @@ async fn process_rows_go_through_their_own_connection_and_leases_stay_full() {
 }
 
 #[tokio::test]
-async fn a_process_that_ended_already_is_recorded_started_and_ended_in_one_commit() {
+async fn a_row_written_ahead_shows_only_once_committed_and_leaves_nothing_when_dropped() {
     let (dir, store, mut writer) = fresh().await;
     let rows = ProcessWriter::open(&dir.path().join("subidd.db")).expect("process writer");
     let mut tx = writer.begin().await.expect("begin");
     let lease = tx
-        .insert_lease(&new_lease("short", BASE, BLOCK, 1_000), BLOCK)
+        .insert_lease(&new_lease("ahead", BASE, BLOCK, 1_000), BLOCK)
         .await
         .expect("insert");
     tx.commit().await.expect("commit");
     let before = writer.last_event_id().await.expect("last id");
-    let end = ProcessEnd {
-        state: ProcessState::Exited,
-        exit_code: None,
-        signal: Some(9),
-        ended_at: 1_600,
-    };
-    rows.insert_ended(&process("quick", &lease, 1_500), &end, false)
-        .expect("insert ended");
-    let got = store
-        .get_process("quick")
-        .await
-        .expect("get")
-        .expect("there");
+
+    let pending = rows
+        .begin_insert(&process("execd", &lease, 1_500))
+        .expect("begin");
     assert_eq!(
-        (
-            got.state,
-            got.exit_code,
-            got.signal,
-            got.started_at,
-            got.ended_at
+        store.get_process("execd").await.expect("get"),
+        None,
+        "readers do not see it before the commit"
+    );
+    assert!(
+        matches!(
+            rows.insert(&process("other", &lease, 1_550), false),
+            Err(StoreError::Contended)
         ),
-        (ProcessState::Exited, None, Some(9), 1_500, Some(1_600))
+        "the connection is held meanwhile"
     );
-    let events = store.events_after(before, 100).await.expect("feed");
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(kinds, ["process_start", "process_exit"], "both, in order");
-    // All or nothing: a row that cannot be written leaves no start behind either.
-    let mut orphan = process("orphan", &lease, 1_700);
-    orphan.lease_id = 999;
-    let err = rows
-        .insert_ended(&orphan, &end, true)
-        .expect_err("no lease 999");
-    assert!(matches!(err, StoreError::Unwritable { .. }), "{err:?}");
-    assert_eq!(store.get_process("orphan").await.expect("get"), None);
+    pending.commit().expect("commit");
     assert_eq!(
-        store.events_after(before, 100).await.expect("feed").len(),
-        2,
-        "no event of the refused row"
+        store.get_process("execd").await.expect("get"),
+        Some(process("execd", &lease, 1_500))
     );
+
+    // A child that never exec'd: dropped, rolled back, row and event alike.
+    drop(
+        rows.begin_insert(&process("failed", &lease, 1_600))
+            .expect("begin"),
+    );
+    assert_eq!(store.get_process("failed").await.expect("get"), None);
+    let kinds: Vec<String> = store
+        .events_after(before, 100)
+        .await
+        .expect("feed")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["process_start"], "only the committed row's event");
+    // The connection is free again.
+    rows.insert(&process("next", &lease, 1_700), false)
+        .expect("insert after");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

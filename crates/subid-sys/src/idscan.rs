@@ -5,7 +5,11 @@
 //! gids and its supplementary groups (proc(5)). Reading it for every process costs a few
 //! microseconds each, so [`IdScanner`] keeps what it read per pid: [`IdScanner::refresh`] lists
 //! `/proc` and reads only pids it has not seen (new processes), [`IdScanner::rescan`] reads them
-//! all again. A process changes its ids only with CAP_SETUID/CAP_SETGID over the target ids, which
+//! all again. A pid is "seen" by its number and the inode of its `/proc/<pid>` entry, which
+//! `readdir` gives for free and which is new for a new process that reuses the number (procfs
+//! makes a new inode for each `struct pid`): on a host with `pid_max` 32768 and many short
+//! processes a number comes back within seconds, and a scanner keyed by the number alone would
+//! never read the newcomer's ids. A process changes its ids only with CAP_SETUID/CAP_SETGID over the target ids, which
 //! inside a lease's user namespace covers only that lease's own range, so a process can take ids
 //! of a free block only from outside every lease (a root process of the host): a refresh before
 //! each issue finds new processes at once, and the periodic rescan finds such id changes.
@@ -13,6 +17,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::DirEntryExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, SysError};
@@ -53,6 +58,8 @@ impl IdHolder {
 pub struct IdScanner {
     proc_root: PathBuf,
     known: HashMap<i32, IdHolder>,
+    /// The inode of each known pid's `/proc` entry when it was read.
+    inodes: HashMap<i32, u64>,
 }
 
 impl Default for IdScanner {
@@ -72,6 +79,7 @@ impl IdScanner {
         IdScanner {
             proc_root: root.to_path_buf(),
             known: HashMap::new(),
+            inodes: HashMap::new(),
         }
     }
 
@@ -106,9 +114,11 @@ impl IdScanner {
                 continue;
             };
             live.push(pid);
-            if !all && self.known.contains_key(&pid) {
+            let inode = entry.ino();
+            if !all && self.known.contains_key(&pid) && self.inodes.get(&pid) == Some(&inode) {
                 continue;
             }
+            self.inodes.insert(pid, inode);
             buf.clear();
             let path = self.proc_root.join(pid.to_string()).join("status");
             // A process that exits meanwhile is simply not there any more.
@@ -132,6 +142,7 @@ impl IdScanner {
         }
         live.sort_unstable();
         self.known.retain(|pid, _| live.binary_search(pid).is_ok());
+        self.inodes.retain(|pid, _| live.binary_search(pid).is_ok());
         Ok(read)
     }
 }
@@ -240,6 +251,20 @@ mod tests {
         fs::remove_dir_all(root.path().join("11")).expect("rm");
         scanner.refresh().expect("refresh");
         assert_eq!(scanner.holders().count(), 1);
+        // Pid 10 is reused by a new process between two refreshes (a new /proc entry: the new
+        // directory is made while the old one still exists, so its inode differs).
+        fs::rename(root.path().join("10"), root.path().join("old-10")).expect("mv");
+        add(10, 400);
+        fs::remove_dir_all(root.path().join("old-10")).expect("rm");
+        assert_eq!(
+            scanner.refresh().expect("refresh"),
+            1,
+            "the newcomer is read"
+        );
+        assert!(
+            scanner.holders().any(|h| h.pid == 10 && h.uids[0] == 400),
+            "the reused pid shows the new process's ids"
+        );
     }
 
     #[test]

@@ -28,5 +28,5 @@ pub mod watch;
 
 pub use error::{ChildStep, Errno, SysError};
 pub use pidfd::{ExitStatus, PidFd, ProcDir, ProcIds};
-pub use spawn::{Command, Namespace, Rlimit};
+pub use spawn::{Command, Namespace, Rlimit, SpawnHooks};
 pub use userns::{ExtraNs, LeaseNs, NsKind, UserNsSpec};

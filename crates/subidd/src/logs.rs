@@ -266,6 +266,16 @@ impl Logs {
     /// stderr) for the child's fds 1 and 2. Without a keeper at this moment (it is being
     /// replaced) the id waits in the mirror and is attached when the new one is up.
     pub fn attach(&self, id: &str) -> Result<(OwnedFd, OwnedFd), LogsError> {
+        let ends = self.attach_unsent(id)?;
+        self.send(id);
+        Ok(ends)
+    }
+
+    /// [`Logs::attach`] but for the hand-over to the keeper, which [`Logs::send`] does: the
+    /// spawn path sends while its child sets itself up. Until then the read ends are only in
+    /// the mirror (a keeper that starts meanwhile gets them from there), and a child that
+    /// writes more than a pipe holds waits.
+    pub fn attach_unsent(&self, id: &str) -> Result<(OwnedFd, OwnedFd), LogsError> {
         if !logkeep::wire::valid_id(id) {
             return Err(LogsError::BadId(id.to_owned()));
         }
@@ -284,31 +294,41 @@ impl Logs {
                 capacity: state.capacity,
             });
         }
-        let client = state.client.clone().filter(|_| !state.wedged);
-        let generation = state.generation;
-        // Sent under the lock: a replacement keeper either sees this id in the mirror or
-        // gets it here, never neither. The send blocks only if the keeper is wedged (then for
-        // at most its send timeout, once: the keeper is marked and replaced).
-        let sent = match &client {
-            Some(client) => match client.attach(id, Some(out_r.as_fd()), Some(err_r.as_fd())) {
-                Ok(()) => generation,
-                Err(error) => {
-                    tracing::warn!(%id, %error, "cannot hand a process's logs to the keeper; it will be replaced");
-                    state.wedged = true;
-                    0
-                }
-            },
-            None => 0,
-        };
         state.mirror.insert(
             id.to_owned(),
             Held {
                 stdout: Some(out_r),
                 stderr: Some(err_r),
-                sent,
+                sent: 0,
             },
         );
         Ok((out_w, err_w))
+    }
+
+    /// Hands `id`'s read ends to the keeper in use unless it has them already. Sent under the
+    /// lock: a replacement keeper either finds the id marked sent to it or gets it here. The
+    /// send blocks only if the keeper is wedged (then for at most its send timeout, once: the
+    /// keeper is marked and replaced, and the replacement gets the id from the mirror).
+    pub fn send(&self, id: &str) {
+        let mut state = self.inner.lock();
+        let generation = state.generation;
+        let Some(client) = state.client.clone().filter(|_| !state.wedged) else {
+            return;
+        };
+        let Some(held) = state.mirror.get_mut(id).filter(|h| h.sent != generation) else {
+            return;
+        };
+        match client.attach(
+            id,
+            held.stdout.as_ref().map(AsFd::as_fd),
+            held.stderr.as_ref().map(AsFd::as_fd),
+        ) {
+            Ok(()) => held.sent = generation,
+            Err(error) => {
+                tracing::warn!(%id, %error, "cannot hand a process's logs to the keeper; it will be replaced");
+                state.wedged = true;
+            }
+        }
     }
 
     /// Has the keeper write out what `id`'s pipes hold now, so that what the process wrote

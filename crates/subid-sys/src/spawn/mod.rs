@@ -74,10 +74,30 @@ mod spawner;
 
 pub use spawner::CgroupSpawner;
 
+/// What a caller of [`Command::spawn_then`] does while the child sets itself up. The spawn's
+/// deadline runs on meanwhile; no hook may wait on the child.
+pub trait SpawnHooks {
+    /// The child exists (its pid and start time are fixed) and has not exec'd yet.
+    fn cloned(&mut self, _child: &PidFd) {}
+    /// How long after [`SpawnHooks::cloned`] the child may take to exec before
+    /// [`SpawnHooks::slow`] is called: a caller that holds something for the child (a lock)
+    /// lets go of it then, since a process of the lease can stop the child for as long as the
+    /// deadline.
+    fn patience(&self) -> Duration {
+        Duration::MAX
+    }
+    /// The child did not exec within [`SpawnHooks::patience`]; the spawn goes on waiting until
+    /// its deadline.
+    fn slow(&mut self) {}
+}
+
+/// No hooks.
+impl SpawnHooks for () {}
+
 /// Creates and pins the namespaces of `spec` at `pin` with no process left in them (a holder
 /// that exits once they are pinned); see [`crate::userns::create_pinned`].
 pub(crate) fn create_holder(spec: &UserNsSpec, pin: &Path, timeout: Duration) -> Result<()> {
-    let (result, _leaked) = run::create(spec, pin, None, timeout);
+    let (result, _leaked) = run::create(spec, pin, None, timeout, &mut ());
     result.map(|_| ())
 }
 
@@ -284,14 +304,22 @@ impl Command {
     /// spawn fails with [`SysError::SpawnTimeout`]: a process of the lease may stop the child
     /// once it has joined the lease's namespace, and no such stop holds the caller longer.
     pub fn spawn(&self, ns: Namespace<'_>) -> Result<PidFd> {
+        self.spawn_then(ns, &mut ())
+    }
+
+    /// [`Command::spawn`], with `meanwhile` told of the child once it exists and before its
+    /// exec: work that needs the child but not its exec (reading its start time, writing its
+    /// record) then runs while the child sets itself up (see [`SpawnHooks`]). If a hook panics,
+    /// the child is killed and the spawn fails.
+    pub fn spawn_then(&self, ns: Namespace<'_>, meanwhile: &mut dyn SpawnHooks) -> Result<PidFd> {
         let prep = self.prepare()?;
         let spawned = match ns {
             Namespace::Join(ns) => match &prep.spawner {
-                Some(spawner) => run::spawn_join_via(spawner, &prep, ns, self.timeout),
-                None => run::spawn_join(&prep, ns, self.timeout),
+                Some(spawner) => run::spawn_join_via(spawner, &prep, ns, self.timeout, meanwhile),
+                None => run::spawn_join(&prep, ns, self.timeout, meanwhile),
             },
             Namespace::Create { spec, pin } => {
-                let (result, leaked) = run::create(spec, pin, Some(&prep), self.timeout);
+                let (result, leaked) = run::create(spec, pin, Some(&prep), self.timeout, meanwhile);
                 run::Spawned {
                     result: result.and_then(|pid| {
                         pid.ok_or_else(|| SysError::InvalidInput {

@@ -27,6 +27,9 @@ use crate::pidfd::PidFd;
 use crate::raw::{CLONE_INTO_CGROUP, CloneArgs, clone3_run};
 use crate::userns::{self, LeaseNs, NsKind, UserNsSpec};
 
+/// What a caller does between the clone and the exec (see [`super::SpawnHooks`]).
+pub(crate) type Meanwhile<'a> = &'a mut dyn super::SpawnHooks;
+
 /// How long a killed child may take to be gone before its memory is given up for lost.
 const REAP_GRACE: Duration = Duration::from_secs(2);
 
@@ -150,7 +153,29 @@ fn await_exec(
     program: &str,
     started: Instant,
     deadline: Instant,
+    meanwhile: Meanwhile<'_>,
 ) -> (Result<PidFd>, bool) {
+    // The caller's work that needs the child but not its exec, done while the child sets itself
+    // up. A panic there must not unwind past the stack and plan the child still runs on.
+    let hooked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        meanwhile.cloned(&child);
+        let patience = Instant::now()
+            .checked_add(meanwhile.patience())
+            .map_or(deadline, |p| p.min(deadline));
+        // Not exec'd within the caller's patience: it lets go of what it held for the child.
+        match readable_by(err_r, patience) {
+            Ok(false) if patience < deadline => meanwhile.slow(),
+            _ => {}
+        }
+    }));
+    if hooked.is_err() {
+        let gone = kill_and_reap(&child);
+        let error = SysError::InvalidInput {
+            what: "spawn",
+            reason: "the caller's work between clone and exec panicked".into(),
+        };
+        return (Err(error), gone);
+    }
     match readable_by(err_r, deadline) {
         Ok(true) => match read_report(err_r) {
             // EOF: the child exec'd (exec replaces its memory before close-on-exec fds go) or
@@ -191,7 +216,12 @@ fn await_exec(
 
 /// Starts `prep` in the lease's namespaces `ns`: one child, `clone3(CLONE_VM | CLONE_PIDFD
 /// [| CLONE_INTO_CGROUP])`, that `setns`es and execs.
-pub(crate) fn spawn_join(prep: &Prepared, ns: &LeaseNs, timeout: Duration) -> Spawned {
+pub(crate) fn spawn_join(
+    prep: &Prepared,
+    ns: &LeaseNs,
+    timeout: Duration,
+    meanwhile: Meanwhile<'_>,
+) -> Spawned {
     let started = Instant::now();
     if prep.v1_procs() >= 0 {
         // A joining child is born in a v1 cgroup only when its spawner (already inside) clones it.
@@ -241,7 +271,14 @@ pub(crate) fn spawn_join(prep: &Prepared, ns: &LeaseNs, timeout: Duration) -> Sp
     // SAFETY: CLONE_PIDFD gave us this fd for `pid`; nothing else owns it.
     let child = unsafe { PidFd::from_raw(pidfd, pid) };
     let program = prep.program.to_string_lossy();
-    let (result, gone) = await_exec(child, &err_r, &program, started, started + timeout);
+    let (result, gone) = await_exec(
+        child,
+        &err_r,
+        &program,
+        started,
+        started + timeout,
+        meanwhile,
+    );
     if !gone {
         std::mem::forget(stack);
         std::mem::forget(plan);
@@ -259,6 +296,7 @@ pub(crate) fn spawn_join_via(
     prep: &Prepared,
     ns: &LeaseNs,
     timeout: Duration,
+    meanwhile: Meanwhile<'_>,
 ) -> Spawned {
     let started = Instant::now();
     let deadline = started + timeout;
@@ -329,7 +367,7 @@ pub(crate) fn spawn_join_via(
         ));
     };
     let program = prep.program.to_string_lossy();
-    let (result, gone) = await_exec(child, &err_r, &program, started, deadline);
+    let (result, gone) = await_exec(child, &err_r, &program, started, deadline, meanwhile);
     if !gone {
         std::mem::forget(stack);
         std::mem::forget(plan);
@@ -370,6 +408,7 @@ pub(crate) fn create(
     pin: &Path,
     prep: Option<&Prepared>,
     timeout: Duration,
+    meanwhile: Meanwhile<'_>,
 ) -> (Result<Option<PidFd>>, bool) {
     let started = Instant::now();
     let deadline = started + timeout;
@@ -546,7 +585,7 @@ pub(crate) fn create(
     let Some(b) = b.defuse() else {
         return (Err(SysError::ProcessGone { pid: b_pid }), false);
     };
-    let (result, gone) = await_exec(b, &err_r, &program_of(prep), started, deadline);
+    let (result, gone) = await_exec(b, &err_r, &program_of(prep), started, deadline, meanwhile);
     if !gone {
         std::mem::forget((stack_b, b_plan));
     }

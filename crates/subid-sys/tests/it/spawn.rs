@@ -368,10 +368,33 @@ fn the_creator_keeps_its_capabilities_effective() {
     assert_eq!(userns::owner_uid(fd.as_fd()).unwrap(), 0x7066_0000);
 }
 
+/// What the spawn told its hooks, and when.
+#[derive(Default)]
+struct Told {
+    cloned: Option<Instant>,
+    slow: Option<Instant>,
+}
+
+impl subid_sys::SpawnHooks for Told {
+    fn cloned(&mut self, _child: &subid_sys::PidFd) {
+        self.cloned = Some(Instant::now());
+    }
+    fn patience(&self) -> Duration {
+        PATIENCE
+    }
+    fn slow(&mut self) {
+        self.slow = Some(Instant::now());
+    }
+}
+
+const PATIENCE: Duration = Duration::from_millis(20);
+
 /// A process of the lease that SIGSTOPs every process it may signal (as a lease's root may, once
 /// a spawning child has joined the lease's namespace) never holds the spawning thread: each
 /// spawn returns by its deadline plus the reaping grace, a stalled child is killed and reported
-/// as `SpawnTimeout`, and nothing is left running.
+/// as `SpawnTimeout`, and nothing is left running. The caller's hooks hear of every stalled
+/// child once their patience is over, long before the deadline, so that what they hold for the
+/// child (the daemon: its uncommitted row) is let go.
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn a_tenant_that_stops_spawning_children_cannot_hold_the_caller() {
@@ -392,12 +415,26 @@ fn a_tenant_that_stops_spawning_children_cannot_hold_the_caller() {
         let mut cmd = Command::new("/bin/sleep", ["sleep", "60"]);
         cmd.timeout(Duration::from_millis(300));
         let t0 = Instant::now();
-        let result = lease.spawn(&cmd);
+        let mut told = Told::default();
+        let result = lease.spawn_then(&cmd, &mut told);
         let took = t0.elapsed();
         assert!(took < Duration::from_secs(3), "a spawn took {took:?}");
+        let cloned = told.cloned.expect("every child is shown to the hooks");
+        if let Some(slow) = told.slow {
+            assert!(
+                slow - cloned >= PATIENCE,
+                "told slow before its patience ran out"
+            );
+        }
         match result {
             Ok(_) => started += 1,
-            Err(SysError::SpawnTimeout { .. }) => timeouts += 1,
+            Err(SysError::SpawnTimeout { .. }) => {
+                timeouts += 1;
+                assert!(
+                    told.slow.is_some(),
+                    "a stalled child was never reported slow"
+                );
+            }
             Err(other) => panic!("unexpected error: {other}"),
         }
     }

@@ -48,14 +48,26 @@ impl Lease {
 
     /// First spawn when nothing is pinned yet, a join afterwards. Returns the child's pid.
     pub fn spawn(&mut self, cmd: &Command) -> subid_sys::error::Result<i32> {
+        self.spawn_then(cmd, &mut ())
+    }
+
+    /// [`Lease::spawn`] with hooks (`Command::spawn_then`).
+    pub fn spawn_then(
+        &mut self,
+        cmd: &Command,
+        hooks: &mut dyn subid_sys::SpawnHooks,
+    ) -> subid_sys::error::Result<i32> {
         let child = if userns::is_pinned(&self.pin) {
             let ns = LeaseNs::open(&self.pin)?;
-            cmd.spawn(Namespace::Join(&ns))?
+            cmd.spawn_then(Namespace::Join(&ns), hooks)?
         } else {
-            cmd.spawn(Namespace::Create {
-                spec: &self.spec,
-                pin: &self.pin,
-            })?
+            cmd.spawn_then(
+                Namespace::Create {
+                    spec: &self.spec,
+                    pin: &self.pin,
+                },
+                hooks,
+            )?
         };
         let pid = child.pid();
         self.children.push(child);

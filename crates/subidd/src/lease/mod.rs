@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use subid_core::{Allocator, NamespaceKind, Pool, PoolCounts, RlimitName};
 use subid_store::{
-    Backend, LeaseRecord, PoolMeta, ProcessEnd, ProcessRecord, ProcessWriter, Store, StoreError,
-    Writer,
+    Backend, LeaseRecord, PendingRow, PoolMeta, ProcessEnd, ProcessRecord, ProcessWriter, Store,
+    StoreError, Writer,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -106,11 +106,6 @@ pub enum ProcessOp {
     Insert(ProcessRecord),
     /// How a running process ended.
     Finish { id: String, end: ProcessEnd },
-    /// A process that started and has ended already: both in one commit.
-    InsertEnded {
-        started: ProcessRecord,
-        end: ProcessEnd,
-    },
 }
 
 /// How the service runs; [`StartOptions::new`] gives the daemon's defaults.
@@ -440,6 +435,20 @@ impl LeaseService {
         Ok(())
     }
 
+    /// The row of a process just cloned, written but not committed (see
+    /// `subid_store::ProcessWriter::begin_insert`); [`LeaseService::commit_process`] commits it.
+    /// Blocks: call from a thread that may.
+    pub fn begin_process(&self, record: &ProcessRecord) -> Result<PendingRow<'_>, ServiceError> {
+        Ok(self.inner.rows.begin_insert(record)?)
+    }
+
+    /// Commits a row [`LeaseService::begin_process`] wrote.
+    pub fn commit_process(&self, row: PendingRow<'_>) -> Result<(), ServiceError> {
+        row.commit()?;
+        self.inner.feed.publish_soon(&self.inner.published);
+        Ok(())
+    }
+
     /// Answers once the writer task has taken the ping and finished the group it came with: a
     /// cheap proof that the writer is alive and not stuck in a commit (the watchdog's check).
     pub async fn ping(&self) -> Result<(), ServiceError> {
@@ -529,7 +538,6 @@ fn write_row(rows: &ProcessWriter, op: &ProcessOp, wait: bool) -> Result<(), Sto
         ProcessOp::Finish { id, end } => {
             rows.finish(id, end.state, end.exit_code, end.signal, end.ended_at, wait)
         }
-        ProcessOp::InsertEnded { started, end } => rows.insert_ended(started, end, wait),
     }
 }
 

@@ -7,15 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use subid_core::RlimitName;
-use subid_store::{ProcessRecord, ProcessState};
+use subid_store::{PendingRow, ProcessRecord, ProcessState};
 use subid_sys::spawn::{Command, Namespace};
-use subid_sys::{ChildStep, Errno, SysError, members, userns};
+use subid_sys::{ChildStep, Errno, PidFd, SpawnHooks, SysError, members, userns};
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard};
 
 use super::namespaces::ns_spec;
 use super::supervise::{end_of, ended};
 use super::{ProcessService, SIGKILL, SpawnSpec, busy_elsewhere, lock_map, lock_wait};
-use crate::lease::{ProcessOp, now_ms};
+use crate::lease::{LeaseService, ProcessOp, now_ms};
 use crate::logs::{Logs, LogsError};
 use crate::service_error::ServiceError;
 
@@ -145,7 +145,8 @@ impl ProcessService {
             }
         };
         let id = Logs::new_id();
-        let (stdout, stderr) = logs.attach(&id).map_err(|e| match e {
+        // Handed to the keeper once the child exists (below), while it sets itself up.
+        let (stdout, stderr) = logs.attach_unsent(&id).map_err(|e| match e {
             LogsError::Full { .. } => ServiceError::Unavailable {
                 reason: "the log keeper holds the logs of as many processes as it can; retry \
                          when some have exited",
@@ -200,28 +201,50 @@ impl ProcessService {
         };
         let spawn_pin = pin.clone();
         let leases = self.inner.leases.clone();
+        let (keeper, log_id) = (Arc::clone(&logs), id.clone());
+
         // Clone, handshake, linger and the row, all on one thread that may block: nothing after
         // the clone awaits, so neither a client that goes away nor a hop to another thread comes
         // between a started process and its record.
         let run = move || -> Result<Started, Failure> {
-            let pidfd = match &existing {
-                Some(ns) => command.spawn(Namespace::Join(ns)),
-                None => command.spawn(Namespace::Create {
-                    spec: &ns_spec,
-                    pin: &spawn_pin,
-                }),
-            }
-            .map_err(Failure::Spawn)?;
-            let record = ProcessRecord {
-                pid: pidfd.pid(),
-                // Read while the process is alive (or a zombie).
-                start_ticks: pidfd
-                    .proc_dir()
-                    .and_then(|dir| members::start_ticks(&dir))
-                    .unwrap_or(0),
-                started_at: now_ms(),
-                ..template
+            let mut ahead = RowAhead {
+                leases: &leases,
+                template,
+                keeper: &keeper,
+                log_id: &log_id,
+                record: None,
+                pending: None,
             };
+            let spawned = match &existing {
+                Some(ns) => command.spawn_then(Namespace::Join(ns), &mut ahead),
+                None => command.spawn_then(
+                    Namespace::Create {
+                        spec: &ns_spec,
+                        pin: &spawn_pin,
+                    },
+                    &mut ahead,
+                ),
+            };
+            // A failed spawn drops its pending row: rolled back.
+            let pidfd = spawned.map_err(Failure::Spawn)?;
+            // Not recorded means not started: take it back (it cannot be stopped: SIGKILL).
+            let take_back = |error: ServiceError| {
+                let _ = pidfd.send_signal(SIGKILL);
+                let _ = pidfd.wait_timeout(Duration::from_secs(5));
+                Failure::Record(error)
+            };
+            let recorded = match (ahead.pending.take(), ahead.record.take()) {
+                (Some(Ok(row)), Some(record)) => leases.commit_process(row).map(|()| record),
+                (Some(Err(error)), _) => Err(error),
+                // Written after the exec: the child was slow to get there.
+                (None, Some(record)) => leases
+                    .record_process_blocking(&ProcessOp::Insert(record.clone()))
+                    .map(|()| record),
+                (_, None) => Err(ServiceError::internal(
+                    "a spawn returned a process it never showed its caller",
+                )),
+            };
+            let record = recorded.map_err(take_back)?;
             let lingered_from = Instant::now();
             // Reaped here if it exits within the linger; a failed poll only ends the linger.
             let end = if linger.is_zero() {
@@ -234,26 +257,22 @@ impl ProcessService {
                     .map(|s| end_of(Some(s)))
             };
             let lingered = lingered_from.elapsed();
-            let op = match &end {
-                // It ran and exited within the linger: started and ended in one commit.
-                Some(end) => ProcessOp::InsertEnded {
-                    started: record.clone(),
-                    end: end.clone(),
-                },
-                None => ProcessOp::Insert(record.clone()),
+            // Its end, when it came within the linger; one the disk refuses now is written
+            // later, with retries (`end_recorded`).
+            let end_recorded = match &end {
+                Some(end) => leases
+                    .record_process_blocking(&ProcessOp::Finish {
+                        id: record.id.clone(),
+                        end: end.clone(),
+                    })
+                    .is_ok(),
+                None => true,
             };
-            if let Err(error) = leases.record_process_blocking(&op) {
-                // Not recorded means not started: take it back (it cannot be stopped: SIGKILL).
-                if end.is_none() {
-                    let _ = pidfd.send_signal(SIGKILL);
-                    let _ = pidfd.wait_timeout(Duration::from_secs(5));
-                }
-                return Err(Failure::Record(error));
-            }
             Ok(Started {
                 pidfd,
                 record,
                 end,
+                end_recorded,
                 lingered,
             })
         };
@@ -285,12 +304,17 @@ impl ProcessService {
             pidfd,
             record,
             end,
+            end_recorded,
             lingered,
         } = started;
         if let Some(end) = end {
             tracing::info!(id = %id, pid = record.pid, lease = %name, host_uid = record.host_uid, exit_code = ?end.exit_code, signal = ?end.signal, "process started and exited");
-            // The keeper goes on copying while writers remain (a background child).
-            logs.forget(&id);
+            if end_recorded {
+                // The keeper goes on copying while writers remain (a background child).
+                logs.forget(&id);
+            } else {
+                self.record_end_later(record.clone(), pidfd, end.clone());
+            }
             drop(guard);
             return Ok(Spawned {
                 record: ended(record, &end),
@@ -304,12 +328,60 @@ impl ProcessService {
     }
 }
 
+/// How long a child may take from its clone to its exec while its row waits uncommitted (and
+/// holds the process rows' connection and SQLite's write lock): a process of the lease can stop
+/// the child, and must not hold up other spawns or lease commits for longer than this.
+const ROW_PATIENCE: Duration = Duration::from_millis(5);
+
+/// The spawn path's hooks: while the child sets itself up (on another CPU, about a
+/// millisecond), its row is written (its start time is fixed at the clone) but committed only
+/// once it has exec'd, so a child that fails leaves nothing; and its logs go to the keeper. A
+/// child slow to exec has its row rolled back (written again after the exec).
+struct RowAhead<'a> {
+    leases: &'a LeaseService,
+    template: ProcessRecord,
+    keeper: &'a Logs,
+    log_id: &'a str,
+    record: Option<ProcessRecord>,
+    pending: Option<Result<PendingRow<'a>, ServiceError>>,
+}
+
+impl SpawnHooks for RowAhead<'_> {
+    fn cloned(&mut self, child: &PidFd) {
+        let record = ProcessRecord {
+            pid: child.pid(),
+            start_ticks: child
+                .proc_dir()
+                .and_then(|dir| members::start_ticks(&dir))
+                .unwrap_or(0),
+            started_at: now_ms(),
+            ..self.template.clone()
+        };
+        self.pending = Some(self.leases.begin_process(&record));
+        self.record = Some(record);
+        self.keeper.send(self.log_id);
+    }
+
+    fn patience(&self) -> Duration {
+        ROW_PATIENCE
+    }
+
+    fn slow(&mut self) {
+        // A failure to write it stays, to be answered.
+        if matches!(self.pending, Some(Ok(_))) {
+            self.pending = None;
+        }
+    }
+}
+
 /// What the blocking part of a spawn hands back: the recorded process, and how it ended when
 /// it did within the linger (then it is reaped).
 struct Started {
-    pidfd: subid_sys::PidFd,
+    pidfd: PidFd,
     record: ProcessRecord,
     end: Option<subid_store::ProcessEnd>,
+    /// Whether `end` is on disk.
+    end_recorded: bool,
     lingered: Duration,
 }
 

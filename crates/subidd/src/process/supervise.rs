@@ -19,46 +19,69 @@ const RECORD_RETRY_MAX: Duration = Duration::from_secs(30);
 impl ProcessService {
     /// Watches a process until it ends and records how.
     pub(super) fn supervise(&self, record: ProcessRecord, pidfd: Arc<PidFd>, own_child: bool) {
-        let id = record.id.clone();
-        let lease_id = record.lease_id;
         let (done_tx, done_rx) = watch::channel(None);
-        lock_map(&self.inner.live).insert(
-            id.clone(),
-            Live {
-                lease_id,
-                pidfd: Arc::clone(&pidfd),
-                done: done_rx,
-            },
-        );
+        self.watch_live(&record, &pidfd, done_rx);
         let this = self.clone();
         tokio::spawn(async move {
             let end = end_of(wait_exit(&pidfd, own_child).await);
+            let id = record.id.clone();
             // Known now: waiters and readers get it from memory until it is on disk.
             let _ = done_tx.send(Some(ended(record, &end)));
-            let op = ProcessOp::Finish {
-                id: id.clone(),
-                end,
-            };
-            let mut pause = Duration::from_millis(200);
-            let mut attempt = 0u32;
-            loop {
-                match this.inner.leases.record_process(&op).await {
-                    Ok(()) => break,
-                    Err(error) => {
-                        attempt += 1;
-                        tracing::warn!(%id, %error, attempt, "cannot record exit status; retrying");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(RECORD_RETRY_MAX);
-                    }
+            this.record_end(id, end).await;
+        });
+    }
+
+    /// A process that ended and was reaped, but whose end the disk did not take at once: known
+    /// in memory (ended) until [`ProcessService::record_end`] gets it written.
+    pub(super) fn record_end_later(&self, record: ProcessRecord, pidfd: PidFd, end: ProcessEnd) {
+        let id = record.id.clone();
+        let (_, done_rx) = watch::channel(Some(ended(record.clone(), &end)));
+        self.watch_live(&record, &Arc::new(pidfd), done_rx);
+        let this = self.clone();
+        tokio::spawn(async move { this.record_end(id, end).await });
+    }
+
+    fn watch_live(
+        &self,
+        record: &ProcessRecord,
+        pidfd: &Arc<PidFd>,
+        done: watch::Receiver<Option<ProcessRecord>>,
+    ) {
+        lock_map(&self.inner.live).insert(
+            record.id.clone(),
+            Live {
+                lease_id: record.lease_id,
+                pidfd: Arc::clone(pidfd),
+                done,
+            },
+        );
+    }
+
+    /// Writes a process's end, with retries until the disk takes it; then forgets the process.
+    async fn record_end(&self, id: String, end: ProcessEnd) {
+        let op = ProcessOp::Finish {
+            id: id.clone(),
+            end,
+        };
+        let mut pause = Duration::from_millis(200);
+        let mut attempt = 0u32;
+        loop {
+            match self.inner.leases.record_process(&op).await {
+                Ok(()) => break,
+                Err(error) => {
+                    attempt += 1;
+                    tracing::warn!(%id, %error, attempt, "cannot record exit status; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RECORD_RETRY_MAX);
                 }
             }
-            lock_map(&this.inner.live).remove(&id);
-            // The keeper goes on copying while writers remain (a background child of the
-            // process); the daemon's copy of the read ends can go.
-            if let Some(logs) = lock_map(&this.inner.logs).as_ref() {
-                logs.forget(&id);
-            }
-        });
+        }
+        lock_map(&self.inner.live).remove(&id);
+        // The keeper goes on copying while writers remain (a background child of the
+        // process); the daemon's copy of the read ends can go.
+        if let Some(logs) = lock_map(&self.inner.logs).as_ref() {
+            logs.forget(&id);
+        }
     }
 }
 
