@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use serde_json::{Value, json};
-use subidd_tests::{Client, Daemon};
+use subidd_tests::{Client, Daemon, Reply};
 
 use crate::util::{BLOCK, assert_error, assert_status, gone, processes_in_range};
 
@@ -169,6 +169,17 @@ async fn spawn(client: &Client, lease: &str, argv: &[&str]) -> Value {
         .expect("spawn");
     assert_status(&reply, StatusCode::CREATED, &format!("spawn in {lease}"));
     reply.json()
+}
+
+/// `POST .../processes?wait=true` of `/bin/true` in `lease`: the answer.
+async fn run_true(client: &Client, lease: &str) -> Reply {
+    client
+        .post(
+            &format!("/v1/leases/{lease}/processes?wait=true"),
+            Some(r#"{"argv":["/bin/true"]}"#),
+        )
+        .await
+        .expect("spawn")
 }
 
 /// The first line a process wrote to stdout (bounded wait).
@@ -377,13 +388,7 @@ async fn pids_max_is_the_leases_whole_budget() {
     let client = daemon.client();
     put(&client, "budget", Some(r#"{"pids_max": 25}"#)).await;
     // A first spawn makes the namespace; the count runs in a join, through any spawner.
-    let first = client
-        .post(
-            "/v1/leases/budget/processes?wait=true",
-            Some(r#"{"argv":["/bin/true"]}"#),
-        )
-        .await
-        .expect("spawn");
+    let first = run_true(&client, "budget").await;
     assert_status(&first, StatusCode::CREATED, "first spawn");
     let script = "import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(1000)\n        n += 1\nexcept OSError as e:\n    print(n, e.errno, flush=True)\ntime.sleep(1000)\n";
     let p = spawn(&client, "budget", &["/usr/bin/python3", "-c", script]).await;
@@ -417,6 +422,20 @@ async fn a_tenant_that_stops_spawning_children_stalls_nothing() {
     let client = daemon.client();
     put(&client, "victim", None).await;
     put(&client, "bystander", None).await;
+    // The bystander's namespace is made before the stall: what is under test is that its
+    // spawns join on while another lease is stalled. (Making a namespace pins it with bind
+    // mounts, which may wait on other tests' mounts beyond this daemon's short spawn deadline:
+    // set-up, so tried again.)
+    let mut made = false;
+    for _ in 0..5 {
+        let reply = run_true(&client, "bystander").await;
+        if reply.status == StatusCode::CREATED {
+            made = true;
+            break;
+        }
+        assert_eq!(reply.code(), "spawn_timeout", "{}", reply.text());
+    }
+    assert!(made, "the bystander's namespace was never made");
     let stopper = "import os, signal\nme = os.getpid()\nwhile True:\n    for d in os.listdir('/proc'):\n        if d.isdigit() and int(d) != me:\n            try:\n                os.kill(int(d), signal.SIGSTOP)\n            except OSError:\n                pass\n";
     spawn(&client, "victim", &["/usr/bin/python3", "-c", stopper]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -454,14 +473,18 @@ async fn a_tenant_that_stops_spawning_children_stalls_nothing() {
     assert!(ttl["expires_at"].is_string());
     for _ in 0..10 {
         let t0 = Instant::now();
-        let reply = client
-            .post(
-                "/v1/leases/bystander/processes?wait=true",
-                Some(r#"{"argv":["/bin/true"]}"#),
-            )
-            .await
-            .expect("spawn");
-        assert_status(&reply, StatusCode::CREATED, "bystander spawn");
+        let reply = run_true(&client, "bystander").await;
+        if reply.status != StatusCode::CREATED {
+            let log = daemon.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "bystander spawn: {} {}\ndaemon log (last lines):\n{}",
+                reply.status,
+                reply.text(),
+                tail.join("\n")
+            );
+        }
         assert!(
             t0.elapsed() < Duration::from_secs(3),
             "a bystander's spawn took {:?}",

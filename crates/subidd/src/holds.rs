@@ -44,8 +44,8 @@ struct Scanned {
 
 impl HoldScan {
     /// Scans `/proc` (every process when `full`, else only processes not seen before) and returns
-    /// the pool blocks a live process holds ids of, each with who holds them. Runs on the
-    /// blocking pool. Calls that wait while another scan runs take the answer of the next scan
+    /// the pool blocks a live process holds ids of, each with who holds them. Blocks in place
+    /// (`crate::blocking`). Calls that wait while another scan runs take the answer of the next scan
     /// that begins after they arrived: many creates at once cost a few scans, not one each.
     pub async fn holds(&self, pool: Pool, full: bool) -> std::io::Result<BTreeMap<u32, String>> {
         let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
@@ -56,7 +56,7 @@ impl HoldScan {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        tokio::task::spawn_blocking(move || {
+        crate::blocking::run(move || {
             let mut state = scanner.lock().unwrap_or_else(|e| e.into_inner());
             if !full
                 && ticket < state.covers_below

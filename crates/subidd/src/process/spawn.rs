@@ -58,7 +58,7 @@ impl ProcessService {
         linger: Duration,
     ) -> Result<Spawned, ServiceError> {
         let linger = linger.min(LINGER_MAX);
-        if multi_threaded() {
+        if crate::blocking::in_place() {
             // In the request's own task: from the clone on, the spawn never awaits (it blocks
             // in place), so a client that goes away cannot leave it half-way, and the answer
             // is written by the thread that saw the process start (and end).
@@ -279,13 +279,9 @@ impl ProcessService {
         // The clone-to-exec handshake blocks for about a millisecond (at most the spawn's
         // deadline), the linger for at most its own: on the multi-threaded runtime this runs in
         // place, elsewhere on the blocking pool.
-        let result = if multi_threaded() {
-            tokio::task::block_in_place(run)
-        } else {
-            tokio::task::spawn_blocking(run)
-                .await
-                .map_err(|e| ServiceError::internal(format!("spawn thread failed: {e}")))?
-        };
+        let result = crate::blocking::run(run)
+            .await
+            .map_err(|e| ServiceError::internal(format!("spawn thread failed: {e}")))?;
         let started = result.map_err(|failure| match failure {
             Failure::Spawn(e) => spawn_error(&spec, capped, e),
             Failure::Record(e) => e,
@@ -391,12 +387,6 @@ enum Failure {
     Spawn(SysError),
     /// It started but could not be recorded, and was killed.
     Record(ServiceError),
-}
-
-/// Whether this runs on tokio's multi-threaded runtime (the daemon's), where a task may block
-/// in place.
-fn multi_threaded() -> bool {
-    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
 }
 
 /// Maps a spawn failure to what the client should hear. `capped`: the lease or the request set
