@@ -250,6 +250,43 @@ fn assert_event(event: &Value, kind: &str, lease: &str) {
     );
 }
 
+/// A process's start and end reach a stream that follows the feed (while one is open, the spawn
+/// path pokes the publisher at once rather than leaving the rows for its next turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn process_events_reach_an_open_stream() {
+    let daemon = Daemon::start(&pool_config(8, 60)).expect("start daemon");
+    let client = daemon.client();
+    let mut live = EventStream::open(&daemon.socket, "?since=0").await;
+    assert_status(
+        &client.put("/v1/leases/ev-p", None).await.expect("PUT"),
+        StatusCode::CREATED,
+        "PUT ev-p",
+    );
+    assert_event(
+        &live.next().await.expect("a live event"),
+        "lease.created",
+        "ev-p",
+    );
+    let spawned = client
+        .post(
+            "/v1/leases/ev-p/processes?wait=true",
+            Some(r#"{"argv":["/bin/sh","-c","exit 7"]}"#),
+        )
+        .await
+        .expect("spawn");
+    assert_status(&spawned, StatusCode::CREATED, "spawn");
+    let process = spawned.json()["id"].clone();
+    let started = live.next().await.expect("a live event");
+    assert_event(&started, "process.started", "ev-p");
+    assert_eq!(started["details"]["process"], process, "{started}");
+    let exited = live.next().await.expect("a live event");
+    assert_event(&exited, "process.exited", "ev-p");
+    assert_eq!(exited["details"]["process"], process, "{exited}");
+    assert_eq!(exited["details"]["exit_code"], 7, "{exited}");
+    assert!(id(&exited) > id(&started));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_stream_live_and_resume_across_a_restart() {
     let mut daemon = Daemon::start(&pool_config(8, 60)).expect("start daemon");

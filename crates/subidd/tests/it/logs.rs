@@ -165,6 +165,39 @@ fn the_spawn_path_gets_two_pipes_and_the_keeper_fills_the_files() {
     assert_eq!(logs.attached(), 0);
 }
 
+/// Pipes made for a spawn reach the keeper only when sent (the spawn path sends once its child
+/// exists). A keeper that replaces a dead one in between takes them from the daemon's mirror, and
+/// the send after that hands nothing over twice: the output is written once.
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn pipes_made_unsent_reach_a_replacement_keeper_once() {
+    let dirs = Dirs::new();
+    let logs = start(&dirs, 1 << 20);
+    let id = Logs::new_id();
+    let mut writer = Writer::new("echo early", logs.attach_unsent(&id).unwrap());
+    assert!(writer.wait(Duration::from_secs(10)).success());
+    assert!(
+        !logs.path(&id, "stdout").exists(),
+        "no keeper has the pipes before they are sent"
+    );
+    let keeper = logs.keeper_pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keeper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for_new_keeper(&logs, keeper);
+    let deadline = secs(10);
+    while logs.restarts() == 0 {
+        assert!(Instant::now() < deadline, "the restart never finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    logs.send(&id);
+    logs.sync(&id, secs(10)).unwrap();
+    assert_eq!(dirs.read(&id, "stdout"), "early\n");
+    assert_eq!(dirs.read(&id, "stderr"), "");
+}
+
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn a_restarted_daemon_takes_the_ids_back_and_survives_a_killed_keeper() {
