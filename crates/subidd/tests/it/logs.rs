@@ -133,6 +133,25 @@ fn wait_for_new_keeper(logs: &Logs, old: i32) -> i32 {
     }
 }
 
+/// SIGKILLs the keeper `old`, runs `then`, and waits until the replacement has the whole mirror
+/// attached again (the restart is counted then); returns the replacement's pid.
+fn replace_keeper(logs: &Logs, old: i32, then: impl FnOnce()) -> i32 {
+    let restarts = logs.restarts();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    then();
+    let replacement = wait_for_new_keeper(logs, old);
+    let deadline = secs(10);
+    while logs.restarts() == restarts {
+        assert!(Instant::now() < deadline, "the restart never finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    replacement
+}
+
 fn lines(n: usize) -> String {
     (0..n).map(|i| format!("line {i}\n")).collect()
 }
@@ -181,17 +200,7 @@ fn pipes_made_unsent_reach_a_replacement_keeper_once() {
         "no keeper has the pipes before they are sent"
     );
     let keeper = logs.keeper_pid().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(keeper),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_for_new_keeper(&logs, keeper);
-    let deadline = secs(10);
-    while logs.restarts() == 0 {
-        assert!(Instant::now() < deadline, "the restart never finished");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    replace_keeper(&logs, keeper, || {});
     logs.send(&id);
     logs.sync(&id, secs(10)).unwrap();
     assert_eq!(dirs.read(&id, "stdout"), "early\n");
@@ -218,19 +227,9 @@ fn a_restarted_daemon_takes_the_ids_back_and_survives_a_killed_keeper() {
     // Kill the keeper while it waits (writer paused, pipe drained): no chunk in flight.
     writer.signal_group(nix::sys::signal::Signal::SIGSTOP);
     logs.sync(&id, secs(10)).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(keeper),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    writer.signal_group(nix::sys::signal::Signal::SIGCONT);
-    let replacement = wait_for_new_keeper(&logs, keeper);
-    // Counted once the whole mirror is attached again.
-    let deadline = secs(10);
-    while logs.restarts() == 0 {
-        assert!(Instant::now() < deadline, "the restart never finished");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let replacement = replace_keeper(&logs, keeper, || {
+        writer.signal_group(nix::sys::signal::Signal::SIGCONT);
+    });
     assert_eq!(logs.restarts(), 1);
     assert!(
         writer.wait(Duration::from_secs(20)).success(),
