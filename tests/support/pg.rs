@@ -272,11 +272,14 @@ impl PgCluster {
     }
 
     fn pg_ctl_start(&self) -> anyhow::Result<()> {
+        // SUBIDD_PG_OPTIONS adds server options, e.g. `-c log_min_duration_statement=0` to see
+        // where a benchmark's statements spend their time.
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300 \
-             -c fsync=on -c synchronous_commit=on",
+             -c fsync=on -c synchronous_commit=on {}",
             self.port,
-            self.sock().display()
+            self.sock().display(),
+            std::env::var("SUBIDD_PG_OPTIONS").unwrap_or_default()
         );
         let log = self.root.join("server.log");
         if let Some((uid, gid)) = self.user {

@@ -627,8 +627,8 @@ impl Writer {
 
     /// [`Writer::begin`], and at once what a group of commands needs first: with `changes`
     /// (`(seq, claims_seq)`), what other hosts changed since ([`WriteTx::changes_since`]), and
-    /// the state of each of `names` ([`WriteTx::name_state`]). With PostgreSQL all of it is one
-    /// round trip.
+    /// the state of each of `names` ([`WriteTx::name_state`]). With PostgreSQL the names take
+    /// one round trip together.
     pub async fn begin_group(
         &mut self,
         names: &[String],

@@ -101,6 +101,47 @@ both!(
     a_group_of_leases_goes_in_together,
 );
 
+/// Other hosts' changes come in pages of 4096 block rows: a reader far behind gets every one.
+#[tokio::test]
+#[cfg_attr(not(subidd_postgres), ignore = "PostgreSQL is not installed")]
+async fn pg_changes_far_behind_are_read_whole_and_names_in_one_group() {
+    let mut u = postgres().await;
+    let blocks: u32 = 5000;
+    let big = insert(&mut u, &new_lease("big", BASE, blocks * BLOCK, 1_000)).await;
+    let small = insert(&mut u, &new_lease("small", BASE + blocks * BLOCK, BLOCK, 1_001)).await;
+    let changes = u.writer.changes_since(0, 0).await.expect("changes");
+    assert_eq!(changes.blocks.len(), blocks as usize + 1, "every block row");
+    let of_big = changes
+        .blocks
+        .iter()
+        .filter(|b| b.lease_id == Some(big.id))
+        .count();
+    assert_eq!(of_big, blocks as usize);
+    let last = changes.blocks.last().expect("a row");
+    assert_eq!(last.lease_id, Some(small.id), "oldest change first");
+    assert!(changes.seq > 0);
+    let again = u
+        .writer
+        .changes_since(changes.seq, changes.claims_seq)
+        .await
+        .expect("changes");
+    assert!(again.blocks.is_empty(), "nothing after the last one read");
+    assert_eq!(again.seq, changes.seq);
+    // Under the lock, with the states of several names (one unknown).
+    let names = ["big".to_string(), "small".to_string(), "none".to_string()];
+    let (tx, found, states) = u
+        .writer
+        .begin_group(&names, Some((0, 0)))
+        .await
+        .expect("begin");
+    drop(tx);
+    assert_eq!(found.expect("changes asked for").blocks.len(), blocks as usize + 1);
+    assert_eq!(states.len(), 3);
+    assert_eq!(states["big"].active.as_ref(), Some(&big));
+    assert_eq!(states["small"].active.as_ref(), Some(&small));
+    assert!(states["none"].active.is_none() && states["none"].last_released.is_none());
+}
+
 fn new_lease(name: &str, base: u32, size: u32, at: i64) -> NewLease {
     NewLease {
         name: name.into(),

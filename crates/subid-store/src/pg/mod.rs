@@ -152,9 +152,16 @@ pub(crate) async fn timed<T>(
     }
 }
 
-/// Connects one session, within the deadline.
+/// Connects the writer's session, within the deadline.
+///
+/// Its statements are planned once, when prepared (`plan_cache_mode=force_generic_plan`): the
+/// server would otherwise plan the lease insert again at every write, its custom plan looking
+/// cheaper only because it knows the number of blocks. Every statement of the writer looks rows
+/// up by key or walks an index in order, which a generic plan does as well.
 pub(crate) async fn connect(config: &PgConfig) -> Result<PgConnection, StoreError> {
-    let options = config.options()?;
+    let options = config
+        .options()?
+        .options([("plan_cache_mode", "force_generic_plan")]);
     timed(config.timeout, "a connection", async {
         PgConnection::connect_with(&options)
             .await

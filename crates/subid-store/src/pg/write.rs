@@ -4,7 +4,7 @@
 
 use sqlx::Connection;
 use sqlx::postgres::{PgConnection, PgRow};
-use sqlx::{Postgres, Row};
+use sqlx::Postgres;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -240,11 +240,13 @@ impl PgWriter {
         Ok(self.begin_group(&[], None).await?.0)
     }
 
-    /// [`PgWriter::begin`], and in the same round trip: the block rows changed after change
-    /// number `changes.0` (and the fleet's claims when their version moved past `changes.1`),
-    /// and the state of each of `names`. One simple query: `BEGIN`, the lock, the `NOTIFY`, the
-    /// reads. Values put in its text are integers the daemon computed and names checked to be
-    /// plain (others are read with a bound parameter afterwards).
+    /// [`PgWriter::begin`], then the block rows changed after change number `changes.0` (and
+    /// the fleet's claims when their version moved past `changes.1`), and the state of each of
+    /// `names`, read under the lock.
+    ///
+    /// `BEGIN`, the lock and the `NOTIFY` are one simple query (its only value, the host id, is
+    /// checked plain). The reads follow as prepared statements: planning them again at every
+    /// write, as a simple query does, cost more than the round trips they share.
     pub(crate) async fn begin_group(
         &mut self,
         names: &[String],
@@ -260,137 +262,100 @@ impl PgWriter {
         // The payload names this host, so that it can skip its own notifications. Host ids
         // are checked plain ([A-Za-z0-9_.-]); quotes are doubled all the same.
         let host = config.host_id.replace('\'', "''");
-        let mut text = format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({FLEET_LOCK}); NOTIFY {CHANNEL}, '{host}';"
+        let text = format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({FLEET_LOCK}); NOTIFY {CHANNEL}, '{host}'"
         );
-        if let Some((seq, _)) = changes {
-            text.push_str(&format!(
-                " SELECT 'b' AS row_kind, start, lease_id, released_at, seq FROM block \
-                 WHERE seq > {seq} UNION ALL SELECT 'c', NULL, NULL, NULL, \
-                 (SELECT COALESCE(MAX(claims_seq), 0) FROM host) ORDER BY 5;"
-            ));
-        }
-        let plain = |n: &String| {
-            !n.is_empty()
-                && n.len() <= 128
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        };
-        let (inline, bound): (Vec<String>, Vec<String>) = names.iter().cloned().partition(plain);
-        if !inline.is_empty() {
-            let list = inline
-                .iter()
-                .map(|n| format!("'{n}'"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            text.push_str(&format!(
-                " (SELECT {PG_LEASE_COLUMNS} FROM lease WHERE name IN ({list}) AND state = 'active') \
-                 UNION ALL (SELECT DISTINCT ON (name) {PG_LEASE_COLUMNS} FROM lease \
-                 WHERE name IN ({list}) AND state = 'released' \
-                 ORDER BY name, released_at DESC, id DESC);"
-            ));
-        }
         let health = Arc::clone(&self.health);
-        let rows = {
+        {
             let Some(conn) = self.conn.as_mut() else {
                 return Err(StoreError::Refused {
                     reason: "no session".into(),
                 });
             };
-            let rows = timed(config.timeout, "the fleet's write lock", async {
+            let begun = timed(config.timeout, "the fleet's write lock", async {
                 sqlx::raw_sql(&text)
-                    .fetch_all(&mut *conn)
+                    .execute(&mut *conn)
                     .await
+                    .map(drop)
                     .map_err(write_err(&config))
             })
             .await;
-            health.note(&rows);
-            match rows {
-                Ok(rows) => rows,
-                Err(error) => {
-                    // The session may be inside the transaction, or in no known state.
-                    self.conn = None;
-                    return Err(error);
-                }
+            health.note(&begun);
+            if let Err(error) = begun {
+                // The session may be inside the transaction, or in no known state.
+                self.conn = None;
+                return Err(error);
             }
-        };
+        }
         let mut tx = PgTx {
             slot: &mut self.conn,
             open: true,
             config,
             health,
         };
-        let mut found = changes.map(|(seq, claims_seq)| Changes {
-            seq,
-            claims_seq,
-            ..Changes::default()
-        });
-        let mut states: HashMap<String, NameState> = names
-            .iter()
-            .map(|n| (n.clone(), NameState::default()))
-            .collect();
-        for row in &rows {
-            if row.try_column("row_kind").is_ok() {
-                let Some(changes) = found.as_mut() else {
-                    continue;
-                };
-                if row.opt_i64("start")?.is_none() {
-                    changes.claims_seq = row.i64("seq")?;
-                } else {
-                    changes.blocks.push(block_from(row)?);
-                    changes.seq = changes.seq.max(row.i64("seq")?);
-                }
-            } else if row.try_column("uid_base").is_ok() {
-                let lease = lease_from(row)?;
-                let entry = states.entry(lease.name.clone()).or_default();
-                match lease.state {
-                    subid_core::LeaseState::Active => entry.active = Some(lease),
-                    subid_core::LeaseState::Released => entry.last_released = Some(lease),
-                }
-            }
-        }
-        if let (Some(changes), Some((_, claims_seq))) = (found.as_mut(), changes)
-            && changes.claims_seq != claims_seq
-        {
-            changes.claims = Some(tx.all_claims().await?);
-        }
-        if !bound.is_empty() {
-            states.extend(tx.name_states(&bound).await?);
-        }
+        let found = match changes {
+            Some((seq, claims_seq)) => Some(tx.changes_since(seq, claims_seq).await?),
+            None => None,
+        };
+        let states = if names.is_empty() {
+            HashMap::new()
+        } else {
+            tx.name_states(names).await?
+        };
         Ok((tx, found, states))
     }
 }
 
+/// Block rows read per statement by [`changes_on`]; it reads on while a page comes back full.
+const CHANGES_PAGE: i64 = 4096;
+
 /// Block rows changed after `seq` and, when their version moved past `claims_seq`, every host's
 /// claims. Change numbers are handed out under the fleet's lock and the lock is held to commit,
 /// so a reader (with or without the lock) that saw number N has seen every smaller one.
+///
+/// Read in pages in `(seq, start)` order, the order of the `block_seq_start` index, so that
+/// the statement's generic plan walks the index however many rows there are. The blocks of
+/// one lease share its change number: a page may end inside them, and the next goes on from
+/// the last block read.
 async fn changes_on(
     conn: &mut PgConnection,
     config: &PgConfig,
     seq: i64,
     claims_seq: i64,
 ) -> Result<Changes, StoreError> {
-    let rows = sqlx::query(
-        "SELECT start, lease_id, released_at, seq FROM block WHERE seq > $1 \
-         UNION ALL SELECT NULL, NULL, NULL, (SELECT COALESCE(MAX(claims_seq), 0) FROM host) \
-         ORDER BY 4",
-    )
-    .bind(seq)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(write_err(config))?;
     let mut changes = Changes {
         seq,
         claims_seq,
         ..Changes::default()
     };
-    for row in &rows {
-        if row.opt_i64("start")?.is_none() {
-            changes.claims_seq = row.i64("seq")?;
-            continue;
+    let mut after = (seq, i64::MAX);
+    loop {
+        let rows = sqlx::query(
+            "SELECT h.claims_seq, b.start, b.lease_id, b.released_at, b.seq \
+             FROM (SELECT COALESCE(MAX(claims_seq), 0)::BIGINT AS claims_seq FROM host) AS h \
+             LEFT JOIN LATERAL (SELECT start, lease_id, released_at, seq FROM block \
+                WHERE (seq, start) > ($1, $2) ORDER BY seq, start LIMIT $3) AS b ON true",
+        )
+        .bind(after.0)
+        .bind(after.1)
+        .bind(CHANGES_PAGE)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(write_err(config))?;
+        let mut read = 0;
+        for row in &rows {
+            changes.claims_seq = row.i64("claims_seq")?;
+            let Some(start) = row.opt_i64("start")? else {
+                continue;
+            };
+            read += 1;
+            changes.blocks.push(block_from(row)?);
+            after = (row.i64("seq")?, start);
+            changes.seq = changes.seq.max(after.0);
         }
-        changes.blocks.push(block_from(row)?);
-        changes.seq = changes.seq.max(row.i64("seq")?);
+        if read < CHANGES_PAGE {
+            break;
+        }
     }
     if changes.claims_seq != claims_seq {
         let rows: Vec<(String, i64, i64, String, String)> = sqlx::query_as(
@@ -456,35 +421,6 @@ impl PgTx<'_> {
         rows
     }
 
-    /// Every host's claims.
-    async fn all_claims(&mut self) -> Result<Vec<FleetClaim>, StoreError> {
-        let rows = self
-            .fetch_all(
-                "the fleet's claims",
-                sqlx::query(
-                    "SELECT host_id, first_block, block_count, kind, source FROM claim \
-                     ORDER BY host_id, first_block",
-                ),
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.text("host_id")?,
-                    r.i64("first_block")?,
-                    r.i64("block_count")?,
-                    r.text("kind")?,
-                    r.text("source")?,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()
-            .map(|rows| {
-                rows.into_iter()
-                    .filter_map(super::read::fleet_claim)
-                    .collect()
-            })
-    }
-
     pub(crate) async fn lease_by_id(&mut self, id: i64) -> Result<Option<LeaseRecord>, StoreError> {
         let sql = format!("SELECT {PG_LEASE_COLUMNS} FROM lease WHERE id = $1");
         let rows = self
@@ -494,38 +430,28 @@ impl PgTx<'_> {
     }
 
     pub(crate) async fn name_state(&mut self, name: &str) -> Result<NameState, StoreError> {
-        let sql = format!(
-            "(SELECT {PG_LEASE_COLUMNS} FROM lease WHERE name = $1 AND state = 'active') \
-             UNION ALL (SELECT {PG_LEASE_COLUMNS} FROM lease WHERE name = $1 AND state = 'released' \
-             ORDER BY released_at DESC, id DESC LIMIT 1)"
-        );
-        let rows = self
-            .fetch_all("a lease read", sqlx::query(&sql).bind(name))
-            .await?;
-        let mut state = NameState::default();
-        for row in &rows {
-            let lease = lease_from(row)?;
-            match lease.state {
-                subid_core::LeaseState::Active => state.active = Some(lease),
-                subid_core::LeaseState::Released => state.last_released = Some(lease),
-            }
-        }
-        Ok(state)
+        let mut states = self.name_states(&[name.to_string()]).await?;
+        Ok(states.remove(name).unwrap_or_default())
     }
 
+    /// The active lease and the last released one of each of `names`. Each name is looked up
+    /// by its own index scan (a nested loop over the names), which the writer's generic plan
+    /// keeps however few rows the table had when the statement was prepared.
     pub(crate) async fn name_states(
         &mut self,
         names: &[String],
-    ) -> Result<std::collections::HashMap<String, NameState>, StoreError> {
+    ) -> Result<HashMap<String, NameState>, StoreError> {
         let sql = format!(
-            "(SELECT {PG_LEASE_COLUMNS} FROM lease WHERE name = ANY($1) AND state = 'active') \
-             UNION ALL (SELECT DISTINCT ON (name) {PG_LEASE_COLUMNS} FROM lease \
-             WHERE name = ANY($1) AND state = 'released' ORDER BY name, released_at DESC, id DESC)"
+            "SELECT l.* FROM unnest($1::text[]) AS n(name) CROSS JOIN LATERAL ( \
+                (SELECT {PG_LEASE_COLUMNS} FROM lease WHERE lease.name = n.name \
+                    AND state = 'active') \
+                UNION ALL (SELECT {PG_LEASE_COLUMNS} FROM lease WHERE lease.name = n.name \
+                    AND state = 'released' ORDER BY released_at DESC, id DESC LIMIT 1)) AS l"
         );
         let rows = self
             .fetch_all("a lease read", sqlx::query(&sql).bind(names.to_vec()))
             .await?;
-        let mut all: std::collections::HashMap<String, NameState> = names
+        let mut all: HashMap<String, NameState> = names
             .iter()
             .map(|n| (n.clone(), NameState::default()))
             .collect();
