@@ -20,12 +20,9 @@ use subidd_tests::{Daemon, LatencyStats, latency_stats, rss_kib};
 const BLOCK: u32 = 4096;
 /// The pool: below the default pool, above every id of this host's users.
 const BASE: u32 = 0x1000_0000;
-/// Commits measured for the floor.
-const FLOOR_COMMITS: usize = 500;
-/// Round trips measured for each round-trip floor.
-const FLOOR_TRIPS: usize = 2000;
-/// Leases created one by one by the single client.
-const SEQ: usize = 300;
+/// Rounds of the 1-host phase: one floor commit, one `SELECT 1`, one `/_ping` and one `PUT`
+/// each, taking turns so that every row sees the same disk and CPU over the run.
+const ROUNDS: usize = 300;
 /// Daemons of the fleet, clients per daemon, leases per client.
 const HOSTS: usize = 3;
 const CLIENTS: usize = 32;
@@ -54,7 +51,7 @@ fn config(url: &str, host: &str) -> String {
 }
 
 async fn run(cluster: &PgCluster) -> anyhow::Result<String> {
-    let (commit, trip) = pg_floors(&cluster.create_db("floor")?).await?;
+    let mut floor = PgFloor::open(&cluster.create_db("floor")?).await?;
     // One host, one client.
     let run_dir = tempfile::tempdir_in("/dev/shm").context("tmpfs run dir")?;
     let one_url = cluster.create_db("one")?;
@@ -63,9 +60,17 @@ async fn run(cluster: &PgCluster) -> anyhow::Result<String> {
         one.set_env("SUBIDD_LOG", Some(&level));
         one.restart()?;
     }
-    let client = one.client();
-    let http = latency_stats(subidd_tests::ping_samples(&client, FLOOR_TRIPS).await?);
-    let single = latency_stats(subidd_tests::sequential_puts(&client, "seq", SEQ).await?);
+    let mut conn = one.client().connect().await?;
+    let (mut commits, mut trips, mut pings, mut puts) = (vec![], vec![], vec![], vec![]);
+    for i in 0..ROUNDS {
+        commits.push(floor.commit(i).await?);
+        trips.push(floor.trip().await?);
+        pings.push(subidd_tests::ping_once(&mut conn).await?);
+        puts.push(subidd_tests::put_once(&mut conn, &format!("seq-{i}")).await?);
+    }
+    drop(conn);
+    let (commit, trip) = (latency_stats(commits), latency_stats(trips));
+    let (http, single) = (latency_stats(pings), latency_stats(puts));
     if std::env::var_os("SUBIDD_BENCH_LOG").is_some() {
         eprintln!("{}", one.log_text());
     }
@@ -192,30 +197,39 @@ async fn run(cluster: &PgCluster) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// One insert's commit (autocommit, `synchronous_commit=on`) and one `SELECT 1` round trip.
-async fn pg_floors(url: &str) -> anyhow::Result<(LatencyStats, LatencyStats)> {
-    let options = PgConnectOptions::from_str(url)?;
-    let mut conn = PgConnection::connect_with(&options).await?;
-    sqlx::query("SET synchronous_commit = on")
-        .execute(&mut conn)
-        .await?;
-    sqlx::query("CREATE TABLE t (id BIGSERIAL PRIMARY KEY, v TEXT NOT NULL)")
-        .execute(&mut conn)
-        .await?;
-    let mut commits = Vec::with_capacity(FLOOR_COMMITS);
-    for i in 0..FLOOR_COMMITS {
+/// The floors: one insert's commit (autocommit, `synchronous_commit=on`) and one `SELECT 1`
+/// round trip, on a session of their own.
+struct PgFloor {
+    conn: PgConnection,
+}
+
+impl PgFloor {
+    async fn open(url: &str) -> anyhow::Result<PgFloor> {
+        let options = PgConnectOptions::from_str(url)?;
+        let mut conn = PgConnection::connect_with(&options).await?;
+        sqlx::query("SET synchronous_commit = on")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query("CREATE TABLE t (id BIGSERIAL PRIMARY KEY, v TEXT NOT NULL)")
+            .execute(&mut conn)
+            .await?;
+        Ok(PgFloor { conn })
+    }
+
+    async fn commit(&mut self, i: usize) -> anyhow::Result<Duration> {
         let t = Instant::now();
         sqlx::query("INSERT INTO t (v) VALUES ($1)")
             .bind(format!("lease-{i}"))
-            .execute(&mut conn)
+            .execute(&mut self.conn)
             .await?;
-        commits.push(t.elapsed());
+        Ok(t.elapsed())
     }
-    let mut trips = Vec::with_capacity(FLOOR_TRIPS);
-    for _ in 0..FLOOR_TRIPS {
+
+    async fn trip(&mut self) -> anyhow::Result<Duration> {
         let t = Instant::now();
-        let _: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut conn).await?;
-        trips.push(t.elapsed());
+        let _: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut self.conn)
+            .await?;
+        Ok(t.elapsed())
     }
-    Ok((latency_stats(commits), latency_stats(trips)))
 }

@@ -14,18 +14,15 @@ use sqlx::Connection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 use subidd_tests::{Client, Daemon, rss_kib};
 
-/// Leases created one by one on a nearly empty pool.
-const EMPTY_SEQ: usize = 200;
+/// Rounds of the 1-client phase: one floor commit, one `/_ping` and one `PUT` each, taking
+/// turns so that every row sees the same disk and CPU over the run.
+const ROUNDS: usize = 300;
 /// Concurrent clients of the throughput phase.
 const CLIENTS: usize = 64;
 /// Leases created by the concurrent phase (brings the pool to 4,000 active).
-const CONCURRENT_TOTAL: usize = 3_800;
+const CONCURRENT_TOTAL: usize = 3_700;
 /// Leases created one by one with 4,000 active.
 const FULL_SEQ: usize = 90;
-/// Commits measured for the SQLite floor.
-const FLOOR_COMMITS: usize = 300;
-/// Round trips measured for the transport floor.
-const FLOOR_PINGS: usize = 2_000;
 
 fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -49,12 +46,19 @@ fn us(d: Duration) -> f64 {
 async fn run() -> anyhow::Result<String> {
     let mut daemon = Daemon::start("quarantine_seconds = 86400")?;
     let client = daemon.client();
-    // Floors, on the same disk as the daemon's database, in this run.
-    let commit = commit_floor(&daemon.path("floor.db")).await?;
-    let rtt = stats(subidd_tests::ping_samples(&client, FLOOR_PINGS).await?);
-
-    // 1 client, empty pool.
-    let empty = subidd_tests::sequential_puts(&client, "empty", EMPTY_SEQ).await?;
+    // 1 client on an empty pool, taking turns with the floors (on the same disk as the
+    // daemon's database, in this run).
+    let mut floor = CommitFloor::open(&daemon.path("floor.db")).await?;
+    let mut conn = client.connect().await?;
+    let (mut commits, mut pings, mut empty) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..ROUNDS {
+        commits.push(floor.commit(i).await?);
+        pings.push(subidd_tests::ping_once(&mut conn).await?);
+        empty.push(subidd_tests::put_once(&mut conn, &format!("empty-{i}")).await?);
+    }
+    drop(conn);
+    let commit = stats(commits);
+    let rtt = stats(pings);
     // 64 clients.
     let started = Instant::now();
     let concurrent = concurrent(&client, CLIENTS, CONCURRENT_TOTAL).await?;
@@ -65,7 +69,7 @@ async fn run() -> anyhow::Result<String> {
     let pool = client.get("/v1/pool").await?.json();
     let active = pool["blocks"]["active"].as_u64().unwrap_or(0);
     ensure!(
-        active as usize == EMPTY_SEQ + CONCURRENT_TOTAL + FULL_SEQ,
+        active as usize == ROUNDS + CONCURRENT_TOTAL + FULL_SEQ,
         "pool says {active} active"
     );
     let pid = daemon.pid().context("daemon pid")?;
@@ -152,7 +156,7 @@ async fn run() -> anyhow::Result<String> {
         &mut out,
         &format!(
             "daemon RSS with {} leases < 32 MiB",
-            EMPTY_SEQ + CONCURRENT_TOTAL + FULL_SEQ
+            ROUNDS + CONCURRENT_TOTAL + FULL_SEQ
         ),
         format!("{rss_mib:.1} MiB"),
         r,
@@ -161,27 +165,34 @@ async fn run() -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Median single-insert commit time on the same file system, WAL + synchronous=FULL.
-async fn commit_floor(path: &Path) -> anyhow::Result<Stats> {
-    let options = SqliteConnectOptions::from_str("sqlite://")?
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full);
-    let mut conn = SqliteConnection::connect_with(&options).await?;
-    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        .execute(&mut conn)
-        .await?;
-    let mut samples = Vec::with_capacity(FLOOR_COMMITS);
-    for i in 0..FLOOR_COMMITS {
+/// The floor: one single-insert commit on the same file system, WAL + synchronous=FULL.
+struct CommitFloor {
+    conn: SqliteConnection,
+}
+
+impl CommitFloor {
+    async fn open(path: &Path) -> anyhow::Result<CommitFloor> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full);
+        let mut conn = SqliteConnection::connect_with(&options).await?;
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+            .execute(&mut conn)
+            .await?;
+        Ok(CommitFloor { conn })
+    }
+
+    /// One timed commit.
+    async fn commit(&mut self, i: usize) -> anyhow::Result<Duration> {
         let t = Instant::now();
         sqlx::query("INSERT INTO t (v) VALUES (?)")
             .bind(format!("lease-{i}"))
-            .execute(&mut conn)
+            .execute(&mut self.conn)
             .await?;
-        samples.push(t.elapsed());
+        Ok(t.elapsed())
     }
-    Ok(stats(samples))
 }
 
 /// `clients` clients, each on its own kept-alive connection, creating `total` leases together.

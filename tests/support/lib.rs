@@ -663,12 +663,30 @@ pub async fn ping_samples(client: &Client, n: usize) -> anyhow::Result<Vec<Durat
     let mut conn = client.connect().await?;
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
-        let t = Instant::now();
-        let r = conn.request(Method::GET, "/_ping", None).await?;
-        samples.push(t.elapsed());
-        anyhow::ensure!(r.status == StatusCode::OK, "ping: {}", r.status);
+        samples.push(ping_once(&mut conn).await?);
     }
     Ok(samples)
+}
+
+/// One timed `GET /_ping` on `conn`.
+pub async fn ping_once(conn: &mut Conn) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let r = conn.request(Method::GET, "/_ping", None).await?;
+    let took = t.elapsed();
+    anyhow::ensure!(r.status == StatusCode::OK, "ping: {}", r.status);
+    Ok(took)
+}
+
+/// One timed `PUT /v1/leases/{name}` on `conn`, which must create the lease.
+pub async fn put_once(conn: &mut Conn, name: &str) -> anyhow::Result<Duration> {
+    let path = format!("/v1/leases/{name}");
+    let t = Instant::now();
+    let r = conn.request(Method::PUT, &path, None).await?;
+    let took = t.elapsed();
+    if r.status != StatusCode::CREATED {
+        bail!("{path}: {} {}", r.status, r.text());
+    }
+    Ok(took)
 }
 
 /// One client creating leases `{prefix}-0` .. `{prefix}-{n-1}` one after another on a
@@ -681,13 +699,7 @@ pub async fn sequential_puts(
     let mut conn = client.connect().await?;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
-        let path = format!("/v1/leases/{prefix}-{i}");
-        let t = Instant::now();
-        let r = conn.request(Method::PUT, &path, None).await?;
-        samples.push(t.elapsed());
-        if r.status != StatusCode::CREATED {
-            bail!("{path}: {} {}", r.status, r.text());
-        }
+        samples.push(put_once(&mut conn, &format!("{prefix}-{i}")).await?);
     }
     Ok(samples)
 }

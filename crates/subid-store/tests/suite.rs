@@ -108,7 +108,11 @@ async fn pg_changes_far_behind_are_read_whole_and_names_in_one_group() {
     let mut u = postgres().await;
     let blocks: u32 = 5000;
     let big = insert(&mut u, &new_lease("big", BASE, blocks * BLOCK, 1_000)).await;
-    let small = insert(&mut u, &new_lease("small", BASE + blocks * BLOCK, BLOCK, 1_001)).await;
+    let small = insert(
+        &mut u,
+        &new_lease("small", BASE + blocks * BLOCK, BLOCK, 1_001),
+    )
+    .await;
     let changes = u.writer.changes_since(0, 0).await.expect("changes");
     assert_eq!(changes.blocks.len(), blocks as usize + 1, "every block row");
     let of_big = changes
@@ -135,7 +139,10 @@ async fn pg_changes_far_behind_are_read_whole_and_names_in_one_group() {
         .await
         .expect("begin");
     drop(tx);
-    assert_eq!(found.expect("changes asked for").blocks.len(), blocks as usize + 1);
+    assert_eq!(
+        found.expect("changes asked for").blocks.len(),
+        blocks as usize + 1
+    );
     assert_eq!(states.len(), 3);
     assert_eq!(states["big"].active.as_ref(), Some(&big));
     assert_eq!(states["small"].active.as_ref(), Some(&small));

@@ -3,8 +3,8 @@
 //! (the lease, its blocks and its event together), each within the deadline.
 
 use sqlx::Connection;
-use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::Postgres;
+use sqlx::postgres::{PgConnection, PgRow};
 
 use std::collections::HashMap;
 use std::sync::Arc;
