@@ -7,6 +7,9 @@
 //! (`SUBIDD_BENCH_NO_WRITE=1` prints without touching the docs). Needs PostgreSQL's programs
 //! (`initdb`, see tests/support/pg.rs); the cluster is the benchmark's own.
 
+#[path = "common/store_row.rs"]
+mod store_row;
+
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -20,8 +23,9 @@ use subidd_tests::{Daemon, LatencyStats, latency_stats, rss_kib};
 const BLOCK: u32 = 4096;
 /// The pool: below the default pool, above every id of this host's users.
 const BASE: u32 = 0x1000_0000;
-/// Rounds of the 1-host phase: one floor commit, one `SELECT 1`, one `/_ping` and one `PUT`
-/// each, taking turns so that every row sees the same disk and CPU over the run.
+/// Rounds of the 1-host phase: one floor commit, one `SELECT 1`, one `/_ping`, one create by
+/// the store in this process and one `PUT` each, taking turns so that every row sees the same
+/// disk and CPU over the run.
 const ROUNDS: usize = 300;
 /// Daemons of the fleet, clients per daemon, leases per client.
 const HOSTS: usize = 3;
@@ -60,17 +64,29 @@ async fn run(cluster: &PgCluster) -> anyhow::Result<String> {
         one.set_env("SUBIDD_LOG", Some(&level));
         one.restart()?;
     }
+    let store_dir = tempfile::tempdir()?;
+    let mut store = store_row::StoreRow::postgres(
+        &cluster.create_db("store")?,
+        &store_dir.path().join("local.db"),
+        BASE,
+        BLOCK,
+    )
+    .await?;
     let mut conn = one.client().connect().await?;
     let (mut commits, mut trips, mut pings, mut puts) = (vec![], vec![], vec![], vec![]);
+    let mut stored = Vec::new();
     for i in 0..ROUNDS {
         commits.push(floor.commit(i).await?);
         trips.push(floor.trip().await?);
         pings.push(subidd_tests::ping_once(&mut conn).await?);
+        stored.push(store.create(i, &format!("s-{i}")).await?);
         puts.push(subidd_tests::put_once(&mut conn, &format!("seq-{i}")).await?);
     }
     drop(conn);
+    drop(store);
     let (commit, trip) = (latency_stats(commits), latency_stats(trips));
     let (http, single) = (latency_stats(pings), latency_stats(puts));
+    let in_process = latency_stats(stored);
     if std::env::var_os("SUBIDD_BENCH_LOG").is_some() {
         eprintln!("{}", one.log_text());
     }
@@ -163,6 +179,12 @@ async fn run(cluster: &PgCluster) -> anyhow::Result<String> {
     );
     row(
         &mut out,
+        "the store's transaction in this process (lock, changes, name, insert, commit: the \
+         daemon's writer without the daemon)",
+        &in_process,
+    );
+    row(
+        &mut out,
         "`PUT /v1/leases/{name}`, 1 host, 1 client",
         &single,
     );
@@ -193,6 +215,13 @@ async fn run(cluster: &PgCluster) -> anyhow::Result<String> {
         us(single.p50),
         us(floor),
         if r <= 2.0 { "yes" } else { "no" }
+    ));
+    let r = single.p50.as_secs_f64() / (in_process.p50 + http.p50).as_secs_f64();
+    out.push_str(&format!(
+        "| 1 host, 1 client, report only: p50 against (the store's transaction in this process \
+         + HTTP round trip), the daemon's own share | {:.0} us vs {:.0} us | {r:.2} | - |\n",
+        us(single.p50),
+        us(in_process.p50 + http.p50),
     ));
     Ok(out)
 }
