@@ -494,7 +494,74 @@ async fn log_files_keep_their_last_bytes_and_never_block() {
     assert_eq!(wait(&client, id).await["exit_code"], 0, "never blocked");
     let out = logs(&client, id, "stdout").await;
     assert_eq!(out.len(), 1000, "capped");
-    assert!(out.ends_with("1999\n"), "the newest output is kept");
+    assert!(
+        out.ends_with("\n1999\n"),
+        "the newest output is kept: {out:?}"
+    );
+}
+
+/// Sends SIGCONT to a stopped process when dropped (also when the test fails).
+struct Resume(nix::unistd::Pid);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// Output read right after its process was seen to exit is all there, even when the log keeper
+/// has not read the pipe yet (a busy machine): reading a log first has the keeper write out
+/// what the pipes hold, also for a process the daemon has already forgotten. Here the keeper
+/// is stopped while the process writes and exits, and resumes only once the read waits on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+async fn logs_read_after_an_exit_have_all_the_output_the_keeper_had_not_read() {
+    let daemon = Daemon::start("").expect("start");
+    let client = daemon.client();
+    lease(&client, "k").await;
+    // The first spawn starts the keeper.
+    let first = client
+        .post(
+            "/v1/leases/k/processes?wait=true",
+            Some(r#"{"argv": ["/bin/true"]}"#),
+        )
+        .await
+        .expect("spawn");
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    let keeper = nix::unistd::Pid::from_raw(daemon.log_keeper_pid().expect("keeper pid"));
+    let resume = Resume(keeper);
+    for (wait_in_spawn, body) in [
+        (true, r#"{"argv": ["seq", "1", "2000"]}"#),
+        (false, r#"{"argv": ["seq", "1", "3000"]}"#),
+    ] {
+        nix::sys::signal::kill(keeper, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        let (id, last) = if wait_in_spawn {
+            let r = client
+                .post("/v1/leases/k/processes?wait=true", Some(body))
+                .await
+                .expect("spawn");
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+            let p = r.json();
+            assert_eq!(p["exit_code"], 0, "{p}");
+            (p["id"].as_str().expect("id").to_string(), "\n2000\n")
+        } else {
+            let p = spawn(&client, "k", serde_json::from_str(body).expect("json")).await;
+            let id = p["id"].as_str().expect("id").to_string();
+            assert_eq!(wait(&client, &id).await["exit_code"], 0);
+            (id, "\n3000\n")
+        };
+        let later = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = nix::sys::signal::kill(keeper, nix::sys::signal::Signal::SIGCONT);
+        });
+        let out = logs(&client, &id, "stdout").await;
+        later.join().expect("resume thread");
+        assert!(
+            out.ends_with(last),
+            "wait in the spawn: {wait_in_spawn}: {out:?}"
+        );
+    }
+    drop(resume);
 }
 
 /// A waiting spawn watches a short process to its end in place and records it started and

@@ -290,6 +290,14 @@ impl Drop for Daemon {
 const TEST_FOREIGN_CGROUPS_ENV: &str = "SUBIDD_TEST_FOREIGN_CGROUPS";
 
 impl Daemon {
+    /// The pid of the log keeper serving this daemon (started with its first spawn).
+    pub fn log_keeper_pid(&self) -> anyhow::Result<i32> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let client =
+            subid_sys::logkeep::Client::connect(&self.run.join("logkeeper.sock"), deadline)?;
+        Ok(client.keeper_pidfd()?.pid())
+    }
+
     /// After the daemon is gone: unmounts every mount below its runtime dir (namespace pins,
     /// private mounts), then kills and removes its lease cgroups with everything in them.
     /// Failures are printed, never fatal: a drop must not panic.

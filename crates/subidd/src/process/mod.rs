@@ -219,7 +219,9 @@ impl ProcessService {
     }
 
     /// What a process wrote to `stream` (its last `log_max_bytes`): the keeper first writes out
-    /// what the process's pipes hold, so everything written before this call is there.
+    /// what the process's pipes hold, so everything written before this call is there. Asked
+    /// whether or not the daemon still holds the process's pipes: a process that just exited
+    /// was forgotten here at once, but its last output may still sit in the pipe, unread.
     pub async fn read_log(&self, id: &str, stream: &str) -> Result<Vec<u8>, ServiceError> {
         let path = self.log_path(id, stream);
         let max = self.inner.config.log_max_bytes;
@@ -227,7 +229,6 @@ impl ProcessService {
         let id = id.to_string();
         tokio::task::spawn_blocking(move || {
             if let Some(logs) = logs
-                && logs.holds(&id)
                 && let Err(error) = logs.sync(&id, std::time::Instant::now() + LOG_SYNC_TIMEOUT)
             {
                 tracing::warn!(%id, %error, "the log keeper did not write out the process's output");
