@@ -943,6 +943,16 @@ impl WriteTx<'_> {
             TxInner::Postgres(tx) => tx.commit().await,
         }
     }
+
+    /// [`WriteTx::commit`], and with a fleet's store the last change number as it committed:
+    /// a watermark to give [`Writer::begin_group`] next, which then reads no changes unless
+    /// another host committed since. `None` with SQLite.
+    pub async fn commit_seq(self) -> Result<Option<i64>, StoreError> {
+        match self.inner {
+            TxInner::Sqlite(tx) => tx.commit().map(|()| None),
+            TxInner::Postgres(tx) => tx.commit_seq().await.map(Some),
+        }
+    }
 }
 
 #[cfg(test)]

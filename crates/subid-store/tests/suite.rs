@@ -569,3 +569,59 @@ async fn a_group_of_leases_goes_in_together(mut u: Under) {
         "nothing went in"
     );
 }
+
+/// A group that starts where this host's last commit left the fleet reads no changes; once
+/// another host commits, it reads that host's blocks.
+#[tokio::test]
+#[cfg_attr(not(subidd_postgres), ignore = "PostgreSQL is not installed")]
+async fn pg_a_group_reads_changes_only_after_another_host_committed() {
+    let cluster = PgCluster::shared().expect("start a PostgreSQL cluster");
+    let url = cluster.create_db("suite").expect("create database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_s1, mut w1) =
+        subid_store::open_fleet(&dir.path().join("h1.db"), &pg_config(url.clone(), "h1"))
+            .await
+            .expect("open h1");
+    let (_s2, mut w2) = subid_store::open_fleet(&dir.path().join("h2.db"), &pg_config(url, "h2"))
+        .await
+        .expect("open h2");
+    // h1 commits a lease; its watermark is the commit's change number.
+    let (mut tx, found, _) = w1.begin_group(&[], Some((0, 0))).await.expect("begin");
+    let claims = found.expect("changes").claims_seq;
+    tx.insert_lease(&new_lease("a", BASE, BLOCK, 1), BLOCK)
+        .await
+        .expect("insert");
+    let at = tx
+        .commit_seq()
+        .await
+        .expect("commit")
+        .expect("a change number");
+    // Nobody committed since: nothing to read.
+    let (tx, found, _) = w1
+        .begin_group(&[], Some((at, claims)))
+        .await
+        .expect("begin");
+    drop(tx);
+    let found = found.expect("changes");
+    assert!(
+        found.blocks.is_empty() && found.claims.is_none(),
+        "{found:?}"
+    );
+    assert_eq!(found.seq, at);
+    // h2 commits a lease: h1's next group reads its block, and only it.
+    let mut tx = w2.begin().await.expect("begin");
+    let b = tx
+        .insert_lease(&new_lease("b", BASE + 4 * BLOCK, BLOCK, 2), BLOCK)
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    let (tx, found, _) = w1
+        .begin_group(&[], Some((at, claims)))
+        .await
+        .expect("begin");
+    drop(tx);
+    let found = found.expect("changes");
+    assert_eq!(found.blocks.len(), 1, "{found:?}");
+    assert_eq!(found.blocks[0].lease_id, Some(b.id));
+    assert!(found.seq > at);
+}

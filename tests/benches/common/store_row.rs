@@ -86,10 +86,11 @@ impl StoreRow {
             "{name} exists"
         );
         tx.insert_lease(&new, self.block).await?;
-        tx.commit().await?;
+        let committed_at = tx.commit_seq().await?;
         let took = t.elapsed();
         if let Some(changes) = changes {
-            self.seen = Some((changes.seq, changes.claims_seq));
+            let seq = changes.seq.max(committed_at.unwrap_or(0));
+            self.seen = Some((seq, changes.claims_seq));
         }
         Ok(took)
     }

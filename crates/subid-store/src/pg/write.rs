@@ -3,8 +3,8 @@
 //! (the lease, its blocks and its event together), each within the deadline.
 
 use sqlx::Connection;
-use sqlx::Postgres;
 use sqlx::postgres::{PgConnection, PgRow};
+use sqlx::{Postgres, Row};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -262,11 +262,16 @@ impl PgWriter {
         // The payload names this host, so that it can skip its own notifications. Host ids
         // are checked plain ([A-Za-z0-9_.-]); quotes are doubled all the same.
         let host = config.host_id.replace('\'', "''");
-        let text = format!(
+        let mut text = format!(
             "BEGIN; SELECT pg_advisory_xact_lock({FLEET_LOCK}); NOTIFY {CHANNEL}, '{host}'"
         );
+        if changes.is_some() {
+            // The last change number handed out: when it is the one this host saw at its last
+            // commit, nobody has changed anything since, and there is nothing to read.
+            text.push_str("; SELECT last_value AS last_change FROM change_seq");
+        }
         let health = Arc::clone(&self.health);
-        {
+        let last_change = {
             let Some(conn) = self.conn.as_mut() else {
                 return Err(StoreError::Refused {
                     reason: "no session".into(),
@@ -274,19 +279,29 @@ impl PgWriter {
             };
             let begun = timed(config.timeout, "the fleet's write lock", async {
                 sqlx::raw_sql(&text)
-                    .execute(&mut *conn)
+                    .fetch_all(&mut *conn)
                     .await
-                    .map(drop)
                     .map_err(write_err(&config))
             })
             .await;
             health.note(&begun);
-            if let Err(error) = begun {
+            match begun {
+                Ok(rows) => rows
+                    .iter()
+                    .find(|r| r.try_column("last_change").is_ok())
+                    .map(|r| r.i64("last_change"))
+                    .transpose(),
+                Err(error) => Err(error),
+            }
+        };
+        let last_change = match last_change {
+            Ok(last) => last,
+            Err(error) => {
                 // The session may be inside the transaction, or in no known state.
                 self.conn = None;
                 return Err(error);
             }
-        }
+        };
         let mut tx = PgTx {
             slot: &mut self.conn,
             open: true,
@@ -294,6 +309,11 @@ impl PgWriter {
             health,
         };
         let found = match changes {
+            Some((seq, claims_seq)) if last_change == Some(seq) => Some(Changes {
+                seq,
+                claims_seq,
+                ..Changes::default()
+            }),
             Some((seq, claims_seq)) => Some(tx.changes_since(seq, claims_seq).await?),
             None => None,
         };
@@ -1042,6 +1062,35 @@ impl PgTx<'_> {
                 .map_err(write_err(&config))
         })
         .await;
+        self.health.note(&done);
+        // A failed or unanswered commit leaves the session to be dropped (see `Drop`).
+        self.open = done.is_err();
+        done
+    }
+
+    /// [`PgTx::commit`], returning the last change number handed out as it commits. Under the
+    /// fleet's lock nobody else hands any out, so every block row up to it is this
+    /// transaction's or was read by it: the number is where the next read of other hosts'
+    /// changes can start, and while nobody else commits there is nothing to read (see
+    /// [`PgWriter::begin_group`]).
+    pub(crate) async fn commit_seq(mut self) -> Result<i64, StoreError> {
+        let config = self.config.clone();
+        let conn = self.conn()?;
+        let done = timed(config.timeout, "a commit", async {
+            sqlx::raw_sql("SELECT last_value AS last_change FROM change_seq; COMMIT")
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(write_err(&config))
+        })
+        .await
+        .and_then(|rows| {
+            rows.first()
+                .ok_or_else(|| StoreError::Invalid {
+                    what: "the last change number".into(),
+                    value: "no row".into(),
+                })
+                .and_then(|r| r.i64("last_change"))
+        });
         self.health.note(&done);
         // A failed or unanswered commit leaves the session to be dropped (see `Drop`).
         self.open = done.is_err();

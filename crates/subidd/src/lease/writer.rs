@@ -406,6 +406,7 @@ impl WriterTask {
         let mut outcomes = Vec::with_capacity(batch.len());
         let watermark = self.fleet.as_ref().map(|f| (f.seq, f.claims_seq));
         let mut changes = None;
+        let mut committed_at = None;
         let failure = match self.writer.begin_group(&names, watermark).await {
             Err(error) => Some(error),
             Ok((mut tx, found, known)) => {
@@ -446,7 +447,13 @@ impl WriterTask {
                 }
                 match failure {
                     Some(error) => Some(error),
-                    None => tx.commit().await.err(),
+                    None => match tx.commit_seq().await {
+                        Ok(at) => {
+                            committed_at = at;
+                            None
+                        }
+                        Err(error) => Some(error),
+                    },
                 }
             }
         };
@@ -466,7 +473,9 @@ impl WriterTask {
             None => {
                 self.health.ok();
                 if let (Some(fleet), Some(found)) = (&mut self.fleet, changes) {
-                    fleet.seq = found.seq;
+                    // Every block row up to the commit's change number was read under the
+                    // lock or written by this group, whose decisions the allocator holds.
+                    fleet.seq = found.seq.max(committed_at.unwrap_or(0));
                     fleet.claims_seq = found.claims_seq;
                     fleet.caught_up = Some(std::time::Instant::now());
                 }
