@@ -244,9 +244,11 @@ impl PgWriter {
     /// the fleet's claims when their version moved past `changes.1`), and the state of each of
     /// `names`, read under the lock.
     ///
-    /// `BEGIN`, the lock and the `NOTIFY` are one simple query (its only value, the host id, is
-    /// checked plain). The reads follow as prepared statements: planning them again at every
-    /// write, as a simple query does, cost more than the round trips they share.
+    /// `BEGIN`, the lock, the `NOTIFY` and the last change number handed out are one simple
+    /// query (its only value, the host id, is checked plain). The reads follow as prepared
+    /// statements: planning them again at every write, as a simple query does, cost more than
+    /// the round trips they share. The changes are not read when the last change number is
+    /// `changes.0` itself, a watermark from [`PgTx::commit_seq`]: nobody has committed since.
     pub(crate) async fn begin_group(
         &mut self,
         names: &[String],
