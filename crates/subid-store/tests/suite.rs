@@ -570,6 +570,16 @@ async fn a_group_of_leases_goes_in_together(mut u: Under) {
     );
 }
 
+/// What a group beginning with the watermark `(seq, claims_seq)` reads of other hosts' changes.
+async fn changes_under_lock(w: &mut Writer, seq: i64, claims_seq: i64) -> subid_store::Changes {
+    let (tx, found, _) = w
+        .begin_group(&[], Some((seq, claims_seq)))
+        .await
+        .expect("begin");
+    drop(tx);
+    found.expect("changes asked for")
+}
+
 /// A group that starts where this host's last commit left the fleet reads no changes; once
 /// another host commits, it reads that host's blocks.
 #[tokio::test]
@@ -597,12 +607,7 @@ async fn pg_a_group_reads_changes_only_after_another_host_committed() {
         .expect("commit")
         .expect("a change number");
     // Nobody committed since: nothing to read.
-    let (tx, found, _) = w1
-        .begin_group(&[], Some((at, claims)))
-        .await
-        .expect("begin");
-    drop(tx);
-    let found = found.expect("changes");
+    let found = changes_under_lock(&mut w1, at, claims).await;
     assert!(
         found.blocks.is_empty() && found.claims.is_none(),
         "{found:?}"
@@ -615,12 +620,7 @@ async fn pg_a_group_reads_changes_only_after_another_host_committed() {
         .await
         .expect("insert");
     tx.commit().await.expect("commit");
-    let (tx, found, _) = w1
-        .begin_group(&[], Some((at, claims)))
-        .await
-        .expect("begin");
-    drop(tx);
-    let found = found.expect("changes");
+    let found = changes_under_lock(&mut w1, at, claims).await;
     assert_eq!(found.blocks.len(), 1, "{found:?}");
     assert_eq!(found.blocks[0].lease_id, Some(b.id));
     assert!(found.seq > at);

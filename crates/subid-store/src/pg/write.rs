@@ -1053,21 +1053,8 @@ impl PgTx<'_> {
 
     /// Commits (with `synchronous_commit` as the server has it: `on`, its default, makes the
     /// commit durable before this returns) and lets go of the fleet's write lock.
-    pub(crate) async fn commit(mut self) -> Result<(), StoreError> {
-        let config = self.config.clone();
-        let conn = self.conn()?;
-        let done = timed(config.timeout, "a commit", async {
-            sqlx::raw_sql("COMMIT")
-                .execute(&mut *conn)
-                .await
-                .map(drop)
-                .map_err(write_err(&config))
-        })
-        .await;
-        self.health.note(&done);
-        // A failed or unanswered commit leaves the session to be dropped (see `Drop`).
-        self.open = done.is_err();
-        done
+    pub(crate) async fn commit(self) -> Result<(), StoreError> {
+        self.end("COMMIT").await.map(drop)
     }
 
     /// [`PgTx::commit`], returning the last change number handed out as it commits. Under the
@@ -1075,26 +1062,31 @@ impl PgTx<'_> {
     /// transaction's or was read by it: the number is where the next read of other hosts'
     /// changes can start, and while nobody else commits there is nothing to read (see
     /// [`PgWriter::begin_group`]).
-    pub(crate) async fn commit_seq(mut self) -> Result<i64, StoreError> {
+    pub(crate) async fn commit_seq(self) -> Result<i64, StoreError> {
+        let rows = self
+            .end("SELECT last_value AS last_change FROM change_seq; COMMIT")
+            .await?;
+        rows.first()
+            .ok_or_else(|| StoreError::Invalid {
+                what: "the last change number".into(),
+                value: "no row".into(),
+            })
+            .and_then(|r| r.i64("last_change"))
+    }
+
+    /// Runs `sql`, a simple query ending in `COMMIT`, within the deadline. A failed or
+    /// unanswered commit leaves the session to be dropped (see `Drop`).
+    async fn end(mut self, sql: &'static str) -> Result<Vec<PgRow>, StoreError> {
         let config = self.config.clone();
         let conn = self.conn()?;
         let done = timed(config.timeout, "a commit", async {
-            sqlx::raw_sql("SELECT last_value AS last_change FROM change_seq; COMMIT")
+            sqlx::raw_sql(sql)
                 .fetch_all(&mut *conn)
                 .await
                 .map_err(write_err(&config))
         })
-        .await
-        .and_then(|rows| {
-            rows.first()
-                .ok_or_else(|| StoreError::Invalid {
-                    what: "the last change number".into(),
-                    value: "no row".into(),
-                })
-                .and_then(|r| r.i64("last_change"))
-        });
+        .await;
         self.health.note(&done);
-        // A failed or unanswered commit leaves the session to be dropped (see `Drop`).
         self.open = done.is_err();
         done
     }
