@@ -158,6 +158,10 @@ pub(crate) async fn timed<T>(
 /// server would otherwise plan the lease insert again at every write, its custom plan looking
 /// cheaper only because it knows the number of blocks. Every statement of the writer looks rows
 /// up by key or walks an index in order, which a generic plan does as well.
+///
+/// A plan made once is kept as long as the statistics it was made from: one made while a
+/// table looked empty may walk the wrong index for ever. The writer makes its plans again as
+/// the fleet grows (see `PgWriter::begin_group`).
 pub(crate) async fn connect(config: &PgConfig) -> Result<PgConnection, StoreError> {
     let options = config
         .options()?
@@ -202,6 +206,95 @@ pub(crate) async fn open(config: &PgConfig) -> Result<(PgReader, PgWriter), Stor
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use sqlx::Row;
+
+    /// The writer's session looks names up by their index once the fleet has grown, though it
+    /// first planned the lookup while the statistics said the lease table was empty.
+    #[tokio::test]
+    #[cfg_attr(not(subidd_postgres), ignore = "PostgreSQL is not installed")]
+    async fn the_writers_plans_made_on_an_empty_table_are_made_again_as_it_grows() {
+        let cluster = subidd_tests::pg::PgCluster::shared().expect("start a PostgreSQL cluster");
+        let config = super::PgConfig {
+            url: cluster.create_db("plans").expect("create database"),
+            password: None,
+            host_id: "h1".into(),
+            timeout: Duration::from_secs(30),
+            max_connections: 2,
+        };
+        let (_reader, mut writer) = super::open(&config).await.expect("open");
+        // Statistics of an empty table, as an early autovacuum leaves them.
+        run(&mut writer, "ANALYZE lease").await;
+        let names = vec!["a".to_string()];
+        let (tx, found, _) = writer
+            .begin_group(&names, Some((0, 0)))
+            .await
+            .expect("begin");
+        let claims = found.expect("changes").claims_seq;
+        tx.commit().await.expect("commit");
+        // The lookup as planned on the empty table: one index looked as cheap as another.
+        let first = names_plan(&mut writer).await;
+        // The fleet grows by 20,000 leases (each takes a change number).
+        run(
+            &mut writer,
+            "INSERT INTO lease (name, uid_base, gid_base, size, state, created_at) \
+             SELECT 'n' || i, 65536 * (i + 1)::bigint, 65536 * (i + 1)::bigint, 4096, \
+             'active', 1 FROM generate_series(1, 20000) AS i",
+        )
+        .await;
+        let (tx, _, states) = writer
+            .begin_group(&names, Some((0, claims)))
+            .await
+            .expect("begin");
+        tx.commit().await.expect("commit");
+        assert!(states["a"].active.is_none());
+        let grown = names_plan(&mut writer).await;
+        assert!(
+            grown.contains("Index Scan using lease_active_name on lease"),
+            "the plan on the empty table:\n{first}\nafter the growth:\n{grown}"
+        );
+        assert!(!grown.contains("Seq Scan on lease"), "{grown}");
+        assert!(!grown.contains("lease_active_disjoint"), "{grown}");
+    }
+
+    async fn run(writer: &mut super::PgWriter, sql: &'static str) {
+        writer
+            .session(async |conn, _| {
+                sqlx::raw_sql(sql)
+                    .execute(conn)
+                    .await
+                    .map(drop)
+                    .map_err(crate::StoreError::write)
+            })
+            .await
+            .expect(sql);
+    }
+
+    /// The plan of the names lookup as the writer's session has it prepared.
+    async fn names_plan(writer: &mut super::PgWriter) -> String {
+        writer
+            .session(async |conn, _| {
+                let name: String = sqlx::query_scalar(
+                    "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%AS n(name)%'",
+                )
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(crate::StoreError::write)?;
+                let rows = sqlx::raw_sql(&format!("EXPLAIN EXECUTE {name}('{{a,b}}')"))
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(crate::StoreError::write)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| r.get::<String, _>(0))
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+            })
+            .await
+            .expect("explain")
+    }
+
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(
