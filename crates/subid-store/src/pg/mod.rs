@@ -211,7 +211,8 @@ mod tests {
     use sqlx::Row;
 
     /// The writer's session looks names up by their index once the fleet has grown, though it
-    /// first planned the lookup while the statistics said the lease table was empty.
+    /// first planned the lookup while the statistics said the lease table was empty; and the
+    /// statistics are made again before the group after.
     #[tokio::test]
     #[cfg_attr(not(subidd_postgres), ignore = "PostgreSQL is not installed")]
     async fn the_writers_plans_made_on_an_empty_table_are_made_again_as_it_grows() {
@@ -256,6 +257,27 @@ mod tests {
         );
         assert!(!grown.contains("Seq Scan on lease"), "{grown}");
         assert!(!grown.contains("lease_active_disjoint"), "{grown}");
+        // Before the next group, outside the lock, the server made the statistics again.
+        assert_eq!(lease_rows_in_statistics(&mut writer).await, 0.0);
+        let (tx, _, _) = writer
+            .begin_group(&names, Some((0, claims)))
+            .await
+            .expect("begin");
+        tx.commit().await.expect("commit");
+        assert_eq!(lease_rows_in_statistics(&mut writer).await, 20_000.0);
+    }
+
+    /// The lease table's number of rows in the server's statistics.
+    async fn lease_rows_in_statistics(writer: &mut super::PgWriter) -> f32 {
+        writer
+            .session(async |conn, _| {
+                sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE relname = 'lease'")
+                    .fetch_one(conn)
+                    .await
+                    .map_err(crate::StoreError::write)
+            })
+            .await
+            .expect("statistics")
     }
 
     async fn run(writer: &mut super::PgWriter, sql: &'static str) {

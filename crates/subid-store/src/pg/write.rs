@@ -25,8 +25,11 @@ pub(crate) struct PgWriter {
     config: PgConfig,
     health: Arc<Health>,
     /// The change number past which the session's statements are planned again (see
-    /// [`PgWriter::begin_group`]).
-    replan_at: i64,
+    /// [`PgWriter::replan`]); set at the first group.
+    replan_at: Option<i64>,
+    /// The tables' statistics are to be made again before the next group (see
+    /// [`PgWriter::replan`]).
+    analyze_due: bool,
 }
 
 /// The fewest change numbers between two plannings of the writer's statements.
@@ -49,7 +52,8 @@ impl PgWriter {
             conn: Some(conn),
             config,
             health,
-            replan_at: 0,
+            replan_at: None,
+            analyze_due: false,
         }
     }
 
@@ -263,6 +267,9 @@ impl PgWriter {
     ) -> Result<(PgTx<'_>, Option<Changes>, HashMap<String, NameState>), StoreError> {
         self.fail_fast()?;
         let config = self.config.clone();
+        if std::mem::take(&mut self.analyze_due) {
+            self.analyze().await;
+        }
         if self.conn.is_none() {
             let connected = connect(&config).await;
             self.health.note(&connected);
@@ -311,14 +318,21 @@ impl PgWriter {
                 return Err(error);
             }
         };
-        if let Some(last) = last_change
-            && last >= self.replan_at
-        {
-            if let Err(error) = self.replan().await {
-                self.conn = None;
-                return Err(error);
+        if let Some(last) = last_change {
+            let next = last.saturating_mul(2).max(last.saturating_add(REPLAN_MIN));
+            match self.replan_at {
+                // The session's plans are being made now, from the tables as they are.
+                None => self.replan_at = Some(next),
+                Some(at) if last >= at => {
+                    if let Err(error) = self.replan().await {
+                        self.conn = None;
+                        return Err(error);
+                    }
+                    self.replan_at = Some(next);
+                    self.analyze_due = true;
+                }
+                Some(_) => {}
             }
-            self.replan_at = last.saturating_mul(2).max(last.saturating_add(REPLAN_MIN));
         }
         let mut tx = PgTx {
             slot: &mut self.conn,
@@ -353,9 +367,11 @@ impl PgWriter {
     /// table was empty, as in a fresh fleet, found every index as cheap as any other: the
     /// fleet benchmark caught two of three hosts looking names up by a walk of the whole
     /// exclusion index (0.46 ms a name at 3,000 leases, against 0.01 on the third host). So
-    /// [`PgWriter::begin_group`] plans again each time the fleet's change number doubles (and
-    /// has moved by [`REPLAN_MIN`]): some twenty times on the way to 100,000 leases, a few
-    /// statements each.
+    /// [`PgWriter::begin_group`] plans again each time the fleet's change number has doubled
+    /// since the session's first group (and moved by [`REPLAN_MIN`]): some twenty times on
+    /// the way to 100,000 leases, a few statements each. Before the next group, outside the
+    /// fleet's lock, it also has the server make the statistics of the lease tables again
+    /// ([`PgWriter::analyze`]), for every session's plans, readers' included.
     async fn replan(&mut self) -> Result<(), StoreError> {
         let config = self.config.clone();
         let Some(conn) = self.conn.as_mut() else {
@@ -367,6 +383,33 @@ impl PgWriter {
                 .map_err(write_err(&config))
         })
         .await
+    }
+}
+
+impl PgWriter {
+    /// `ANALYZE` of the tables a fleet grows, outside any transaction, within the deadline.
+    /// Autovacuum does it too, but only after a while (a minute or more); meanwhile, after a
+    /// fast growth, plans are made from statistics of a far smaller table (the readers' page
+    /// of a lease list sorted every lease after the cursor). The server invalidates every
+    /// session's plans of a table it analyzes. A failure is only logged (a role that does not
+    /// own the tables gets a warning from the server, and nothing is done); a session that
+    /// failed is dropped, and the group connects again.
+    async fn analyze(&mut self) {
+        let config = self.config.clone();
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let done = timed(config.timeout, "the tables' statistics", async {
+            sqlx::raw_sql("ANALYZE lease, block")
+                .execute(&mut *conn)
+                .await
+                .map_err(write_err(&config))
+        })
+        .await;
+        if let Err(error) = done {
+            tracing::warn!(%error, "cannot make the lease tables' statistics again");
+            self.conn = None;
+        }
     }
 }
 
