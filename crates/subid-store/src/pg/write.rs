@@ -356,9 +356,7 @@ impl PgWriter {
         };
         Ok((tx, found, states))
     }
-}
 
-impl PgWriter {
     /// Forgets the session's prepared statements, so that each is planned again at its next
     /// use, from the tables' statistics and sizes of now.
     ///
@@ -384,9 +382,7 @@ impl PgWriter {
         })
         .await
     }
-}
 
-impl PgWriter {
     /// `ANALYZE` of the tables a fleet grows, outside any transaction, within the deadline.
     /// Autovacuum does it too, but only after a while (a minute or more); meanwhile, after a
     /// fast growth, plans are made from statistics of a far smaller table (the readers' page
