@@ -9,24 +9,16 @@
 //! `readdir` gives for free and which is new for a new process that reuses the number (procfs
 //! makes a new inode for each `struct pid`): on a host with `pid_max` 32768 and many short
 //! processes a number comes back within seconds, and a scanner keyed by the number alone would
-//! never read the newcomer's ids.
-//!
-//! A process changes its ids only with CAP_SETUID/CAP_SETGID over the target ids, which inside a
-//! lease's user namespace covers only that lease's own range, so a process can take ids of a free
-//! block only from outside every lease (a root process of the host). Such a process most often
-//! changes them right after it starts (`su`, `setpriv`, `runuser`, a daemon dropping to its
-//! user), maybe just after a scan read it as root: so a refresh also reads again every process
-//! that was root with CAP_SETUID or CAP_SETGID in its permitted set when last read and that the
-//! scanner first read less than [`YOUNG`] ago. The cost follows how many root processes started
-//! in that time, not how many run. A process that changes its ids later in its life is found by
-//! the periodic rescan.
+//! never read the newcomer's ids. A process changes its ids only with CAP_SETUID/CAP_SETGID over the target ids, which
+//! inside a lease's user namespace covers only that lease's own range, so a process can take ids
+//! of a free block only from outside every lease (a root process of the host): a refresh before
+//! each issue finds new processes at once, and the periodic rescan finds such id changes.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::DirEntryExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use crate::error::{Result, SysError};
 
@@ -34,13 +26,6 @@ use crate::error::{Result, SysError};
 /// more supplementary groups than fit is remembered by its first ones only, which are the ones
 /// `status` lists first (the kernel's order).
 const MAX_IDS: usize = 64;
-
-/// How long after the scanner first read a root process with CAP_SETUID or CAP_SETGID a refresh
-/// reads it again, in case it changed its ids since (see the module's doc).
-pub const YOUNG: Duration = Duration::from_secs(10);
-
-/// CAP_SETGID and CAP_SETUID (capability numbers 6 and 7) as bits of a `Cap*:` mask.
-const SET_ID_CAPS: u64 = (1 << 6) | (1 << 7);
 
 /// What one process holds, as its `status` showed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,9 +38,6 @@ pub struct IdHolder {
     pub uids: Vec<u32>,
     /// Its gids: real, effective, saved, filesystem, then the supplementary groups.
     pub gids: Vec<u32>,
-    /// Whether it may take other ids at any moment: one of its uids is 0 and its permitted
-    /// capabilities (`CapPrm:`) include CAP_SETUID or CAP_SETGID.
-    pub may_set_ids: bool,
 }
 
 impl IdHolder {
@@ -76,10 +58,8 @@ impl IdHolder {
 pub struct IdScanner {
     proc_root: PathBuf,
     known: HashMap<i32, IdHolder>,
-    /// The inode of each known pid's `/proc` entry and when the scanner first read it.
-    seen: HashMap<i32, (u64, Instant)>,
-    /// [`YOUNG`], shorter in tests.
-    young: Duration,
+    /// The inode of each known pid's `/proc` entry when it was read.
+    inodes: HashMap<i32, u64>,
 }
 
 impl Default for IdScanner {
@@ -99,20 +79,11 @@ impl IdScanner {
         IdScanner {
             proc_root: root.to_path_buf(),
             known: HashMap::new(),
-            seen: HashMap::new(),
-            young: YOUNG,
+            inodes: HashMap::new(),
         }
     }
 
-    /// Reads processes that may set their ids again for `young` after first reading them,
-    /// instead of [`YOUNG`] (tests).
-    pub fn with_young(mut self, young: Duration) -> Self {
-        self.young = young;
-        self
-    }
-
-    /// Lists the live pids, forgets those gone, and reads the ids of the pids not seen before,
-    /// and of the young root processes that may have changed them (see the module's doc).
+    /// Lists the live pids, forgets those gone, and reads the ids of the pids not seen before.
     /// Returns how many processes were read.
     pub fn refresh(&mut self) -> Result<usize> {
         self.scan(false)
@@ -134,7 +105,6 @@ impl IdScanner {
         let mut live = Vec::with_capacity(self.known.len() + 16);
         let mut read = 0;
         let mut buf = Vec::with_capacity(2048);
-        let now = Instant::now();
         for entry in entries.flatten() {
             let Some(pid) = entry
                 .file_name()
@@ -145,20 +115,10 @@ impl IdScanner {
             };
             live.push(pid);
             let inode = entry.ino();
-            let first_read = match self.seen.get(&pid) {
-                Some(&(known_inode, first)) if known_inode == inode => {
-                    let settled = || {
-                        !self.known.get(&pid).is_some_and(|h| h.may_set_ids)
-                            || now.duration_since(first) >= self.young
-                    };
-                    if !all && self.known.contains_key(&pid) && settled() {
-                        continue;
-                    }
-                    first
-                }
-                _ => now,
-            };
-            self.seen.insert(pid, (inode, first_read));
+            if !all && self.known.contains_key(&pid) && self.inodes.get(&pid) == Some(&inode) {
+                continue;
+            }
+            self.inodes.insert(pid, inode);
             buf.clear();
             let path = self.proc_root.join(pid.to_string()).join("status");
             // A process that exits meanwhile is simply not there any more.
@@ -182,7 +142,7 @@ impl IdScanner {
         }
         live.sort_unstable();
         self.known.retain(|pid, _| live.binary_search(pid).is_ok());
-        self.seen.retain(|pid, _| live.binary_search(pid).is_ok());
+        self.inodes.retain(|pid, _| live.binary_search(pid).is_ok());
         Ok(read)
     }
 }
@@ -195,7 +155,6 @@ pub fn parse_status(pid: i32, text: &[u8]) -> Option<IdHolder> {
     let mut uids = Vec::new();
     let mut gids = Vec::new();
     let mut groups = Vec::new();
-    let mut permitted = 0u64;
     for line in text.lines() {
         let Some((key, value)) = line.split_once(':') else {
             continue;
@@ -212,7 +171,6 @@ pub fn parse_status(pid: i32, text: &[u8]) -> Option<IdHolder> {
             "Uid" => uids = ids().collect(),
             "Gid" => gids = ids().collect(),
             "Groups" => groups = ids().collect(),
-            "CapPrm" => permitted = u64::from_str_radix(value.trim(), 16).unwrap_or(0),
             _ => {}
         }
     }
@@ -221,13 +179,11 @@ pub fn parse_status(pid: i32, text: &[u8]) -> Option<IdHolder> {
     }
     gids.extend(groups);
     gids.truncate(MAX_IDS);
-    let may_set_ids = uids.contains(&0) && permitted & SET_ID_CAPS != 0;
     Some(IdHolder {
         pid,
         name,
         uids,
         gids,
-        may_set_ids,
     })
 }
 
@@ -309,63 +265,6 @@ mod tests {
             scanner.holders().any(|h| h.pid == 10 && h.uids[0] == 400),
             "the reused pid shows the new process's ids"
         );
-    }
-
-    /// A root process read just before it takes other ids (`setpriv --reuid=...` between fork
-    /// and exec) is read again by the next refresh while it is young; a process without the
-    /// capabilities to change its ids, or an old one, is not.
-    #[test]
-    fn a_young_root_process_is_read_again_in_case_it_took_other_ids() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let write = |pid: i32, uid: u32, cap_prm: &str| {
-            let dir = root.path().join(pid.to_string());
-            fs::create_dir_all(&dir).expect("mkdir");
-            let status = STATUS.replace("1879048200", &uid.to_string());
-            fs::write(dir.join("status"), format!("{status}CapPrm:\t{cap_prm}\n")).expect("write");
-        };
-        let all_caps = "000001ffffffffff";
-        write(20, 0, all_caps);
-        write(21, 0, "0000000000000000");
-        write(22, 1000, all_caps);
-        let holds = |scanner: &IdScanner, pid: i32| {
-            scanner
-                .holders()
-                .find(|h| h.pid == pid)
-                .map(|h| h.uids[0])
-                .expect("known")
-        };
-
-        let mut scanner = IdScanner::with_proc_root(root.path());
-        assert_eq!(scanner.refresh().expect("refresh"), 3);
-        assert!(scanner.holders().any(|h| h.pid == 20 && h.may_set_ids));
-        assert!(scanner.holders().any(|h| h.pid == 21 && !h.may_set_ids));
-        assert!(scanner.holders().any(|h| h.pid == 22 && !h.may_set_ids));
-        // Each takes a pool uid (as only pid 20 could) and drops its capabilities.
-        for pid in [20, 21, 22] {
-            write(pid, 1879048200, "0000000000000000");
-        }
-        assert_eq!(
-            scanner.refresh().expect("refresh"),
-            1,
-            "only the young root process with CAP_SETUID is read again"
-        );
-        assert_eq!(holds(&scanner, 20), 1879048200, "its new uid is seen");
-        assert_eq!(holds(&scanner, 21), 0, "not read again");
-        assert_eq!(scanner.refresh().expect("refresh"), 0, "settled: not again");
-
-        // Past the young time, a root process is left to the rescan.
-        let mut scanner = IdScanner::with_proc_root(root.path()).with_young(Duration::ZERO);
-        write(20, 0, all_caps);
-        assert_eq!(scanner.refresh().expect("refresh"), 3);
-        write(20, 1879048200, "0000000000000000");
-        assert_eq!(
-            scanner.refresh().expect("refresh"),
-            0,
-            "old: not read again"
-        );
-        assert_eq!(holds(&scanner, 20), 0);
-        scanner.rescan().expect("rescan");
-        assert_eq!(holds(&scanner, 20), 1879048200, "the rescan reads it");
     }
 
     #[test]

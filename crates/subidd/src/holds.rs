@@ -5,8 +5,7 @@
 //! a lease is released only once its cgroup is empty, so a process holding ids of a block that is
 //! free or in quarantine comes from outside subidd's leases: a survivor left by an older version
 //! or a crash, or a root process of the host. `LeaseService::create` refreshes the scan (new
-//! processes, and the young root processes that may have changed their ids since they were read:
-//! see `subid_sys::idscan`) before every create, and the pool re-check rescans every process.
+//! processes only) before every create, and the pool re-check rescans every process.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
