@@ -61,13 +61,15 @@ pub enum ChildStep {
     JoinCgroup,
     /// Creator: `clone3(CLONE_NEWUSER | CLONE_INTO_CGROUP)` (cgroup2).
     CreatorClone3,
+    /// `close_range` of every fd of the daemon the child does not need, its first step.
+    DropFds,
 }
 
 impl ChildStep {
     /// The step numbered `n` on the wire, if any.
     pub(crate) fn from_u32(n: u32) -> Option<Self> {
         use ChildStep::*;
-        const ALL: [ChildStep; 25] = [
+        const ALL: [ChildStep; 26] = [
             ResetSignals,
             Rlimit,
             Setns,
@@ -93,6 +95,7 @@ impl ChildStep {
             Loopback,
             JoinCgroup,
             CreatorClone3,
+            DropFds,
         ];
         ALL.into_iter().find(|s| *s as u32 == n)
     }
@@ -126,6 +129,7 @@ impl ChildStep {
             Loopback => "ioctl (SIOCSIFFLAGS lo up)",
             JoinCgroup => "write cgroup.procs (join the lease cgroup)",
             CreatorClone3 => "clone3 (CLONE_NEWUSER | CLONE_INTO_CGROUP)",
+            DropFds => "close_range (the daemon's other fds)",
         }
     }
 }

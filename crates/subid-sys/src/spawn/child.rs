@@ -41,8 +41,6 @@ pub(crate) struct ChildPlan {
     pub(crate) loopback: bool,
     /// Create: read one byte from here before going on; -1 otherwise.
     pub(crate) wake_rd: c_int,
-    /// Create: the child's copy of the wake pipe's write end, closed first thing.
-    pub(crate) wake_wr: c_int,
     /// False for a namespace holder that only exits once the maps are written and pinned.
     pub(crate) exec: bool,
 }
@@ -173,6 +171,10 @@ pub(crate) extern "C" fn child_main(arg: *mut c_void) -> c_int {
 /// daemon's TLS or locks. All pointers in `p` are live.
 unsafe fn child_steps(p: &ChildPlan, err_fd: &mut c_int) -> Step<c_int> {
     use ChildStep::*;
+    // First, while no tenant can signal us yet (host root, or alone in a new namespace), let
+    // go of the copy of the daemon's fd table the clone gave us.
+    // SAFETY: raw close_range calls on integers.
+    unsafe { drop_foreign_fds(p) }?;
     // Default dispositions everywhere. Signals stay blocked (inherited from the daemon's thread)
     // until just before execve, so no handler of the daemon can ever run on this side.
     let dfl = [0u64; 4]; // struct k_sigaction with sa_handler = SIG_DFL, no flags, empty mask
@@ -193,8 +195,8 @@ unsafe fn child_steps(p: &ChildPlan, err_fd: &mut c_int) -> Step<c_int> {
         unsafe { loopback_up() }.map_err(|e| (Loopback, e))?;
     }
     if p.wake_rd >= 0 {
-        // SAFETY: closing our copy of the write end, so the daemon's death reads as EOF.
-        let _ = unsafe { sys(libc::SYS_close, [p.wake_wr as usize, 0, 0, 0, 0, 0]) };
+        // Our copy of the wake pipe's write end went with the daemon's other fds, so the
+        // daemon's death reads as EOF.
         let mut byte = 0u8;
         loop {
             // SAFETY: reads one byte into a live local.
@@ -347,6 +349,55 @@ unsafe fn child_steps(p: &ChildPlan, err_fd: &mut c_int) -> Step<c_int> {
     };
     let never: Step<Infallible> = Err((Execve, errno));
     never.map(|n| match n {})
+}
+
+/// Closes every fd of the child's own table (a copy of the daemon's: no child of the daemon is
+/// cloned with `CLONE_FILES`) but the few the plan names: its error pipe, stdio and the
+/// namespaces it joins, and the wake pipe's read end. Once the child has joined a lease's user
+/// namespace the lease's root may `SIGSTOP` it (kill(2)); a child stopped holding the daemon's
+/// fds would keep, until its deadline, other spawns' error pipes open (so their children's
+/// exec would never read as EOF: a tenant could make every other lease's spawns time out) and
+/// connections the daemon has closed. Sorted into a fixed array on the stack, then one
+/// `close_range` per gap; nothing allocates.
+///
+/// # Safety
+/// Raw system calls on integers only.
+unsafe fn drop_foreign_fds(p: &ChildPlan) -> Step<()> {
+    let mut keep = [-1 as c_int; 10];
+    let mut n = 0;
+    let wanted = [p.err_fd, p.wake_rd]
+        .into_iter()
+        .chain(p.stdio)
+        .chain(p.join_fds.into_iter().take(p.njoin));
+    for fd in wanted {
+        if fd >= 0 && n < keep.len() {
+            keep[n] = fd;
+            n += 1;
+        }
+    }
+    let keep = &mut keep[..n];
+    keep.sort_unstable();
+    let mut next: c_int = 0;
+    for &fd in keep.iter() {
+        if fd > next {
+            // SAFETY: integer arguments.
+            at(ChildStep::DropFds, unsafe {
+                sys(
+                    libc::SYS_close_range,
+                    [next as usize, (fd - 1) as usize, 0, 0, 0, 0],
+                )
+            })?;
+        }
+        next = next.max(fd + 1);
+    }
+    // SAFETY: integer arguments.
+    at(ChildStep::DropFds, unsafe {
+        sys(
+            libc::SYS_close_range,
+            [next as usize, u32::MAX as usize, 0, 0, 0, 0],
+        )
+    })?;
+    Ok(())
 }
 
 /// Brings `lo` up in the caller's network namespace, as `ip link set lo up` would

@@ -81,7 +81,6 @@ fn child_plan(prep: Option<&Prepared>, err_fd: c_int) -> Box<ChildPlan> {
         njoin: 0,
         loopback: false,
         wake_rd: -1,
-        wake_wr: -1,
         exec: false,
     });
     if let Some(p) = prep {
@@ -435,7 +434,6 @@ pub(crate) fn create(
     };
     let mut b_plan = child_plan(prep, err_w.as_raw_fd());
     b_plan.wake_rd = wake_r.as_raw_fd();
-    b_plan.wake_wr = wake_w.as_raw_fd();
     b_plan.loopback = spec.extra.net;
     let (b_stack_lo, b_stack_size) = stack_b.range();
     let mut creator = Box::new(CreatorPlan {

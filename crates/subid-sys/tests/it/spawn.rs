@@ -389,6 +389,23 @@ impl subid_sys::SpawnHooks for Told {
 
 const PATIENCE: Duration = Duration::from_millis(20);
 
+/// A lease whose only process SIGSTOPs every process it may signal, as a lease's root may once
+/// a spawning child has joined the lease's namespace: `kill(-1, SIGSTOP)`, one system call per
+/// round, so that it catches a spawning child in the short time between its joining the
+/// namespace and its exec.
+fn stopped_lease(base: u32) -> Lease {
+    let mut lease = Lease::new(base);
+    let stopper = "import os, signal\nwhile True:\n    try:\n        os.kill(-1, signal.SIGSTOP)\n    except OSError:\n        pass\n";
+    lease
+        .spawn(&Command::new(
+            "/usr/bin/python3",
+            ["python3", "-c", stopper],
+        ))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    lease
+}
+
 /// A process of the lease that SIGSTOPs every process it may signal (as a lease's root may, once
 /// a spawning child has joined the lease's namespace) never holds the spawning thread: each
 /// spawn returns by its deadline plus the reaping grace, a stalled child is killed and reported
@@ -398,18 +415,7 @@ const PATIENCE: Duration = Duration::from_millis(20);
 #[test]
 #[cfg_attr(not(subidd_root), ignore = "needs root")]
 fn a_tenant_that_stops_spawning_children_cannot_hold_the_caller() {
-    let mut lease = Lease::new(0x7109_0000);
-    // kill(-1, SIGSTOP): every process the stopper may signal, one system call per round, so
-    // that it catches a spawning child in the short time between its joining the namespace and
-    // its exec.
-    let stopper = "import os, signal\nwhile True:\n    try:\n        os.kill(-1, signal.SIGSTOP)\n    except OSError:\n        pass\n";
-    lease
-        .spawn(&Command::new(
-            "/usr/bin/python3",
-            ["python3", "-c", stopper],
-        ))
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut lease = stopped_lease(0x7109_0000);
     let (mut timeouts, mut started) = (0, 0);
     for _ in 0..30 {
         let mut cmd = Command::new("/bin/sleep", ["sleep", "60"]);
@@ -440,4 +446,79 @@ fn a_tenant_that_stops_spawning_children_cannot_hold_the_caller() {
     }
     eprintln!("{started} spawns reached exec, {timeouts} were stopped and killed at the deadline");
     assert!(timeouts > 0, "the stopper never caught a spawning child");
+}
+
+/// What a spawn's child held when its patience ran out: the pipe inodes among its open fds,
+/// read from `/proc/<pid>/fd` while it was stopped before its exec.
+#[derive(Default)]
+struct HeldFds {
+    pid: Option<i32>,
+    /// `Some(links)` when the child was seen stopped (state `T`) once its patience was over.
+    stopped_holding: Option<Vec<String>>,
+}
+
+impl subid_sys::SpawnHooks for HeldFds {
+    fn cloned(&mut self, child: &subid_sys::PidFd) {
+        self.pid = Some(child.pid());
+    }
+    fn patience(&self) -> Duration {
+        PATIENCE
+    }
+    fn slow(&mut self) {
+        let Some(pid) = self.pid else { return };
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the command name's closing parenthesis.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if state != Some('T') {
+            return;
+        }
+        let mut links = Vec::new();
+        if let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) {
+            for entry in dir.flatten() {
+                if let Ok(target) = fs::read_link(entry.path()) {
+                    links.push(target.to_string_lossy().into_owned());
+                }
+            }
+        }
+        self.stopped_holding = Some(links);
+    }
+}
+
+/// A spawning child that a tenant stops after it has joined the lease's user namespace holds
+/// none of its caller's fds: it drops them before it joins. Otherwise a tenant that stops its
+/// own spawning children would hold, until their deadline, every fd the daemon had open at
+/// their clone: other leases' spawns' error pipes among them, whose exec would then look like a
+/// stall and be killed (`spawn_timeout`), and client connections the daemon has closed.
+#[test]
+#[cfg_attr(not(subidd_root), ignore = "needs root")]
+fn a_child_a_tenant_stops_holds_none_of_the_callers_fds() {
+    let mut lease = stopped_lease(0x7110_0000);
+    // Files the caller holds open that no child of it has any business holding.
+    let dir = tempfile::tempdir().unwrap();
+    let _markers: Vec<fs::File> = (0..16)
+        .map(|i| fs::File::create(dir.path().join(format!("marker-{i}"))).unwrap())
+        .collect();
+    let marker_dir = dir.path().to_string_lossy().into_owned();
+    let mut caught = 0;
+    for _ in 0..60 {
+        let mut cmd = Command::new("/bin/sleep", ["sleep", "60"]);
+        cmd.timeout(Duration::from_millis(500));
+        let mut held = HeldFds::default();
+        let _ = lease.spawn_then(&cmd, &mut held);
+        let Some(links) = held.stopped_holding else {
+            continue;
+        };
+        caught += 1;
+        // Its own: stdin, stdout, stderr, its error pipe and the lease's namespaces.
+        assert!(
+            !links.iter().any(|l| l.starts_with(&marker_dir)) && links.len() <= 9,
+            "a stopped child holds fds of its caller: {links:?}"
+        );
+        if caught >= 3 {
+            break;
+        }
+    }
+    assert!(caught > 0, "the stopper never caught a spawning child");
 }
